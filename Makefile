@@ -1,0 +1,50 @@
+# mxonnx: see README.md. Every target works on a fresh machine: it installs what it needs.
+SHELL := /bin/bash
+PY := .venv/bin/python
+MX := .venv/bin/mxonnx
+CACHE := models/cache
+GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
+FP32 := $(CACHE)/smollm2-135m-fp32
+W4A8 := $(CACHE)/smollm2-135m-w4a8-mxint4-128
+DEMO_WINDOWS ?= 4
+
+.PHONY: install native test sanitize models demo bench bench-quick clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+models: install $(GGUF)
+
+$(GGUF):
+	$(PY) -m mxonnx.models fetch smollm2-135m-instruct
+
+$(FP32)/model.onnx: $(GGUF)
+	$(MX) export $(GGUF) -o $(FP32)
+
+demo: models $(FP32)/model.onnx
+	@echo "== quantize: W MXINT4-128 / A MXINT8-128, RTN (weights of this GGUF already sit on a Q4_1 grid)"
+	rm -rf $(W4A8) && $(MX) quantize $(FP32) -o $(W4A8) --weights mxint4-128 --acts mxint8-128 --method rtn
+	@echo "== inspect"
+	$(MX) inspect $(W4A8)
+	@echo "== perplexity on the first $(DEMO_WINDOWS) windows of 2048 tokens of WikiText-2 test"
+	$(MX) eval $(FP32) --max-windows $(DEMO_WINDOWS)
+	$(MX) eval $(W4A8) --max-windows $(DEMO_WINDOWS)
+	$(MX) generate $(W4A8) "The capital of France is" --max-new-tokens 12
+
+bench: models
+	$(PY) bench/run.py
+
+bench-quick: models
+	$(PY) bench/run.py --quick
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,197 @@
+"""The ``mxonnx`` command line: the only module that prints for users.
+
+Exit status: 0 done, 1 failed, 2 bad input or usage. Errors are one line on stderr; ``--debug``
+shows the traceback. ``--json`` prints exactly one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from mxonnx.errors import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors: one line, exit 2
+        self.exit(2, f"mxonnx: {message} (see mxonnx {self.prog.split()[-1]} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mxonnx.config import METHODS
+
+    parser = _Parser(prog="mxonnx", description="mxonnx: Llama models to microscaling (MX) quantized ONNX graphs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("export", help="HF folder or .gguf file -> ONNX model folder (optimum)")
+    p.add_argument("src", help="Hugging Face model folder or .gguf file")
+    p.add_argument("-o", "--output", required=True, help="new folder to write")
+    p.add_argument("--no-past", action="store_true", help="export without KV-cache inputs/outputs")
+    _common(p)
+
+    p = sub.add_parser("quantize", help="MX-quantize the linear layers of an ONNX Llama")
+    p.add_argument("model", help="model folder or .onnx file")
+    p.add_argument("-o", "--output", required=True, help="new folder to write")
+    p.add_argument("--weights", default="mxint4-128", help="weight format (default mxint4-128; see `mxonnx formats`)")
+    p.add_argument("--acts", default="mxint8-128", help="activation format, or none (default mxint8-128)")
+    p.add_argument("--method", default="awq+gptq", choices=METHODS, help="default awq+gptq")
+    p.add_argument("--alpha", type=_unit_float, default=None, help="SmoothQuant strength (default 0.5) or a fixed AWQ alpha (default: grid search)")
+    p.add_argument("--calib", type=Path, default=None, help="calibration text (default: WikiText-2 validation)")
+    p.add_argument("--calib-samples", type=_positive_int, default=128)
+    p.add_argument("--calib-seqlen", type=_positive_int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gptq-block", type=_positive_int, default=128, help="GPTQ lazy-update block B1")
+    p.add_argument("--gptq-micro-block", type=_positive_int, default=None, help="GPTQ micro-block B2 (multiple of the MX block; default the MX block)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
+    p.add_argument("--no-sequential", action="store_true", help="GPTQ on the float model's inputs instead of the quantized prefix's")
+    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head")
+    _common(p)
+
+    p = sub.add_parser("eval", help="WikiText-2 perplexity through onnxruntime")
+    p.add_argument("model", help="model folder (or HF folder with --reference torch)")
+    p.add_argument("--data", type=Path, default=None, help="text file (default: WikiText-2 raw test)")
+    p.add_argument("--seqlen", type=_positive_int, default=2048)
+    p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--reference", choices=["torch"], default=None, help="evaluate the transformers model in torch instead")
+    _common(p)
+
+    p = sub.add_parser("inspect", help="opset, custom ops, quantized MatMuls, bits per weight, bytes")
+    p.add_argument("model")
+    _common(p)
+
+    p = sub.add_parser("lower", help="graphs for stock runtimes and compilers")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--target", required=True, choices=["matmulnbits", "qdq", "inline"])
+    _common(p)
+
+    p = sub.add_parser("generate", help="text through optimum's ORTModelForCausalLM")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    _common(p)
+
+    p = sub.add_parser("formats", help="list every element format with its bits per weight")
+    _common(p)
+    return parser
+
+
+def _print_result(args: argparse.Namespace, result: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=str))
+    else:
+        print(text)
+
+
+def _run(args: argparse.Namespace) -> None:
+    cmd = args.command
+    progress = not getattr(args, "json", False)
+    if cmd == "formats":
+        from mxonnx.formats import describe_formats
+
+        rows = describe_formats()
+        text = "\n".join(f"{r['name']:<18} {r['bits_per_weight']:>7.4f} bits/weight  {r['description']}" for r in rows)
+        _print_result(args, {"formats": rows}, text)
+    elif cmd == "export":
+        from mxonnx.export import export_model
+
+        r = export_model(Path(args.src), Path(args.output), past=not args.no_past, progress=progress)
+        _print_result(args, r, f"exported {args.src} -> {r['output']} ({'with' if r['past'] else 'without'} past) in {r['seconds']:.1f} s")
+    elif cmd == "quantize":
+        from mxonnx.config import QuantizeConfig
+        from mxonnx.quantize import quantize_model
+
+        cfg = QuantizeConfig(
+            weights=args.weights, acts=args.acts, method=args.method, alpha=args.alpha, calib_path=args.calib,
+            calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+            gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
+            sequential=not args.no_sequential, quantize_lm_head=args.quantize_lm_head, progress=progress,
+        )
+        r = quantize_model(Path(args.model), Path(args.output), cfg)
+        _print_result(args, r, f"quantized {args.model} -> {r['output']}: weights {r['weights']}, acts {r['acts']}, "
+                               f"method {r['method']} in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    elif cmd == "eval":
+        from mxonnx.eval import evaluate_perplexity
+
+        r = evaluate_perplexity(Path(args.model), data=args.data, seqlen=args.seqlen, max_windows=args.max_windows,
+                                reference=args.reference, progress=progress)
+        _print_result(args, r, f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens "
+                               f"({r['windows']} windows of {r['seqlen']}) in {r['seconds']:.1f} s, "
+                               f"{r['tokens_per_second']:.0f} tokens/s")
+    elif cmd == "inspect":
+        from mxonnx.inspect import format_inspection, inspect_model
+
+        r = inspect_model(Path(args.model))
+        _print_result(args, r, format_inspection(r))
+    elif cmd == "lower":
+        from mxonnx.lower import lower_model
+
+        r = lower_model(Path(args.model), Path(args.output), args.target)
+        _print_result(args, r, f"lowered {args.model} -> {r['output']} for {args.target}")
+    elif cmd == "generate":
+        from mxonnx.eval import generate_text
+
+        text = generate_text(Path(args.model), args.prompt, max_new_tokens=args.max_new_tokens)
+        _print_result(args, {"prompt": args.prompt, "text": text}, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        _run(args)
+    except KeyboardInterrupt:
+        print("mxonnx: interrupted", file=sys.stderr)
+        return 1
+    except (InputError, ValueError, FileNotFoundError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"mxonnx {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if args.debug:
+            traceback.print_exc()
+        print(f"mxonnx {args.command}: failed: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for details)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Frozen configuration of one quantization run; passes and stages read it, the CLI builds it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+METHODS = ("rtn", "gptq", "sq", "awq", "sq+gptq", "awq+gptq")
+
+
+def default_data_dir() -> Path:
+    """``$MXONNX_DATA`` or ``../shared/data`` beside the project checkout (see shared/data/README.md)."""
+    env = os.environ.get("MXONNX_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def default_eval_text() -> Path:
+    return default_data_dir() / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def default_calib_text() -> Path:
+    return default_data_dir() / "wikitext-2" / "valid.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything ``mxonnx quantize`` needs. Format names follow ``mxonnx.formats``."""
+
+    weights: str = "mxint4-128"
+    acts: str = "mxint8-128"
+    method: str = "awq+gptq"
+    alpha: float | None = None  # SmoothQuant migration strength (0.5) or a fixed AWQ alpha; None = default/grid
+    calib_path: Path | None = None
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    seed: int = 0
+    gptq_block: int = 128
+    gptq_micro_block: int | None = None  # None: the weight format's MX block size
+    damp: float = 0.01
+    sequential: bool = True
+    quantize_lm_head: bool = False
+    progress: bool = True
+
+    @property
+    def uses_smoothquant(self) -> bool:
+        return self.method.startswith("sq")
+
+    @property
+    def uses_awq(self) -> bool:
+        return self.method.startswith("awq")
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.method.endswith("gptq")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"
