@@ -1,0 +1,47 @@
+"""One place that opens onnxruntime sessions, so every session gets the native MX op library when it
+is built (``mxonnx.ops.native.native_library_path()``) and runs the ops' ONNX function bodies otherwise."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+
+_warned = False
+
+
+def native_library() -> Path | None:
+    try:
+        from mxonnx.ops.native import native_library_path
+    except ImportError:
+        return None
+    return native_library_path()
+
+
+def session_options(threads: int | None = None, use_native: bool = True, optimize: bool = True) -> ort.SessionOptions:
+    """SessionOptions with the native MX library registered (when present and ``use_native``)."""
+    global _warned
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    if use_native and os.environ.get("MXONNX_NO_NATIVE") != "1":
+        lib = native_library()
+        if lib is not None:
+            so.register_custom_ops_library(str(lib))
+        elif not _warned:
+            _warned = True
+            warnings.warn("mxonnx native op library not built: MX ops run as ONNX function bodies (slower)", stacklevel=2)
+    return so
+
+
+def create_session(model: str | os.PathLike | bytes, threads: int | None = None, use_native: bool = True,
+                   optimize: bool = True) -> ort.InferenceSession:
+    """An InferenceSession on the CPU execution provider for a model path or serialized bytes."""
+    so = session_options(threads=threads, use_native=use_native, optimize=optimize)
+    target = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(target, so, providers=["CPUExecutionProvider"])

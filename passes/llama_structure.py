@@ -1,0 +1,384 @@
+"""Find the Llama decoder structure in an exported ONNX graph, from its topology rather than node names.
+
+A *linear* is a ``MatMul(X, W)`` whose ``W`` is a constant rank-2 initializer ``[K, N]``. For each decoder
+block we find
+
+- the attention RMSNorm and the three linears reading its output, told apart by where they lead:
+  q reaches input 0 and k input 1 of the score ``MatMul`` (Q K^T), v reaches input 1 of the ``MatMul`` of
+  the softmax weights with V; o_proj is the first linear after that product;
+- the MLP RMSNorm and its two linears: gate passes through the SiLU (a ``Sigmoid``), up goes straight into
+  the product; down_proj is the first linear after the product.
+
+RMSNorm is recognised as optimum exports it (``Pow/ReduceMean/Add/Sqrt/Div/Mul`` followed by
+``Mul(weight, .)``), as ``SimplifiedLayerNormalization`` and as opset-23 ``RMSNormalization``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Iterable, Mapping
+
+import onnx_ir as ir
+
+from mxonnx.errors import InputError
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+_SHAPE_OPS = ("Shape", "Size")
+_NORM_OPS = ("SimplifiedLayerNormalization", "RMSNormalization")
+_ROLE_NAME = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+              "down": "down_proj"}
+
+
+@dataclasses.dataclass
+class Linear:
+    """One ``MatMul(X, W)`` with a constant weight ``W [K, N]`` (K = reduction axis)."""
+
+    name: str  # e.g. "layers.3.q_proj"
+    role: str  # one of ROLES, or "lm_head"
+    node: ir.Node
+
+    @property
+    def weight(self) -> ir.Value:
+        return self.node.inputs[1]
+
+    @property
+    def input(self) -> ir.Value:
+        return self.node.inputs[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        k, n = constant_shape(self.weight)
+        return k, n
+
+    @property
+    def weight_array(self):
+        """W [K, N] as numpy (read through Identity/Transpose, e.g. lm_head's tied embedding)."""
+        return constant_array(self.weight)
+
+
+@dataclasses.dataclass
+class RMSNorm:
+    """An RMSNorm ``y = x / sqrt(mean(x^2) + eps) * weight``; ``weight`` is its 1-D initializer value."""
+
+    kind: str  # "decomposed" | "SimplifiedLayerNormalization" | "RMSNormalization"
+    node: ir.Node  # the node that applies the weight
+    weight: ir.Value  # the node's weight input: an initializer, or an Identity of a shared one
+    output: ir.Value
+
+    @property
+    def weight_array(self):
+        return constant_array(self.weight)
+
+
+@dataclasses.dataclass
+class DecoderBlock:
+    index: int
+    attn_norm: RMSNorm
+    mlp_norm: RMSNorm
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
+    head_dim: int
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.shape[1] // self.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1] // self.head_dim
+
+    def linears(self) -> list[Linear]:
+        return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
+
+    def groups(self) -> dict[str, list[Linear]]:
+        """Linears that read the same input (and so share activation statistics and a GPTQ Hessian)."""
+        return {"qkv": [self.q, self.k, self.v], "o": [self.o], "gate_up": [self.gate, self.up], "down": [self.down]}
+
+
+def is_linear(node: ir.Node) -> bool:
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return False
+    shape = constant_shape(node.inputs[1])
+    return shape is not None and len(shape) == 2
+
+
+def _consumers(value: ir.Value) -> list[ir.Node]:
+    return list(value.consumers())
+
+
+def _reach(start: ir.Value, stop) -> list[tuple[ir.Node, int]]:
+    """Breadth-first walk forward from ``start``; return ``(node, input index)`` for every node where
+    ``stop(node)`` holds (the walk does not continue past those nodes). Shape computations are not followed:
+    they carry no data (the key length reaches the attention mask only through ``Shape``)."""
+    found, seen, queue = [], set(), deque([start])
+    while queue:
+        value = queue.popleft()
+        for node in _consumers(value):
+            if node.op_type in _SHAPE_OPS:
+                continue
+            if stop(node):
+                for i, inp in enumerate(node.inputs):
+                    if inp is value:
+                        found.append((node, i))
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            queue.extend(node.outputs)
+    return found
+
+
+def _is_attention_matmul(node: ir.Node) -> bool:
+    return node.op_type == "MatMul" and not is_linear(node)
+
+
+def _first_linear_after(value: ir.Value) -> ir.Node | None:
+    hits = [n for n, _ in _reach(value, lambda n: is_linear(n) or _is_attention_matmul(n)) if is_linear(n)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _is_vector(array) -> bool:
+    return array is not None and array.ndim == 1
+
+
+def _match_rmsnorm(value: ir.Value) -> RMSNorm | None:
+    """The RMSNorm producing ``value``, or None."""
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type in _NORM_OPS and len(node.inputs) >= 2 and _is_vector(constant_array(node.inputs[1])):
+        return RMSNorm(node.op_type, node, node.inputs[1], value)
+    if node.op_type != "Mul":
+        return None
+    consts = [v for v in node.inputs if v is not None and _is_vector(constant_array(v))]
+    others = [v for v in node.inputs if v is not None and constant_array(v) is None]
+    if len(consts) != 1 or len(others) != 1:
+        return None
+    # the normalised input: walk back a few producers looking for the mean of squares
+    frontier, ops = [others[0]], set()
+    for _ in range(8):
+        nxt = []
+        for v in frontier:
+            p = v.producer()
+            if p is not None:
+                ops.add(p.op_type)
+                nxt.extend(i for i in p.inputs if i is not None)
+        frontier = nxt
+    if {"ReduceMean", "Pow"} <= ops or {"ReduceMean", "Mul"} <= ops and ("Sqrt" in ops or "Reciprocal" in ops):
+        return RMSNorm("decomposed", node, consts[0], value)
+    return None
+
+
+def _constant_source(value: ir.Value | None) -> tuple[ir.Value | ir.Node | None, list[ir.Node]]:
+    """Follow ``Identity``/``Transpose`` producers back to an initializer value or a ``Constant`` node.
+    Returns (source or None, the Transpose nodes passed, outermost first)."""
+    transposes = []
+    while value is not None:
+        if value.const_value is not None:
+            return value, transposes
+        node = value.producer()
+        if node is None:
+            return None, transposes
+        if node.op_type == "Constant" and "value" in node.attributes:
+            return node, transposes
+        if node.op_type not in ("Identity", "Transpose"):
+            return None, transposes
+        if node.op_type == "Transpose":
+            transposes.append(node)
+        value = node.inputs[0]
+    return None, transposes
+
+
+def _source_tensor(source: ir.Value | ir.Node):
+    return source.const_value if isinstance(source, ir.Value) else source.attributes["value"].value
+
+
+def _perm(node: ir.Node, rank: int) -> list[int]:
+    return list(node.attributes["perm"].as_ints()) if "perm" in node.attributes else list(range(rank))[::-1]
+
+
+def constant_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of a constant seen through ``Identity``/``Transpose`` (no data is read), else None."""
+    source, transposes = _constant_source(value)
+    if source is None:
+        return None
+    shape = tuple(int(d) for d in _source_tensor(source).shape)
+    for node in reversed(transposes):
+        shape = tuple(shape[p] for p in _perm(node, len(shape)))
+    return shape
+
+
+def constant_array(value: ir.Value | None):
+    """The numpy value of an initializer or ``Constant``, seen through ``Identity``/``Transpose``; else None."""
+    source, transposes = _constant_source(value)
+    if source is None:
+        return None
+    array = _source_tensor(source).numpy()
+    for node in reversed(transposes):
+        array = array.transpose(_perm(node, array.ndim))
+    return array
+
+
+def _is_vector(array) -> bool:
+    return array is not None and array.ndim == 1
+
+
+def _match_rmsnorm(value: ir.Value) -> RMSNorm | None:
+    """The RMSNorm producing ``value``, or None."""
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type in _NORM_OPS and len(node.inputs) >= 2 and _is_vector(constant_array(node.inputs[1])):
+        return RMSNorm(node.op_type, node, node.inputs[1], value)
+    if node.op_type != "Mul":
+        return None
+    consts = [v for v in node.inputs if v is not None and _is_vector(constant_array(v))]
+    others = [v for v in node.inputs if v is not None and constant_array(v) is None]
+    if len(consts) != 1 or len(others) != 1:
+        return None
+    # the normalised input: walk back a few producers looking for the mean of squares
+    frontier, ops = [others[0]], set()
+    for _ in range(8):
+        nxt = []
+        for v in frontier:
+            p = v.producer()
+            if p is not None:
+                ops.add(p.op_type)
+                nxt.extend(i for i in p.inputs if i is not None)
+        frontier = nxt
+    if {"ReduceMean", "Pow"} <= ops or {"ReduceMean", "Mul"} <= ops and ("Sqrt" in ops or "Reciprocal" in ops):
+        return RMSNorm("decomposed", node, consts[0], value)
+    return None
+
+
+def _head_dim_from_reshape(linear: ir.Node) -> int | None:
+    """optimum reshapes q/k/v to ``[batch, seq, -1, head_dim]``: read the constant last dimension."""
+    for node in _consumers(linear.outputs[0]):
+        if node.op_type != "Reshape":
+            continue
+        shape = node.inputs[1]
+        last = constant_array(shape)
+        if last is None and shape.producer() is not None and shape.producer().op_type == "Concat":
+            last = constant_array(shape.producer().inputs[-1])
+        if last is not None and last.size and int(last.reshape(-1)[-1]) > 0:
+            return int(last.reshape(-1)[-1])
+    return None
+
+
+def _leads_to_softmax(matmul: ir.Node) -> bool:
+    return any(n.op_type == "Softmax" for n, _ in _reach(matmul.outputs[0], lambda n: n.op_type in ("Softmax", "MatMul")))
+
+
+def _attention(linears: list[ir.Node]) -> tuple[ir.Node, ir.Node, ir.Node, ir.Node] | None:
+    """(q, k, v, o) among the three linears reading one norm; None when the attention pattern does not match."""
+    roles: dict[str, ir.Node] = {}
+    weights_times_v = None
+    for lin in linears:
+        hits = [(n, i) for n, i in _reach(lin.outputs[0], lambda n: is_linear(n) or _is_attention_matmul(n))
+                if _is_attention_matmul(n)]
+        if len(hits) != 1:
+            return None
+        matmul, idx = hits[0]
+        if _leads_to_softmax(matmul):
+            role = "q" if idx == 0 else "k"
+        elif idx == 1:
+            role, weights_times_v = "v", matmul
+        else:
+            return None
+        if role in roles:
+            return None
+        roles[role] = lin
+    if len(roles) != 3:
+        return None
+    o = _first_linear_after(weights_times_v.outputs[0])
+    return None if o is None else (roles["q"], roles["k"], roles["v"], o)
+
+
+def _mlp(linears: list[ir.Node]) -> tuple[ir.Node, ir.Node, ir.Node] | None:
+    """(gate, up, down) among the two linears reading the MLP norm."""
+    def through_sigmoid(node: ir.Node) -> bool:
+        return any(c.op_type in ("Sigmoid", "Silu", "Swish") for c in _consumers(node.outputs[0]))
+
+    gates = [n for n in linears if through_sigmoid(n)]
+    ups = [n for n in linears if not through_sigmoid(n)]
+    if len(gates) != 1 or len(ups) != 1:
+        return None
+    down = _first_linear_after(ups[0].outputs[0])
+    if down is None or down is not _first_linear_after(gates[0].outputs[0]):
+        return None
+    return gates[0], ups[0], down
+
+
+def _norm_reading_linears(graph: ir.Graph) -> list[tuple[RMSNorm, list[ir.Node]]]:
+    """Every RMSNorm output read by linears, in graph order."""
+    result, seen = [], set()
+    for node in graph:
+        if not is_linear(node):
+            continue
+        value = node.inputs[0]
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        norm = _match_rmsnorm(value)
+        if norm is not None:
+            result.append((norm, [n for n in _consumers(value) if is_linear(n) and n.inputs[0] is value]))
+    return result
+
+
+def find_decoder_blocks(model: ir.Model, config: Mapping | None = None) -> list[DecoderBlock]:
+    """All decoder blocks of ``model`` in order. ``config`` (the HF config dict) supplies ``head_dim`` when the
+    graph does not show it. Raises ``InputError`` when no block matches or a block is incomplete."""
+    pairs = _norm_reading_linears(model.graph)
+    blocks: list[DecoderBlock] = []
+    pending_attn = None
+    for norm, linears in pairs:
+        if len(linears) == 3:
+            attn = _attention(linears)
+            if attn is None:
+                raise InputError(f"norm {norm.node.name!r} feeds three MatMuls that are not a Llama attention (q, k, v)")
+            pending_attn = (norm, attn)
+        elif len(linears) == 2 and pending_attn is not None:
+            mlp = _mlp(linears)
+            if mlp is None:
+                raise InputError(f"norm {norm.node.name!r} feeds two MatMuls that are not a Llama MLP (gate, up)")
+            attn_norm, (q, k, v, o) = pending_attn
+            pending_attn = None
+            index = len(blocks)
+            head_dim = _head_dim_from_reshape(q) or _config_head_dim(config)
+            if head_dim is None:
+                raise InputError("cannot tell the attention head size from the graph; pass the model's config.json")
+            named = {role: Linear(f"layers.{index}.{_ROLE_NAME[role]}", role, node)
+                     for role, node in zip(ROLES, (q, k, v, o, *mlp))}
+            blocks.append(DecoderBlock(index, attn_norm, norm, head_dim=head_dim, **named))
+    if not blocks:
+        raise InputError("no Llama decoder block found in the graph (RMSNorm -> q/k/v ... gate/up -> down)")
+    for b in blocks:
+        if b.q.shape[1] % b.head_dim or b.k.shape[1] % b.head_dim or b.num_heads % b.num_kv_heads:
+            raise InputError(f"decoder block {b.index}: head sizes do not divide the projection widths")
+    return blocks
+
+
+def _config_head_dim(config: Mapping | None) -> int | None:
+    if not config:
+        return None
+    if config.get("head_dim"):
+        return int(config["head_dim"])
+    if config.get("hidden_size") and config.get("num_attention_heads"):
+        return int(config["hidden_size"]) // int(config["num_attention_heads"])
+    return None
+
+
+def find_lm_head(model: ir.Model, blocks: Iterable[DecoderBlock] | None = None) -> Linear | None:
+    """The linear producing the ``logits`` output (or the last linear outside the decoder blocks)."""
+    taken = {id(lin.node) for b in (blocks or []) for lin in b.linears()}
+    candidates = [n for n in model.graph if is_linear(n) and id(n) not in taken]
+    for node in candidates:
+        if any(out.is_graph_output() for out in node.outputs):
+            return Linear("lm_head", "lm_head", node)
+    return Linear("lm_head", "lm_head", candidates[-1]) if candidates else None
