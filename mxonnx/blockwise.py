@@ -1,0 +1,282 @@
+"""Run an exported Llama one decoder block at a time, for sequential GPTQ (project issue 7).
+
+GPTQ calibrates block ``i`` on the inputs produced by blocks ``0..i-1`` *after* they were quantized, as the GPTQ
+reference's ``llama_sequential`` does. Running the whole graph for each block would cost O(blocks^2); instead the
+graph is cut at the residual stream:
+
+- ``h_0`` is the residual value entering block 0 (the input of its attention residual ``Add``), and ``h_{i+1}``
+  the output of block ``i``'s MLP residual ``Add`` (after ``down_proj``);
+- the *prefix* is every node that does not depend on the data of ``h_0`` (the embedding lookup, rotary cos/sin,
+  the attention mask, which may read ``Shape(h_0)``: every ``h_i`` has that shape). It runs once per window;
+- block ``i`` is every node ``h_{i+1}`` depends on, back to ``h_i``, the prefix values and the initializers.
+
+Each :meth:`BlockwiseRunner.capture` / :meth:`BlockwiseRunner.advance` call serialises the block in its
+*current* state in the model (with the model's functions and opset imports, so blocks rewritten to
+``com.mxonnx`` ops run) and opens one session for all windows: cost stays linear in the number of blocks, and
+memory holds one hidden state per window plus the prefix values the blocks read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from mxonnx.errors import InputError
+from mxonnx.passes.llama_structure import DecoderBlock, Linear
+from mxonnx.session import create_session
+
+SHAPE_OPS = ("Shape", "Size")  # read a value's shape, not its data
+
+
+class BlockwiseRunner:
+    """Streams calibration windows through the decoder blocks of ``model`` one block at a time.
+
+    ``model`` is the float model the ``blocks`` were found in (``find_decoder_blocks``); it may be modified
+    between calls (weights replaced, a block rewritten) and every call runs the current state. ``windows`` are
+    token ids ``[n, seqlen]``, run one window per session call, with an all-ones attention mask, positions
+    ``0..seqlen-1`` and an empty KV past. The stored hidden states are the inputs of block :attr:`position`.
+    """
+
+    def __init__(self, model: ir.Model, blocks: Sequence[DecoderBlock], windows: np.ndarray, progress: bool = False,
+                 threads: int | None = None):
+        self.model = model
+        self.windows = _checked_windows(windows)
+        self.progress = progress
+        self.threads = threads
+        self._graph_inputs = {v.name: v for v in model.graph.inputs}
+        self.boundaries = residual_boundaries(blocks)
+        self.group_inputs = [_group_inputs(block) for block in blocks]
+        self._shared = _prefix_values(model.graph, self.boundaries[0])
+        read = {v for i in range(self.num_blocks) for v in self._block_region(i, [self.boundaries[i + 1]])[1]}
+        # what the prefix computes per window: h_0 and the prefix values some block reads
+        self._prefix_outputs = [self.boundaries[0], *sorted((read & self._shared) - {self.boundaries[0]},
+                                                            key=lambda v: v.name)]
+        self.position = 0
+        self.hidden_states: list[np.ndarray] = []
+        self._shared_arrays: list[dict[str, np.ndarray]] = []
+        self._run_prefix()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.boundaries) - 1
+
+    def block_inputs(self, index: int) -> Iterator[dict[str, np.ndarray]]:
+        """Per window, the feeds of block ``index`` (its hidden state, prefix values and graph inputs it reads)."""
+        self._check_position(index)
+        _, external = self._block_region(index, [self.boundaries[index + 1]])
+        names = [v.name for v in external]
+        return (self._feeds(w, names) for w in range(len(self.windows)))
+
+    def capture(self, index: int, callback: Callable[[str, np.ndarray], None]) -> None:
+        """Run block ``index`` on every window and call ``callback(group, x)`` with the input ``x [tokens, K]`` of
+        each linear group (``qkv``, ``o``, ``gate_up``, ``down``); nothing is stored."""
+        groups = self.group_inputs[index]
+        for outputs in self._run_block(index, list(groups.values()), desc=f"capture block {index}"):
+            for name, x in zip(groups, outputs):
+                callback(name, x.reshape(-1, x.shape[-1]))
+
+    def advance(self, index: int) -> None:
+        """Run block ``index`` on every window and store its outputs as the next block's inputs."""
+        outputs = [out[0] for out in self._run_block(index, [self.boundaries[index + 1]], desc=f"block {index}")]
+        self.hidden_states = outputs
+        self.position = index + 1
+
+    def _check_position(self, index: int) -> None:
+        if index != self.position:
+            raise ValueError(f"the stored hidden states are the inputs of block {self.position}, not block {index}")
+
+    def _block_region(self, index: int, outputs: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:
+        """Nodes of block ``index`` that ``outputs`` need, and their external inputs; refuses a block that reads
+        another block's hidden state."""
+        nodes, external = graph_region(self.model.graph, outputs, self._shared | {self.boundaries[index]})
+        inner = {id(n) for n in nodes}
+        for j, h in enumerate(self.boundaries):
+            if j not in (index, index + 1) and id(h.producer()) in inner:
+                raise InputError(f"decoder block {index} reads {h.name!r}, the hidden state of block {j}")
+        return nodes, external
+
+    def _run_prefix(self) -> None:
+        nodes, external = graph_region(self.model.graph, self._prefix_outputs, set())
+        for arrays in self._stream(nodes, external, self._prefix_outputs, "prefix"):
+            self.hidden_states.append(arrays[0])
+            self._shared_arrays.append({v.name: a for v, a in zip(self._prefix_outputs[1:], arrays[1:])})
+
+    def _run_block(self, index: int, outputs: list[ir.Value], desc: str) -> Iterator[list[np.ndarray]]:
+        self._check_position(index)
+        nodes, external = self._block_region(index, outputs)
+        missing = [v.name for v in external if v in self._shared and v not in self._prefix_outputs]
+        if missing:
+            raise InputError(f"decoder block {index} now reads {missing[0]!r}, a prefix value not computed up front")
+        return self._stream(nodes, external, outputs, desc)
+
+    def _stream(self, nodes: list[ir.Node], inputs: list[ir.Value], outputs: list[ir.Value],
+                desc: str) -> Iterator[list[np.ndarray]]:
+        """Serialise ``nodes`` once, open one session, and yield its ``outputs`` for every window."""
+        names = [v.name for v in inputs]
+        model_bytes = subgraph_bytes(self.model, nodes, inputs, outputs, self._feeds(0, names))
+        session = create_session(model_bytes, threads=self.threads)
+        out_names = [v.name for v in outputs]
+        for window in _progress(range(len(self.windows)), desc, self.progress):
+            yield session.run(out_names, self._feeds(window, names))
+
+    def _feeds(self, window: int, names: list[str]) -> dict[str, np.ndarray]:
+        """The arrays named ``names`` for one window: graph inputs, the stored hidden state, prefix values."""
+        hidden = self.boundaries[self.position].name
+        feeds = {}
+        for name in names:
+            if name in self._graph_inputs:
+                feeds[name] = window_input(self._graph_inputs[name], self.windows[window])
+            elif name == hidden:
+                feeds[name] = self.hidden_states[window]
+            else:
+                feeds[name] = self._shared_arrays[window][name]
+        return feeds
+
+
+def residual_boundaries(blocks: Sequence[DecoderBlock]) -> list[ir.Value]:
+    """``[h_0, ..., h_L]``: the residual stream entering block 0 (the other input of the ``Add`` after its
+    o_proj) and the output of each block's ``Add`` after down_proj."""
+    if not blocks:
+        raise InputError("no decoder blocks to run")
+    first = _residual_add(blocks[0].o)
+    h0 = [v for v in first.inputs if not _downstream_of(v, blocks[0].o.node)]
+    if len(h0) != 1:
+        raise InputError(f"block 0: cannot tell the residual input of {first.name!r}")
+    return [h0[0], *(_residual_add(block.down).outputs[0] for block in blocks)]
+
+
+def _residual_add(linear: Linear) -> ir.Node:
+    """The first ``Add`` of two computed values after ``linear``, following at most four single-consumer nodes."""
+    value = linear.node.outputs[0]
+    for _ in range(4):
+        consumers = list(value.consumers())
+        if len(consumers) != 1:
+            break
+        node = consumers[0]
+        if node.op_type == "Add" and all(v is not None and not v.is_initializer() for v in node.inputs):
+            return node
+        value = node.outputs[0]
+    raise InputError(f"{linear.name}: no residual Add follows it")
+
+
+def _downstream_of(value: ir.Value, node: ir.Node) -> bool:
+    """Whether ``value`` is computed from ``node``'s outputs (a backward walk over producers)."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        producer = v.producer()
+        if producer is None or id(producer) in seen:
+            continue
+        if producer is node:
+            return True
+        seen.add(id(producer))
+        stack.extend(i for i in producer.inputs if i is not None)
+    return False
+
+
+def _group_inputs(block: DecoderBlock) -> dict[str, ir.Value]:
+    groups = {}
+    for name, linears in block.groups().items():
+        inputs = {id(lin.input) for lin in linears}
+        if len(inputs) != 1:
+            raise InputError(f"decoder block {block.index}: the {name} linears do not read one input")
+        groups[name] = linears[0].input
+    return groups
+
+
+def _prefix_values(graph: ir.Graph, h0: ir.Value) -> set[ir.Value]:
+    """Outputs of nodes that depend on a graph input but not on the data of ``h0`` (its ``Shape`` is allowed)."""
+    tainted: set[int] = set()
+    stack = [n for n in h0.consumers() if n.op_type not in SHAPE_OPS]
+    while stack:
+        node = stack.pop()
+        if id(node) in tainted:
+            continue
+        tainted.add(id(node))
+        stack.extend(c for out in node.outputs for c in out.consumers())
+    dynamic: set[int] = set()
+    shared: set[ir.Value] = set()
+    for node in graph:  # graph order is topological
+        if any(v is not None and (v.is_graph_input() or id(v.producer()) in dynamic) for v in node.inputs):
+            dynamic.add(id(node))
+            if id(node) not in tainted:
+                shared.update(node.outputs)
+    return shared
+
+
+def graph_region(graph: ir.Graph, outputs: Sequence[ir.Value],
+                 stops: set[ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:
+    """The nodes ``outputs`` depend on, walking back to values in ``stops``, graph inputs and initializers.
+
+    Returns the nodes in graph order and the external inputs (stop values and graph inputs they read, by name).
+    """
+    region: set[int] = set()
+    external: dict[str, ir.Value] = {}
+    stack = list(outputs)
+    seen: set[ir.Value] = set()
+    while stack:
+        value = stack.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        if value.is_initializer():
+            continue
+        producer = value.producer()
+        if value in stops or producer is None:
+            external[value.name] = value
+            continue
+        if id(producer) not in region:
+            region.add(id(producer))
+            stack.extend(v for v in producer.inputs if v is not None)
+    nodes = [n for n in graph if id(n) in region]
+    return nodes, [external[name] for name in sorted(external)]
+
+
+def subgraph_bytes(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value], outputs: list[ir.Value],
+                   sample_feeds: dict[str, np.ndarray]) -> bytes:
+    """A serialised model of ``nodes`` (a region of ``model.graph``) with the initializers they read and the model's
+    functions and opset imports; inputs without a type in the graph take the dtype of ``sample_feeds``."""
+    initializers = {id(v): v for n in nodes for v in n.inputs if v is not None and v.is_initializer()}
+    view = ir.GraphView(inputs, outputs, nodes=nodes, initializers=list(initializers.values()),
+                        opset_imports=dict(model.graph.opset_imports), name="region")
+    proto = ir.to_proto(ir.Model(view, ir_version=model.ir_version, functions=list(model.functions.values())))
+    for info in proto.graph.input:
+        if not info.type.tensor_type.elem_type:
+            dtype = onnx.helper.np_dtype_to_tensor_dtype(sample_feeds[info.name].dtype)
+            info.type.CopyFrom(onnx.helper.make_tensor_type_proto(dtype, None))
+    return proto.SerializeToString()
+
+
+def window_input(value: ir.Value, window: np.ndarray) -> np.ndarray:
+    """The feed of graph input ``value`` for one window of token ids: ``input_ids``, an all-ones
+    ``attention_mask``, ``position_ids`` 0..T-1, or an empty ``past_key_values.*`` ``[1, kv_heads, 0, head_dim]``."""
+    length = len(window)
+    if value.name == "input_ids":
+        return window[None].astype(np.int64)
+    if value.name == "attention_mask":
+        return np.ones((1, length), dtype=np.int64)
+    if value.name == "position_ids":
+        return np.arange(length, dtype=np.int64)[None]
+    if value.name.startswith("past_key_values."):
+        dims = list(value.shape or ())
+        if len(dims) != 4 or not all(isinstance(d, int) for d in (dims[1], dims[3])):
+            raise InputError(f"graph input {value.name!r}: expected [batch, kv_heads, past, head_dim] with fixed heads")
+        return np.zeros((1, dims[1], 0, dims[3]), dtype=value.dtype.numpy())
+    raise InputError(f"graph input {value.name!r} is not input_ids, attention_mask, position_ids or past_key_values.*")
+
+
+def _checked_windows(windows: np.ndarray) -> np.ndarray:
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or 0 in windows.shape or not np.issubdtype(windows.dtype, np.integer):
+        raise InputError(f"calibration windows must be a non-empty [n, seqlen] integer array, "
+                         f"got shape {windows.shape} of {windows.dtype}")
+    return windows.astype(np.int64)
+
+
+def _progress(items, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="window", disable=not enabled, leave=False)

@@ -1,0 +1,47 @@
+// Array kernels of the MX ops, free of onnxruntime types so that they can be reused (fused MatMul, tests).
+//
+// A tensor is viewed as [outer, n, inner] around the block axis: blocks are `block` consecutive indices along n
+// (the last one padded with zeros, which never changes a block maximum). Each kernel works on a half-open range
+// of work units so that the caller can split it over threads.
+#pragma once
+
+#include <cstdint>
+
+#include "mx_format.h"
+
+namespace mxonnx {
+
+struct BlockLayout {
+  int64_t outer;
+  int64_t n;
+  int64_t inner;
+  int64_t block;
+
+  int64_t blocks_per_row() const { return (n + block - 1) / block; }
+  // Work units of both kernels: one block row (outer index, block index) of `inner` columns.
+  int64_t block_rows() const { return outer * blocks_per_row(); }
+};
+
+// MXQuantizeDequantize on block rows [begin, end):
+//   E = clamp(floor(log2 max|x|) - emax, -127, 127) per block (all-zero block: -127; NaN/Inf in it: all NaN)
+//   y = clamp(round_half_even(v / s) * s, +-max_norm) * 2^E,  v = x / 2^E,  s = 2^(max(floor(log2|v|), emin) - mbits)
+// (OCP MX v1.0; Sharify et al. 2024, Eq. 1-2). Zeros come out as +0, as in mxonnx.formats.
+void quantize_dequantize(const ElemFormat& elem, const BlockLayout& layout, const float* x, float* y,
+                         int64_t begin, int64_t end);
+
+// Decoding tables of one format: element value per stored code byte (masked to d bits; MXFP patterns above
+// max_norm are NaN), the two values of a byte of packed 4-bit codes (low nibble first) and 2^(c - 127) per
+// E8M0 code c (NaN at 255).
+struct DequantizeTables {
+  float element[256];
+  float nibble_pair[256][2];
+  float scale[256];
+};
+DequantizeTables make_dequantize_tables(const ElemFormat& elem);
+
+// MXDequantize on block rows [begin, end): w = element(code) * 2^(exponent - 127), exponents of shape
+// [outer, blocks_per_row, inner]. 4-bit codes are packed two per byte, low nibble first, over the flat index.
+void dequantize(const DequantizeTables& tables, bool packed4, const BlockLayout& layout, const uint8_t* codes,
+                const uint8_t* exponents, float* w, int64_t begin, int64_t end);
+
+}  // namespace mxonnx

@@ -1,0 +1,226 @@
+// onnxruntime CPU kernels of the com.mxonnx domain (version 1) and the library entry point RegisterCustomOps.
+//
+// Built against headers only (ORT_API_MANUAL_INIT): every onnxruntime call goes through the OrtApi table handed
+// to RegisterCustomOps, so the library links no onnxruntime. Kernels return an OrtStatus for every failure (bad
+// attribute, type or shape): no exception crosses into onnxruntime. Work is split over onnxruntime's intra-op
+// thread pool (KernelContext_ParallelFor), so a session's thread setting bounds the kernels too.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "mx_format.h"
+#include "mx_kernels.h"
+
+namespace mxonnx {
+namespace {
+
+constexpr const char* kDomain = "com.mxonnx";
+// INT4/UINT4 postdate the 1.17 headers; the values are ONNX TensorProto's, which onnxruntime shares.
+constexpr auto kTensorUInt4 = static_cast<ONNXTensorElementDataType>(21);
+constexpr auto kTensorInt4 = static_cast<ONNXTensorElementDataType>(22);
+constexpr int64_t kElementsPerTask = 1 << 15;  // smallest share of work worth handing to another thread
+
+[[noreturn]] void invalid(const std::string& message) { throw Ort::Exception(std::string(message), ORT_INVALID_ARGUMENT); }
+
+struct CodeType {
+  ONNXTensorElementDataType onnx;
+  const char* name;
+};
+
+CodeType code_type(CodeStorage storage) {
+  switch (storage) {
+    case CodeStorage::kInt4: return {kTensorInt4, "int4"};
+    case CodeStorage::kInt8: return {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, "int8"};
+    case CodeStorage::kUInt4: return {kTensorUInt4, "uint4"};
+    case CodeStorage::kUInt8: break;
+  }
+  return {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "uint8"};
+}
+
+// Runs `body`, turning any exception into an OrtStatus (nullptr on success).
+template <typename Body>
+OrtStatusPtr guarded(Body&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (...) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, "unknown error in an MX kernel");
+  }
+}
+
+int64_t int_attribute_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t value = 0;
+  if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) {
+    Ort::GetApi().ReleaseStatus(status);
+    return fallback;
+  }
+  return value;
+}
+
+MxFormat format_attribute(const OrtKernelInfo* info, const char* op) {
+  std::string name;
+  try {
+    name = Ort::ConstKernelInfo(info).GetAttribute<std::string>("format");
+  } catch (const Ort::Exception&) {
+    invalid(std::string(op) + ": missing string attribute 'format'");
+  }
+  try {
+    return parse_mx_format(name);
+  } catch (const std::invalid_argument& e) {
+    invalid(std::string(op) + ": " + e.what());
+  }
+}
+
+// `shape` viewed as [outer, n, inner] around `axis` (negative counts from the end).
+BlockLayout block_layout(const std::vector<int64_t>& shape, int64_t axis, int64_t block, const char* op) {
+  const auto rank = static_cast<int64_t>(shape.size());
+  if (axis < -rank || axis >= rank) {
+    invalid(std::string(op) + ": axis " + std::to_string(axis) + " is out of range for rank " + std::to_string(rank));
+  }
+  if (axis < 0) axis += rank;
+  BlockLayout layout{1, shape[axis], 1, block};
+  for (int64_t i = 0; i < axis; ++i) layout.outer *= shape[i];
+  for (int64_t i = axis + 1; i < rank; ++i) layout.inner *= shape[i];
+  return layout;
+}
+
+// Calls work(begin, end) over [0, units), split into tasks of about kElementsPerTask elements on the intra-op pool.
+template <typename Work>
+void parallel_for(OrtKernelContext* context, int64_t units, int64_t elements_per_unit, Work& work) {
+  const int64_t per_task = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, elements_per_unit));
+  const int64_t tasks = (units + per_task - 1) / per_task;
+  if (tasks <= 1) {
+    work(0, units);
+    return;
+  }
+  struct Split {
+    Work* work;
+    int64_t units, per_task;
+  } split{&work, units, per_task};
+  auto run_task = [](void* data, size_t task) {
+    const auto* s = static_cast<const Split*>(data);
+    const int64_t begin = static_cast<int64_t>(task) * s->per_task;
+    (*s->work)(begin, std::min(begin + s->per_task, s->units));
+  };
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(context, run_task, static_cast<size_t>(tasks), 0, &split));
+}
+
+// MXQuantizeDequantize(X float32; format, axis=-1) -> Y float32, Y = quantize_dequantize(X, format, axis).
+struct QuantizeDequantizeKernel {
+  MxFormat format;
+  int64_t axis;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      const Ort::ConstValue x = ctx.GetInput(0);
+      const auto info = x.GetTensorTypeAndShapeInfo();
+      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) invalid("MXQuantizeDequantize: X must be float32");
+      const std::vector<int64_t> shape = info.GetShape();
+      const BlockLayout layout = block_layout(shape, axis, format.block_size, "MXQuantizeDequantize");
+      Ort::UnownedValue y = ctx.GetOutput(0, shape);
+      if (info.GetElementCount() == 0) return;
+      const float* in = x.GetTensorData<float>();
+      float* out = y.GetTensorMutableData<float>();
+      auto work = [&](int64_t begin, int64_t end) { quantize_dequantize(*format.elem, layout, in, out, begin, end); };
+      parallel_for(context, layout.block_rows(), layout.block * layout.inner, work);
+    });
+  }
+};
+
+// MXDequantize(codes, exponents uint8; format, axis=0) -> W float32, W = dequantize(codes, exponents, format, axis).
+struct DequantizeKernel {
+  MxFormat format;
+  int64_t axis;
+  DequantizeTables tables;
+
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      const Ort::ConstValue codes = ctx.GetInput(0), exponents = ctx.GetInput(1);
+      const auto code_info = codes.GetTensorTypeAndShapeInfo(), exp_info = exponents.GetTensorTypeAndShapeInfo();
+      const CodeType expected_type = code_type(format.elem->storage);
+      if (code_info.GetElementType() != expected_type.onnx) {
+        invalid(std::string("MXDequantize: codes of ") + format.elem->family + " must be " + expected_type.name);
+      }
+      if (exp_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) invalid("MXDequantize: exponents must be uint8");
+      const std::vector<int64_t> shape = code_info.GetShape();
+      const BlockLayout layout = block_layout(shape, axis, format.block_size, "MXDequantize");
+      std::vector<int64_t> expected = shape;
+      expected[axis < 0 ? axis + shape.size() : axis] = layout.blocks_per_row();
+      if (exp_info.GetShape() != expected) invalid("MXDequantize: exponents shape does not match codes shape, format and axis");
+      Ort::UnownedValue w = ctx.GetOutput(0, shape);
+      if (code_info.GetElementCount() == 0) return;
+      const bool packed4 = format.elem->storage == CodeStorage::kInt4 || format.elem->storage == CodeStorage::kUInt4;
+      const auto* code_bytes = static_cast<const uint8_t*>(codes.GetTensorRawData());
+      const auto* exp_bytes = exponents.GetTensorData<uint8_t>();
+      float* out = w.GetTensorMutableData<float>();
+      auto work = [&](int64_t begin, int64_t end) {
+        dequantize(tables, packed4, layout, code_bytes, exp_bytes, out, begin, end);
+      };
+      parallel_for(context, layout.block_rows(), layout.block * layout.inner, work);
+    });
+  }
+};
+
+struct QuantizeDequantizeOp : Ort::CustomOpBase<QuantizeDequantizeOp, QuantizeDequantizeKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] {
+      *kernel = new QuantizeDequantizeKernel{format_attribute(info, GetName()), int_attribute_or(info, "axis", -1)};
+    });
+  }
+  const char* GetName() const { return "MXQuantizeDequantize"; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+struct DequantizeOp : Ort::CustomOpBase<DequantizeOp, DequantizeKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] {
+      const MxFormat format = format_attribute(info, GetName());
+      *kernel = new DequantizeKernel{format, int_attribute_or(info, "axis", 0), make_dequantize_tables(*format.elem)};
+    });
+  }
+  const char* GetName() const { return "MXDequantize"; }
+  size_t GetInputTypeCount() const { return 2; }
+  // codes: int4, int8, uint4 or uint8 depending on the format (checked at run time).
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+const QuantizeDequantizeOp kQuantizeDequantizeOp;
+const DequantizeOp kDequantizeOp;
+
+}  // namespace
+}  // namespace mxonnx
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::Global<void>::api_ = api_base->GetApi(ORT_API_VERSION);
+  return mxonnx::guarded([&] {
+    // Sessions keep pointers into the domain: it lives as long as the library.
+    static std::mutex mutex;
+    static std::vector<Ort::CustomOpDomain> domains;
+    Ort::CustomOpDomain domain{mxonnx::kDomain};
+    domain.Add(&mxonnx::kQuantizeDequantizeOp);
+    domain.Add(&mxonnx::kDequantizeOp);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    std::lock_guard<std::mutex> lock(mutex);
+    domains.push_back(std::move(domain));
+  });
+}

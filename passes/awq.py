@@ -1,0 +1,88 @@
+"""AWQ (Lin et al. 2023) made MX-aware, with the scales folded into the model's weights (paper section 3).
+
+Per linear group, with ``mean|X_j|`` from calibration (o_proj: averaged over the query heads sharing a KV head):
+
+    s = mean|X|^alpha, normalised s <- s / sqrt(max(s) min(s))        (paper Eq. 5)
+
+and alpha chosen on a grid in [0, 1] to minimise the group's output error on a sample of calibration inputs
+``X`` with both weights and activations quantized in the run's formats (``Q_w`` along W's input axis 0,
+``Q_a`` along the last axis of the activations):
+
+    err(alpha) = sum_{W in group} || Q_a(X diag(s)^-1) Q_w(diag(s) W) - X W ||^2
+
+A fixed ``config.alpha`` skips the search. alpha = 0 gives s = 1 exactly, i.e. plain round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from mxonnx.calibrate import ActivationStats, group_key
+from mxonnx.config import QuantizeConfig
+from mxonnx.errors import InputError
+from mxonnx.formats import parse_format, quantize_dequantize
+from mxonnx.passes.llama_structure import DecoderBlock
+from mxonnx.passes.smoothing import FoldScalesPass, per_kv_channel, row_scales
+
+GRID_POINTS = 20
+SAMPLE_TOKENS = 512  # calibration input rows kept per group for the search
+MEAN_FLOOR = 1e-5  # mean|X| is floored at this fraction of its largest channel before the power
+
+
+def default_grid() -> np.ndarray:
+    return np.linspace(0.0, 1.0, GRID_POINTS)
+
+
+def awq_scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
+    """Eq. 5 with AWQ's normalisation: ``s = m^alpha / sqrt(max(m^alpha) min(m^alpha))``."""
+    m = np.asarray(mean_abs, np.float64)
+    s = np.maximum(m, MEAN_FLOOR * m.max()) ** alpha if m.max() > 0 else np.ones_like(m)
+    return s / np.sqrt(s.max() * s.min())
+
+
+def group_error(x: np.ndarray, weights: Sequence[np.ndarray], rows: np.ndarray, weights_fmt, acts_fmt) -> float:
+    """``sum_W ||Q_a(X / s) Q_w(s W) - X W||^2`` for row scales ``s``."""
+    xq = quantize_dequantize((x / rows).astype(np.float32), acts_fmt, axis=-1)
+    error = 0.0
+    for w in weights:
+        wq = quantize_dequantize((w * rows[:, None]).astype(np.float32), weights_fmt, axis=0)
+        error += float(np.square(xq @ wq - x @ w, dtype=np.float64).sum())
+    return error
+
+
+def search_group(block: DecoderBlock, group: str, stats: ActivationStats, alphas: Sequence[float],
+                 weights_fmt, acts_fmt) -> tuple[np.ndarray, float]:
+    """(scales, alpha) minimising ``group_error`` over ``alphas`` (o_proj: scales per KV channel)."""
+    mean_abs = per_kv_channel(stats.mean_abs, block, np.mean) if group == "o" else stats.mean_abs
+    if len(alphas) == 1:
+        return awq_scales(mean_abs, alphas[0]), float(alphas[0])
+    if stats.sample is None or not len(stats.sample):
+        raise InputError("the AWQ search needs sampled calibration inputs (collect_statistics(sample_tokens=...))")
+    weights = [linear.weight_array.astype(np.float32) for linear in block.groups()[group]]
+    x = stats.sample.astype(np.float32)
+    errors = [group_error(x, weights, row_scales(group, awq_scales(mean_abs, a), block), weights_fmt, acts_fmt)
+              for a in alphas]
+    best = float(alphas[int(np.argmin(errors))])
+    return awq_scales(mean_abs, best), best
+
+
+def awq(model: ir.Model, blocks: Sequence[DecoderBlock], stats: Mapping[str, ActivationStats],
+        config: QuantizeConfig, alphas: Sequence[float] | None = None) -> ir.Model:
+    """Fold AWQ scales into the norms and weights of ``blocks``. alpha: ``config.alpha`` if set, else the best
+    of ``alphas`` (default: ``GRID_POINTS`` points from 0 to 1) per group. The chosen alphas are recorded in
+    the model's metadata (``mxonnx.awq_alpha``, one list per block in qkv, o, gate_up, down order)."""
+    grid = [config.alpha] if config.alpha is not None else list(default_grid() if alphas is None else alphas)
+    weights_fmt, acts_fmt = parse_format(config.weights), parse_format(config.acts)
+    scales, chosen = [], []
+    for block in blocks:
+        found = {group: search_group(block, group, stats[group_key(block, group)], grid, weights_fmt, acts_fmt)
+                 for group in block.groups()}
+        scales.append({group: s for group, (s, _) in found.items()})
+        chosen.append([round(a, 4) for _, a in found.values()])
+    FoldScalesPass(blocks, scales)(model)
+    model.metadata_props["mxonnx.awq_alpha"] = json.dumps(chosen)
+    return model

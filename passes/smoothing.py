@@ -1,0 +1,147 @@
+"""Fold per-channel smoothing scales into the weights that already exist (SmoothQuant, AWQ): no node is added.
+
+A linear group reading ``x [.., K]`` with scales ``s [K]`` is rewritten as ``x W = (x diag(s)^-1) (diag(s) W)``
+(paper Eq. 1 and 4): the rows of every W of the group are multiplied by ``s`` and ``1/s`` goes into whatever
+produces ``x``:
+
+- ``qkv`` and ``gate_up``: the RMSNorm weight, ``gamma <- gamma / s``;
+- ``o``: the attention output is, per head, a weighted sum of V rows, so it is linear in each V channel:
+  ``W_v[:, c] <- W_v[:, c] / s_c``. With grouped-query attention the o_proj input channel ``h*d + e`` reads
+  channel ``e`` of KV head ``h // (H / H_kv)``, so o's scales are one per KV channel (``[H_kv * d]``), repeated
+  over the query heads of a group for the rows of W_o;
+- ``down``: ``x_down = silu(x W_gate) * (x W_up)`` is linear in the up channels: ``W_up[:, c] <- W_up[:, c] / s_c``.
+
+Scales are given per block as ``{"qkv": [K], "o": [H_kv*d], "gate_up": [K], "down": [K_down]}`` (any subset).
+A weight shared with other nodes (e.g. a norm weight that is an ``Identity`` of a shared initializer) gets its own
+new initializer; Identity/Transpose nodes and initializers left unused by that are removed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from mxonnx.passes.llama_structure import DecoderBlock, Linear, RMSNorm, constant_array
+
+SCALE_MIN, SCALE_MAX = 1e-5, 1e5
+BlockScales = Mapping[str, np.ndarray]
+
+
+def sane_scales(s: np.ndarray) -> np.ndarray:
+    """Scales clipped to ``[SCALE_MIN, SCALE_MAX]``; a channel whose scale is not a positive finite number
+    (zero or missing statistics) keeps scale 1, i.e. is left alone."""
+    s = np.asarray(s, np.float64)
+    return np.where(np.isfinite(s) & (s > 0), np.clip(s, SCALE_MIN, SCALE_MAX), 1.0)
+
+
+def per_kv_channel(per_o_input: np.ndarray, block: DecoderBlock, reduce: Callable = np.max) -> np.ndarray:
+    """Reduce a statistic over o_proj's input channels ``[H*d]`` to one value per KV channel ``[H_kv*d]``
+    (``reduce`` over the query heads that read the same KV head)."""
+    rep = block.num_heads // block.num_kv_heads
+    return reduce(np.asarray(per_o_input).reshape(block.num_kv_heads, rep, block.head_dim), axis=1).reshape(-1)
+
+
+def to_o_inputs(per_kv: np.ndarray, block: DecoderBlock) -> np.ndarray:
+    """Repeat a per-KV-channel vector ``[H_kv*d]`` over the query heads: ``[H*d]`` in o_proj's input order."""
+    rep = block.num_heads // block.num_kv_heads
+    kv = np.asarray(per_kv).reshape(block.num_kv_heads, 1, block.head_dim)
+    return np.broadcast_to(kv, (block.num_kv_heads, rep, block.head_dim)).reshape(-1)
+
+
+def row_scales(group: str, s: np.ndarray, block: DecoderBlock) -> np.ndarray:
+    """The scales multiplying the rows (input channels) of the group's weights."""
+    return to_o_inputs(s, block) if group == "o" else np.asarray(s)
+
+
+def _remove_if_dead(graph: ir.Graph, value: ir.Value) -> None:
+    """Drop an initializer, or an Identity/Transpose chain ending in one, that nothing reads any more."""
+    while value is not None and not value.uses() and not value.is_graph_output():
+        producer = value.producer()
+        if value.is_initializer():
+            graph.initializers.pop(value.name)
+            return
+        if producer is None or producer.op_type not in ("Identity", "Transpose") or producer.graph is not graph:
+            return
+        source = producer.inputs[0]
+        graph.remove(producer, safe=True)
+        value = source
+
+
+def _unique_name(graph: ir.Graph, base: str) -> str:
+    name, i = base, 1
+    while name in graph.initializers:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def write_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, dtype: ir.DataType) -> None:
+    """Make input ``index`` of ``node`` the constant ``array``: in place when it is an initializer read by this
+    node alone, else as a new initializer of this node (the old source is dropped if it became unused)."""
+    value = node.inputs[index]
+    tensor = np.ascontiguousarray(array, dtype=dtype.numpy())
+    if value.is_initializer() and len(value.uses()) == 1:
+        value.const_value = ir.Tensor(tensor, name=value.name)
+        return
+    name = _unique_name(graph, f"{node.name or value.name}.weight")
+    own = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=ir.Tensor(tensor, name=name))
+    graph.register_initializer(own)
+    node.replace_input_with(index, own)
+    _remove_if_dead(graph, value)
+
+
+def _dtype(value: ir.Value) -> ir.DataType:
+    source = value
+    while source.const_value is None and source.producer() is not None:  # through Identity/Transpose
+        source = source.producer().inputs[0]
+    return source.const_value.dtype
+
+
+def scale_rows(graph: ir.Graph, linear: Linear, s: np.ndarray) -> None:
+    """``W <- diag(s) W``: input channel j of the linear times ``s_j``."""
+    w = linear.weight_array.astype(np.float64)
+    write_input(graph, linear.node, 1, w * s[:, None], _dtype(linear.weight))
+
+
+def scale_columns(graph: ir.Graph, linear: Linear, s: np.ndarray) -> None:
+    """``W <- W diag(s)``: output channel c of the linear times ``s_c``."""
+    w = linear.weight_array.astype(np.float64)
+    write_input(graph, linear.node, 1, w * s[None, :], _dtype(linear.weight))
+
+
+def scale_norm(graph: ir.Graph, norm: RMSNorm, s: np.ndarray) -> None:
+    """``gamma <- gamma * s`` on the RMSNorm's weight."""
+    index = next(i for i, v in enumerate(norm.node.inputs) if v is norm.weight)
+    gamma = constant_array(norm.weight).astype(np.float64)
+    write_input(graph, norm.node, index, gamma * s, _dtype(norm.weight))
+
+
+def fold_block(graph: ir.Graph, block: DecoderBlock, scales: BlockScales) -> None:
+    """Fold ``scales`` (see the module docstring) into the block's norms and linear weights."""
+    producers = {"qkv": block.attn_norm, "o": block.v, "gate_up": block.mlp_norm, "down": block.up}
+    for group, s in scales.items():
+        s = sane_scales(s)
+        for linear in block.groups()[group]:
+            scale_rows(graph, linear, row_scales(group, s, block))
+        producer = producers[group]
+        if isinstance(producer, RMSNorm):
+            scale_norm(graph, producer, 1.0 / s)
+        else:
+            scale_columns(graph, producer, 1.0 / s)
+
+
+class FoldScalesPass(ir.passes.InPlacePass):
+    """Fold one ``BlockScales`` per decoder block into the model's weights; the graph's nodes stay as they are
+    (bar Identity/Transpose nodes left unused by giving a shared norm weight its own initializer)."""
+
+    def __init__(self, blocks: Sequence[DecoderBlock], scales: Sequence[BlockScales]):
+        super().__init__()
+        if len(blocks) != len(scales):
+            raise ValueError(f"{len(scales)} scale sets for {len(blocks)} decoder blocks")
+        self.blocks, self.scales = blocks, scales
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for block, scales in zip(self.blocks, self.scales):
+            fold_block(model.graph, block, scales)
+        return ir.passes.PassResult(model, modified=any(len(s) for s in self.scales))

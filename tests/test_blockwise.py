@@ -1,0 +1,157 @@
+"""The block-at-a-time runner reproduces the full graph: hidden states after every block, the inputs of every
+linear group, and the effect of a block modified between calls (new weights, a block rewritten into a
+model-local function); each call opens one session."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import mxonnx.blockwise as blockwise
+from mxonnx.blockwise import BlockwiseRunner, window_input
+from mxonnx.errors import InputError
+from mxonnx.passes.llama_structure import find_decoder_blocks
+from mxonnx.session import create_session
+
+GROUPS = ("qkv", "o", "gate_up", "down")
+
+
+@pytest.fixture(params=["tiny_onnx", "tiny_onnx_nopast"])
+def model(request) -> ir.Model:
+    return ir.load(request.getfixturevalue(request.param) / "model.onnx")
+
+
+@pytest.fixture
+def windows() -> np.ndarray:
+    return np.random.default_rng(0).integers(3, 96, size=(3, 16))
+
+
+def full_graph(model: ir.Model, values: list[ir.Value], windows: np.ndarray) -> list[list[np.ndarray]]:
+    """Per window, ``values`` as the whole graph computes them (exposed as extra outputs of a proto copy)."""
+    proto = ir.to_proto(model)
+    proto.graph.output.extend(onnx.ValueInfoProto(name=v.name) for v in values)
+    session = create_session(proto.SerializeToString())
+    return [session.run([v.name for v in values], {v.name: window_input(v, w) for v in model.graph.inputs})
+            for w in windows]
+
+
+def captured(runner: BlockwiseRunner, index: int) -> dict[str, list[np.ndarray]]:
+    seen: dict[str, list[np.ndarray]] = {}
+    runner.capture(index, lambda group, x: seen.setdefault(group, []).append(x.copy()))
+    return seen
+
+
+def test_advance_reproduces_hidden_states(model, windows):
+    blocks = find_decoder_blocks(model)
+    runner = BlockwiseRunner(model, blocks, windows)
+    expected = full_graph(model, runner.boundaries, windows)
+    for index in range(len(blocks)):
+        np.testing.assert_allclose(np.stack(runner.hidden_states), np.stack([e[index] for e in expected]), atol=1e-5)
+        runner.advance(index)
+    assert runner.position == runner.num_blocks == len(blocks)
+    last = np.stack([e[-1] for e in expected])
+    np.testing.assert_allclose(np.stack(runner.hidden_states), last, atol=1e-5)
+    assert np.abs(last).max() > 0.01
+
+
+def test_capture_gives_group_inputs(model, windows):
+    blocks = find_decoder_blocks(model)
+    runner = BlockwiseRunner(model, blocks, windows)
+    values = [block.groups()[g][0].input for block in blocks for g in GROUPS]
+    expected = full_graph(model, values, windows)
+    for block in blocks:
+        seen = captured(runner, block.index)
+        assert set(seen) == set(GROUPS)
+        for g, name in enumerate(GROUPS):
+            k = block.groups()[name][0].shape[0]
+            want = [e[block.index * len(GROUPS) + g].reshape(-1, k) for e in expected]
+            assert [x.shape for x in seen[name]] == [(windows.shape[1], k)] * len(windows)
+            np.testing.assert_allclose(np.stack(seen[name]), np.stack(want), atol=1e-5)
+        runner.advance(block.index)
+
+
+def test_later_blocks_see_modified_weights(tiny_onnx, windows):
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    runner = BlockwiseRunner(model, blocks, windows)
+    before = full_graph(model, [blocks[1].q.input], windows)
+    down = blocks[0].down.weight
+    down.const_value = ir.tensor(down.const_value.numpy() * -2.0, name=down.name)
+    runner.advance(0)
+    after = full_graph(model, [blocks[1].q.input], windows)
+    got = np.stack(captured(runner, 1)["qkv"])
+    hidden = blocks[1].q.shape[0]
+    np.testing.assert_allclose(got, np.stack([a[0].reshape(-1, hidden) for a in after]), atol=1e-5)
+    assert not np.allclose(got, np.stack([b[0].reshape(-1, hidden) for b in before]), atol=1e-3)
+
+
+def _halving_matmul() -> ir.Function:
+    """``test.local::HalfMatMul(x, w) = MatMul(x, w) * 0.5`` as a model-local function."""
+    x, w = ir.Value(name="x"), ir.Value(name="w")
+    matmul = ir.node("MatMul", [x, w])
+    half = ir.node("Constant", [], attributes={"value": ir.tensor(np.float32(0.5))})
+    mul = ir.node("Mul", [matmul.outputs[0], half.outputs[0]])
+    body = ir.Graph([x, w], [mul.outputs[0]], nodes=[matmul, half, mul], opset_imports={"": 18})
+    return ir.Function("test.local", "HalfMatMul", graph=body, attributes=[])
+
+
+def test_block_rewritten_into_function_runs(model, windows):
+    """A block whose linears became custom-domain calls of model-local functions (as the MX rewrite produces)."""
+    blocks = find_decoder_blocks(model)
+    runner = BlockwiseRunner(model, blocks, windows)
+    unchanged = full_graph(model, [runner.boundaries[1]], windows)
+    function = _halving_matmul()
+    model.functions[function.identifier()] = function
+    model.opset_imports["test.local"] = 1
+    for linear in blocks[0].linears():
+        call = ir.node("HalfMatMul", list(linear.node.inputs), domain="test.local")
+        model.graph.insert_before(linear.node, call)
+        linear.node.outputs[0].replace_all_uses_with(call.outputs[0])
+        model.graph.remove(linear.node, safe=True)
+    expected = full_graph(model, [runner.boundaries[1]], windows)
+    runner.advance(0)
+    np.testing.assert_allclose(np.stack(runner.hidden_states), np.stack([e[0] for e in expected]), atol=1e-5)
+    assert not np.allclose(np.stack(runner.hidden_states), np.stack([u[0] for u in unchanged]), atol=1e-3)
+
+
+def test_one_session_per_call(tiny_onnx, windows, monkeypatch):
+    model = ir.load(tiny_onnx / "model.onnx")
+    opened = []
+    real = blockwise.create_session
+    monkeypatch.setattr(blockwise, "create_session", lambda *a, **k: opened.append(1) or real(*a, **k))
+    runner = BlockwiseRunner(model, find_decoder_blocks(model), windows)
+    assert len(opened) == 1  # the prefix
+    runner.capture(0, lambda group, x: None)
+    runner.advance(0)
+    runner.capture(1, lambda group, x: None)
+    assert len(opened) == 4
+
+
+def test_block_inputs(tiny_onnx, windows):
+    model = ir.load(tiny_onnx / "model.onnx")
+    runner = BlockwiseRunner(model, find_decoder_blocks(model), windows)
+    feeds = list(runner.block_inputs(0))
+    assert len(feeds) == len(windows)
+    hidden = runner.boundaries[0].name
+    for feed, h in zip(feeds, runner.hidden_states):
+        assert feed[hidden] is h
+        assert {"past_key_values.0.key", "past_key_values.0.value"} <= set(feed)
+        assert feed["past_key_values.0.key"].shape == (1, 2, 0, 16)
+
+
+def test_calls_out_of_order_are_refused(tiny_onnx, windows):
+    model = ir.load(tiny_onnx / "model.onnx")
+    runner = BlockwiseRunner(model, find_decoder_blocks(model), windows)
+    with pytest.raises(ValueError, match="inputs of block 0"):
+        runner.advance(1)
+    with pytest.raises(ValueError, match="inputs of block 0"):
+        runner.block_inputs(1)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((0, 8), np.int64), np.zeros(8, np.int64), np.zeros((2, 8), np.float32)])
+def test_bad_windows_are_refused(tiny_onnx, bad):
+    model = ir.load(tiny_onnx / "model.onnx")
+    with pytest.raises(InputError, match=r"\[n, seqlen\] integer array"):
+        BlockwiseRunner(model, find_decoder_blocks(model), bad)

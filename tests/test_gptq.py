@@ -1,0 +1,255 @@
+"""GPTQ for MX formats (mxonnx.gptq, paper Algorithm 1) on random layers: quality against RTN, validity of the
+codes, agreement with a plain unblocked reference, singular Hessians, dampening and the weight provider."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mxonnx import formats
+from mxonnx.errors import InputError
+from mxonnx.gptq import (GptqWeightProvider, HessianAccumulator, HessianDampingWarning, gptq_quantize,
+                         inverse_hessian_factor)
+
+FORMATS = ["mxint4-32", "mxint4-128", "mxint8-128", "mxfp4-32", "mxfp6e2m3-32", "mxfp8e4m3-32", "int4", "int4-g128"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The column loop is sequential; on a shared 2-core machine extra BLAS threads only spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def correlated_layer(seed: int, k: int = 256, n: int = 64, tokens: int = 1024):
+    """(X [tokens, k], W [k, n]): inputs X = Z A + Z with a few outlier channels, small Gaussian weights."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((tokens, k))
+    x = z @ rng.standard_normal((k, k)) / np.sqrt(k) + 0.3 * z
+    x[:, rng.choice(k, 4, replace=False)] *= 20.0
+    w = rng.standard_normal((k, n)) * 0.05
+    return x.astype(np.float32), w.astype(np.float32)
+
+
+def hessian_of(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return 2.0 / len(x) * x.T @ x
+
+
+def output_error(x, w, q) -> float:
+    return float(np.sum((x.astype(np.float64) @ (w.astype(np.float64) - q)) ** 2))
+
+
+def gptq_weights(w, h, fmt, **kw) -> np.ndarray:
+    return formats.dequantize(*gptq_quantize(w, h, fmt, **kw), fmt, axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_layer(seed: int):
+    """(X, W, H) of ``correlated_layer(seed)``, shared by the format cases (read only)."""
+    x, w = correlated_layer(seed)
+    return x, w, hessian_of(x)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gptq_beats_rtn_on_correlated_inputs(fmt):
+    wins = 0
+    for seed in range(10):
+        x, w, h = cached_layer(seed)
+        rtn = formats.quantize_dequantize(w, fmt, axis=0)
+        wins += output_error(x, w, gptq_weights(w, h, fmt)) < output_error(x, w, rtn)
+    assert wins >= 9
+
+
+def assert_valid_encoding(codes, scales, fmt_name, w):
+    """Same layout as formats.quantize, codes in the element range, and every value on its block's grid."""
+    fmt = formats.parse_format(fmt_name)
+    ref_codes, ref_scales = formats.quantize(w, fmt, axis=0)
+    assert codes.shape == ref_codes.shape and codes.dtype == ref_codes.dtype
+    assert scales.shape == ref_scales.shape and scales.dtype == ref_scales.dtype
+    q = formats.dequantize(codes, scales, fmt, axis=0)
+    assert np.isfinite(q).all()
+    size = fmt.block_size or w.shape[0]
+    if fmt.kind == "mx":
+        exponents = scales.astype(np.int32) - 127
+        assert exponents.max() <= 127  # 255 (E = 128) would be a NaN block
+        if fmt.elem.integer_codes:
+            assert np.abs(codes.astype(np.int32)).max() <= 2 ** (fmt.bits - 1) - 1
+        else:
+            assert codes.max() < 2**fmt.bits and np.isfinite(formats.element_values(fmt)[codes]).all()
+        per_element = np.repeat(exponents, size, axis=0)[: w.shape[0]]
+        np.testing.assert_array_equal(formats.quantize_dequantize_with_exponent(q, per_element, fmt), q)
+        # E was fixed before later columns of the block moved, so it may exceed the exponent of the final values
+        # but never fall below it (values saturate at max_norm * 2^E)
+        assert (formats.shared_exponents(q, fmt, axis=0) <= exponents).all()
+    else:
+        assert np.abs(codes.astype(np.int32)).max() <= 2 ** (fmt.bits - 1) - 1
+        assert (scales > 0).all() and np.isfinite(scales).all()
+        per_element = np.repeat(scales, size, axis=0)[: w.shape[0]]
+        np.testing.assert_array_equal(formats.quantize_dequantize_with_scale(q, per_element, fmt), q)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k", [576, 200])  # 576 = 4.5 blocks of 128; 200 = 6.25 blocks of 32
+def test_codes_are_valid_with_partial_blocks(fmt, k):
+    x, w = correlated_layer(1, k=k, n=24, tokens=2 * k)
+    codes, scales = gptq_quantize(w, hessian_of(x), fmt)
+    assert_valid_encoding(codes, scales, fmt, w)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_identity_hessian_gives_rtn(fmt):
+    # With H = I the dampened H^-1 = I / (1 + damp) is diagonal, so its Cholesky factor U is diagonal:
+    # U[j, j+1:] = 0 and no error is propagated. Each block's exponent (or scale) is then chosen from the
+    # untouched weights and every column is rounded to nearest: exactly RTN.
+    _, w = correlated_layer(2, k=200, n=32)
+    codes, scales = gptq_quantize(w, np.eye(200), fmt, micro_block=128)
+    ref_codes, ref_scales = formats.quantize(w, fmt, axis=0)
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_array_equal(scales, ref_scales)
+
+
+def reference_gptq(w, h, fmt_name, micro_block, damp=0.01):
+    """Unblocked GPTQ in float64 (Eq. 8 with an explicit inverse Hessian, downdated after every column); each
+    group's exponent/scale is fixed when its micro-block starts."""
+    fmt = formats.parse_format(fmt_name)
+    rows = w.T.astype(np.float64)
+    n, k = rows.shape
+    hinv = np.linalg.inv(h + damp * np.mean(np.diag(h)) * np.eye(k))
+    q = np.zeros_like(rows)
+    size = fmt.block_size
+    params = None
+    for j in range(k):
+        if j % micro_block == 0:
+            block = rows[:, j:j + micro_block].astype(np.float32)
+            params = (formats.shared_exponents(block, fmt, axis=1) if fmt.kind == "mx"
+                      else formats.fixed_point_scales(block, fmt, axis=1))
+        p = params[:, (j % micro_block) // size]
+        col = rows[:, j].astype(np.float32)
+        q[:, j] = (formats.quantize_dequantize_with_exponent(col, p, fmt) if fmt.kind == "mx"
+                   else formats.quantize_dequantize_with_scale(col, p, fmt))
+        err = (rows[:, j] - q[:, j]) / hinv[j, j]
+        rows[:, j + 1:] -= np.outer(err, hinv[j, j + 1:])
+        hinv -= np.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    return q.T
+
+
+@pytest.mark.parametrize("fmt, micro", [("mxint4-16", 16), ("mxfp4-16", 32), ("int4-g16", 16)])
+def test_lazy_blocked_updates_match_unblocked_reference(fmt, micro):
+    x, w = correlated_layer(3, k=96, n=16, tokens=512)
+    h = hessian_of(x)
+    ours = gptq_weights(w, h, fmt, block_size=32, micro_block=micro)
+    ref = reference_gptq(w, h, fmt, micro)
+    # float32 vs float64: int scales differ in the last bits, and a rare rounding tie may flip
+    assert np.mean(np.isclose(ours, ref, rtol=1e-4, atol=0)) > 0.98
+    assert output_error(x, w, ours) == pytest.approx(output_error(x, w, ref), rel=0.02)
+
+
+def test_micro_block_must_be_a_multiple_of_the_format_block():
+    _, w = correlated_layer(0, k=64, n=8)
+    with pytest.raises(InputError, match="multiple"):
+        gptq_quantize(w, np.eye(64), "mxint4-32", micro_block=48)
+    with pytest.raises(InputError, match="multiple"):
+        gptq_quantize(w, np.eye(64), "int4-g32", micro_block=16)
+    codes, scales = gptq_quantize(w, np.eye(64), "mxint4-32", micro_block=64, block_size=48)  # B1 rounds up
+    assert_valid_encoding(codes, scales, "mxint4-32", w)
+
+
+def test_bad_inputs():
+    _, w = correlated_layer(0, k=64, n=8)
+    with pytest.raises(InputError, match="input channels"):
+        gptq_quantize(w, np.eye(32), "mxint4-32")
+    with pytest.raises(InputError, match="none"):
+        gptq_quantize(w, np.eye(64), "none")
+    with pytest.raises(InputError, match="NaN"):
+        gptq_quantize(np.full_like(w, np.nan), np.eye(64), "mxint4-32")
+    with pytest.raises(InputError, match="NaN"):
+        gptq_quantize(w, np.full((64, 64), np.inf), "mxint4-32")
+    with pytest.raises(InputError, match="all zero"):
+        gptq_quantize(w, np.zeros((64, 64)), "mxint4-32")
+
+
+@pytest.mark.parametrize("fmt", ["mxint4-32", "mxfp4-32", "int4"])
+def test_singular_hessian_dead_columns_and_rank_deficiency(fmt):
+    x, w = correlated_layer(4, k=128, n=16, tokens=64)  # 64 tokens < 128 channels: rank deficient
+    x[:, [5, 77]] = 0.0  # dead channels: H_ii = 0
+    h = hessian_of(x)
+    codes, scales = gptq_quantize(w, h, fmt)
+    assert_valid_encoding(codes, scales, fmt, w)
+    q = formats.dequantize(codes, scales, fmt, axis=0)
+    assert not q[[5, 77]].any()  # weights of dead channels are zeroed
+    assert output_error(x, w, q) < output_error(x, w, formats.quantize_dequantize(w, fmt, axis=0))
+
+
+def indefinite_hessian(k: int = 32) -> np.ndarray:
+    """A symmetric matrix with eigenvalues 1 and one -0.05: positive definite only for damp >= ~0.06."""
+    basis, _ = np.linalg.qr(np.random.default_rng(5).standard_normal((k, k)))
+    eig = np.ones(k)
+    eig[0] = -0.05
+    return basis * eig @ basis.T
+
+
+def test_dampening_is_raised_with_a_warning():
+    with pytest.warns(HessianDampingWarning, match=r"Hessian of layers.0.qkv not positive definite; damp raised to 0.1"):
+        factor = inverse_hessian_factor(indefinite_hessian(), 0.01, name="layers.0.qkv")
+    assert factor.damp == pytest.approx(0.1)
+    with pytest.raises(InputError, match="not positive definite"):
+        inverse_hessian_factor(-np.eye(8), 0.01)
+
+
+def test_act_order_keeps_blocks_whole():
+    x, w = correlated_layer(6, k=200, n=24)
+    h = hessian_of(x)
+    factor = inverse_hessian_factor(h, pad=24, order_unit=32)
+    blocks = factor.perm.reshape(-1, 32)
+    assert (blocks % 32 == np.arange(32)).all() and len(set(blocks[:, 0])) == 7
+    for fmt in ("mxint4-32", "int4", "int4-g128"):
+        codes, scales = gptq_quantize(w, h, fmt, act_order=True)
+        assert_valid_encoding(codes, scales, fmt, w)
+        q = formats.dequantize(codes, scales, fmt, axis=0)
+        assert output_error(x, w, q) < output_error(x, w, formats.quantize_dequantize(w, fmt, axis=0))
+
+
+def test_hessian_accumulator_is_a_running_mean():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 50, 16)).astype(np.float32)
+    acc = HessianAccumulator(16)
+    for batch in x:
+        acc.add_batch(batch[None])
+    assert acc.count == 150
+    np.testing.assert_allclose(acc.hessian, hessian_of(x.reshape(-1, 16)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError):
+        acc.add_batch(np.zeros((4, 15), np.float32))
+
+
+def test_provider_shares_one_factor_per_input_group():
+    x, _ = correlated_layer(8, k=64, n=8)
+    h = hessian_of(x)
+    provider = GptqWeightProvider({"layers.0.qkv": h, "layers.0.o_proj": h}, "mxint4-32", block_size=32)
+    rng = np.random.default_rng(9)
+    for role, n in (("q_proj", 16), ("k_proj", 8), ("v_proj", 8), ("o_proj", 16)):
+        w = (rng.standard_normal((64, n)) * 0.05).astype(np.float32)
+        codes, scales = provider(f"layers.0.{role}", w)
+        direct = gptq_quantize(w, h, "mxint4-32", block_size=32)
+        np.testing.assert_array_equal(codes, direct[0])
+        np.testing.assert_array_equal(scales, direct[1])
+    assert provider.factor("layers.0.q_proj", 64) is provider.factor("layers.0.v_proj", 64)
+    assert provider.factor("layers.0.o_proj", 64) is not provider.factor("layers.0.q_proj", 64)
+    assert not provider.raised_damp
+    with pytest.raises(InputError, match="layers.1.q_proj"):
+        provider("layers.1.q_proj", w)
+
+
+def test_provider_records_raised_dampening():
+    provider = GptqWeightProvider({"layers.0.down": indefinite_hessian()}, "mxint4-32")
+    w = (np.random.default_rng(10).standard_normal((32, 8)) * 0.05).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HessianDampingWarning)
+        provider("layers.0.down_proj", w)
+    assert provider.raised_damp == {"layers.0.down": pytest.approx(0.1)}
