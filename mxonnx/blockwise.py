@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from mxonnx.calibrate import decoder_feed
 from mxonnx.errors import InputError
 from mxonnx.passes.llama_structure import DecoderBlock, Linear
 from mxonnx.session import create_session
@@ -36,8 +37,10 @@ class BlockwiseRunner:
 
     ``model`` is the float model the ``blocks`` were found in (``find_decoder_blocks``); it may be modified
     between calls (weights replaced, a block rewritten) and every call runs the current state. ``windows`` are
-    token ids ``[n, seqlen]``, run one window per session call, with an all-ones attention mask, positions
-    ``0..seqlen-1`` and an empty KV past. The stored hidden states are the inputs of block :attr:`position`.
+    token ids ``[n, seqlen]``, run one window per session call with the graph inputs of
+    :func:`mxonnx.calibrate.decoder_feed` (all-ones attention mask, positions ``0..seqlen-1``, empty KV past).
+    The stored :attr:`hidden_states` (one ``[1, seqlen, hidden]`` array per window) are the inputs of block
+    :attr:`position`; after the last block they are the residual stream entering the final norm.
     """
 
     def __init__(self, model: ir.Model, blocks: Sequence[DecoderBlock], windows: np.ndarray, progress: bool = False,
@@ -46,8 +49,8 @@ class BlockwiseRunner:
         self.windows = _checked_windows(windows)
         self.progress = progress
         self.threads = threads
-        self._graph_inputs = {v.name: v for v in model.graph.inputs}
         self.boundaries = residual_boundaries(blocks)
+        self._kv_shape = (blocks[0].num_kv_heads, blocks[0].head_dim)
         self.group_inputs = [_group_inputs(block) for block in blocks]
         self._shared = _prefix_values(model.graph, self.boundaries[0])
         read = {v for i in range(self.num_blocks) for v in self._block_region(i, [self.boundaries[i + 1]])[1]}
@@ -124,11 +127,12 @@ class BlockwiseRunner:
 
     def _feeds(self, window: int, names: list[str]) -> dict[str, np.ndarray]:
         """The arrays named ``names`` for one window: graph inputs, the stored hidden state, prefix values."""
+        graph_feed = decoder_feed(list(self.model.graph.inputs), self.windows[window][None], *self._kv_shape)
         hidden = self.boundaries[self.position].name
         feeds = {}
         for name in names:
-            if name in self._graph_inputs:
-                feeds[name] = window_input(self._graph_inputs[name], self.windows[window])
+            if name in graph_feed:
+                feeds[name] = graph_feed[name]
             elif name == hidden:
                 feeds[name] = self.hidden_states[window]
             else:
@@ -248,24 +252,6 @@ def subgraph_bytes(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value]
             dtype = onnx.helper.np_dtype_to_tensor_dtype(sample_feeds[info.name].dtype)
             info.type.CopyFrom(onnx.helper.make_tensor_type_proto(dtype, None))
     return proto.SerializeToString()
-
-
-def window_input(value: ir.Value, window: np.ndarray) -> np.ndarray:
-    """The feed of graph input ``value`` for one window of token ids: ``input_ids``, an all-ones
-    ``attention_mask``, ``position_ids`` 0..T-1, or an empty ``past_key_values.*`` ``[1, kv_heads, 0, head_dim]``."""
-    length = len(window)
-    if value.name == "input_ids":
-        return window[None].astype(np.int64)
-    if value.name == "attention_mask":
-        return np.ones((1, length), dtype=np.int64)
-    if value.name == "position_ids":
-        return np.arange(length, dtype=np.int64)[None]
-    if value.name.startswith("past_key_values."):
-        dims = list(value.shape or ())
-        if len(dims) != 4 or not all(isinstance(d, int) for d in (dims[1], dims[3])):
-            raise InputError(f"graph input {value.name!r}: expected [batch, kv_heads, past, head_dim] with fixed heads")
-        return np.zeros((1, dims[1], 0, dims[3]), dtype=value.dtype.numpy())
-    raise InputError(f"graph input {value.name!r} is not input_ids, attention_mask, position_ids or past_key_values.*")
 
 
 def _checked_windows(windows: np.ndarray) -> np.ndarray:

@@ -118,18 +118,23 @@ def _load_gguf(src: Path):
     return model, tokenizer
 
 
-def load_causal_lm(src: Path):
-    """``(LlamaForCausalLM in float32, eval mode, tokenizer)`` from a Hugging Face folder or a .gguf file."""
+def _load_checked(src: Path):
+    """``load_causal_lm`` for a source that already passed ``check_source``."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    check_source(src)
     if src.is_dir():
         model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(src)
     else:
         model, tokenizer = _load_gguf(src)
     return model.eval(), tokenizer
+
+
+def load_causal_lm(src: Path):
+    """``(LlamaForCausalLM in float32, eval mode, tokenizer)`` from a Hugging Face folder or a .gguf file."""
+    check_source(src)
+    return _load_checked(src)
 
 
 def _check_logits(model, onnx_path: Path) -> float:
@@ -153,7 +158,8 @@ def export_model(src: Path, out: Path, past: bool = True, progress: bool = True)
     """Export ``src`` (HF folder or .gguf) to the ONNX folder ``out``; ``out`` is whole or absent afterwards.
 
     ``past=True`` exports optimum's ``text-generation-with-past`` graph (KV-cache inputs/outputs), else
-    ``text-generation``. Returns ``{output, seconds, past}``.
+    ``text-generation``. Returns ``{output, seconds, past, logits_max_abs_diff}`` (the last from the check of
+    ONNX against torch logits on ``CHECK_TOKENS`` tokens).
     """
     from optimum.exporters.onnx import onnx_export_from_model
     from tqdm.auto import tqdm
@@ -165,7 +171,7 @@ def export_model(src: Path, out: Path, past: bool = True, progress: bool = True)
         steps = tqdm(total=3, desc="export", unit="step", disable=not progress, file=sys.stderr)
         with steps, quiet_libraries():
             steps.set_postfix_str("load")
-            model, tokenizer = load_causal_lm(src)
+            model, tokenizer = _load_checked(src)
             model.config.use_cache = past
             steps.update()
             steps.set_postfix_str("optimum export")
@@ -175,6 +181,6 @@ def export_model(src: Path, out: Path, past: bool = True, progress: bool = True)
             tokenizer.save_pretrained(tmp)
             steps.update()
             steps.set_postfix_str("check logits")
-            _check_logits(model, tmp / ONNX_NAME)
+            diff = _check_logits(model, tmp / ONNX_NAME)
             steps.update()
-    return {"output": str(out), "seconds": time.perf_counter() - start, "past": past}
+    return {"output": str(out), "seconds": time.perf_counter() - start, "past": past, "logits_max_abs_diff": diff}

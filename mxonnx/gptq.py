@@ -1,21 +1,22 @@
 """GPTQ for MX and fixed-point weight formats (Frantar et al. 2022; Sharify et al., arXiv 2405.07135, Algorithm 1).
 
+Arrays only: no ONNX or model code. Weights are in the ONNX MatMul layout ``W [K, N]`` (K = reduction axis), so
+the paper's column j of W (input channel j, all N output channels) is row ``w_j = W[j]`` here.
+
 GPTQ minimises ``||X W - X Q||^2`` (paper Eq. 6) one input channel at a time. With the Hessian
 ``H = 2/n sum_t x_t x_t^T`` (Eq. 7), dampened by ``lambda = damp * mean(diag H)``, and ``U`` the upper Cholesky factor
-of ``H^-1`` (``H^-1 = U^T U``), quantizing column ``j`` (input channel j, all output channels at once) gives
+of ``H^-1`` (``H^-1 = U^T U``), quantizing input channel ``j`` gives
 
-    e_j = (w_j - quant(w_j)) / U_jj,        w_{j+1:} -= e_j U_{j, j+1:}        (Eq. 8)
+    e_j = (w_j - quant(w_j)) / U_jj,        w_l -= U_jl e_j  for l > j          (Eq. 8, Cholesky form)
 
-Columns go in blocks of ``B1`` whose error is pushed to the later columns lazily, ``W[:, i2:] -= E U[i1:i2, i2:]``.
+Channels go in blocks of ``B1`` whose error reaches the later channels lazily, ``W[i2:] -= U[i1:i2, i2:]^T E``.
 Inside a block, micro-blocks of ``B2`` (a multiple of the MX block ``b``): when a micro-block is reached, the
-scale of every group starting in it (MX: shared exponent per output row and block of ``b`` input channels;
-int{d}-g{b}: fp32 scale per group) is fixed from the error-updated weights of that moment, then its columns are
-quantized one at a time with that scale. Per-channel int{d} fixes one scale per output channel from the whole row
+scale of every group starting in it (MX: shared exponent per output channel and block of ``b`` input channels;
+int{d}-g{b}: fp32 scale per group) is fixed from the error-updated weights of that moment, then its channels are
+quantized one at a time with that scale. Per-channel int{d} fixes one scale per output channel from all of K
 before any update, as reference GPTQ does. Algorithm 1 of the paper quantizes a micro-block at once; here its
-columns are quantized one by one (each column's error also corrects the rest of its micro-block).
-
-Arrays only: no ONNX or model code. Weights come in the ONNX MatMul layout ``W [K, N]`` (K = reduction axis);
-internally the rows are the N output channels. Results use ``mxonnx.formats.quantize(w, fmt, axis=0)``'s layout.
+channels are quantized one by one (each one's error also corrects the rest of its micro-block).
+Results use ``mxonnx.formats.quantize(w, fmt, axis=0)``'s layout.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ class HessianAccumulator:
 
 @dataclasses.dataclass(frozen=True)
 class InverseHessianFactor:
-    """What GPTQ needs from a Hessian of K input channels, padded to ``K + pad``: ``upper``, the upper Cholesky
-    factor of the dampened, column-permuted ``H^-1`` (float32); ``dead``, channels with ``H_ii = 0`` (their weights
-    are zeroed); ``perm``, the quantization order; ``damp``, the dampening finally used."""
+    """What GPTQ needs from the Hessian of K input channels: ``upper``, the upper Cholesky factor of the dampened,
+    column-permuted ``H^-1`` (float32); ``dead``, channels with ``H_ii = 0`` (their weights are zeroed); ``perm``,
+    the quantization order; ``damp``, the dampening finally used."""
 
     upper: np.ndarray
     dead: np.ndarray
@@ -71,31 +72,30 @@ class InverseHessianFactor:
     damp: float
 
 
-def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01, *, pad: int = 0, order_unit: int | None = None,
+def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01, *, order_unit: int | None = None,
                            name: str = "weight") -> InverseHessianFactor:
     """Factor ``H + damp * mean(diag H) * I`` for GPTQ.
 
-    Dead channels (``H_ii = 0``) and ``pad`` zero channels appended at the end get ``H_ii = 1``. ``order_unit``
-    (act-order): quantize groups of ``order_unit`` consecutive channels by decreasing sum of ``H_ii``, so MX blocks
-    stay contiguous; None keeps the natural order. When a Cholesky fails the dampening is raised 10x (up to
-    ``DAMP_RETRIES`` times) with a ``HessianDampingWarning`` naming ``name``.
+    Dead channels (``H_ii = 0``) get ``H_ii = 1``. ``order_unit`` (act-order): quantize the whole units of
+    ``order_unit`` consecutive channels by decreasing sum of ``H_ii``, so MX blocks stay contiguous and aligned (a
+    partial last unit stays last); None keeps the natural order. When a Cholesky fails the dampening is raised
+    10x (up to ``DAMP_RETRIES`` times) with a ``HessianDampingWarning`` naming ``name``.
     """
     h = np.asarray(hessian, np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise InputError(f"Hessian of {name} must be square, got shape {h.shape}")
     if not np.isfinite(h).all():
         raise InputError(f"Hessian of {name} holds NaN or Inf values")
-    k = h.shape[0] + pad
-    h = np.pad(h, ((0, pad), (0, pad)))
+    k = h.shape[0]
     diag = np.diagonal(h).copy()
     dead = diag == 0
-    if dead[: k - pad].all():
+    if dead.all():
         raise InputError(f"Hessian of {name} is all zero: no calibration data reached this input")
     diag[dead] = 1.0
     perm = np.arange(k) if order_unit is None else _act_order(diag, order_unit)
     h[np.arange(k), np.arange(k)] = diag
     h = h[np.ix_(perm, perm)]
-    mean_diag = diag[: k - pad].mean()
+    mean_diag = diag.mean()
     for attempt in range(DAMP_RETRIES + 1):
         damp_used = damp * 10.0**attempt
         upper = _inverse_cholesky_upper(h + damp_used * mean_diag * np.eye(k))
@@ -103,15 +103,16 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01, *, pad: int 
             if attempt:
                 warnings.warn(f"Hessian of {name} not positive definite; damp raised to {damp_used:g}",
                               HessianDampingWarning, stacklevel=2)
-            return InverseHessianFactor(upper.astype(np.float32), dead[: k - pad], perm, damp_used)
+            return InverseHessianFactor(upper.astype(np.float32), dead, perm, damp_used)
     raise InputError(f"Hessian of {name} is not positive definite even with damp {damp_used:g}")
 
 
 def _act_order(diag: np.ndarray, unit: int) -> np.ndarray:
-    """Channel order putting units of ``unit`` consecutive channels with the largest sum of H_ii first."""
-    keys = diag.reshape(-1, unit).sum(axis=1)
-    units = np.argsort(-keys, kind="stable")
-    return (units[:, None] * unit + np.arange(unit)).reshape(-1)
+    """Channel order putting whole units of ``unit`` consecutive channels with the largest sum of H_ii first; the
+    channels after the last whole unit keep their place at the end."""
+    whole = len(diag) // unit * unit
+    units = np.argsort(-diag[:whole].reshape(-1, unit).sum(axis=1), kind="stable")
+    return np.concatenate([(units[:, None] * unit + np.arange(unit)).reshape(-1), np.arange(whole, len(diag))])
 
 
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray | None:
@@ -125,8 +126,8 @@ def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray | None:
 
 @dataclasses.dataclass(frozen=True)
 class _Grid:
-    """A format seen by GPTQ on rows ``W [N, K]``: one parameter (MX exponent or fp32 scale) per output row and
-    group of ``group`` input channels; ``params(w [N, m]) -> [N, m / group]``; ``round(col [N], param [N])``."""
+    """A format seen by GPTQ: one parameter (MX exponent or fp32 scale) per output channel and group of ``group``
+    input channels; ``params(w [m, N]) -> [ceil(m / group), N]``; ``round(w_j [N], param [N])``."""
 
     group: int
     params: Callable[[np.ndarray], np.ndarray]
@@ -135,38 +136,37 @@ class _Grid:
 
 def _grid(fmt: formats.MXFormat, k: int) -> _Grid:
     if fmt.kind == "mx":
-        return _Grid(fmt.block_size, lambda w: formats.shared_exponents(w, fmt, axis=1),
-                     lambda col, e: formats.quantize_dequantize_with_exponent(col, e, fmt))
-    return _Grid(fmt.block_size or k, lambda w: formats.fixed_point_scales(w, fmt, axis=1),
-                 lambda col, s: formats.quantize_dequantize_with_scale(col, s, fmt))
+        return _Grid(fmt.block_size, lambda w: formats.shared_exponents(w, fmt, axis=0),
+                     lambda w_j, e: formats.quantize_dequantize_with_exponent(w_j, e, fmt))
+    return _Grid(fmt.block_size or k, lambda w: formats.fixed_point_scales(w, fmt, axis=0),
+                 lambda w_j, s: formats.quantize_dequantize_with_scale(w_j, s, fmt))
 
 
-def _gptq_rows(w: np.ndarray, upper: np.ndarray, grid: _Grid, block: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
-    """Algorithm 1 on rows ``w [N, K]`` (float32, updated in place) with ``upper`` the Cholesky factor of H^-1.
+def _gptq(w: np.ndarray, upper: np.ndarray, grid: _Grid, block: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm 1 on ``w [K, N]`` (float32, updated in place) with ``upper`` the Cholesky factor of H^-1.
     ``block`` (B1) is a multiple of ``micro`` (B2), a multiple of ``grid.group`` unless that spans all of K.
-    Returns (Q [N, K] float32, parameters [N, K / group])."""
-    n, k = w.shape
+    Returns (Q [K, N] float32, parameters [ceil(K / group), N])."""
+    k, n = w.shape
     q = np.empty_like(w)
     params = None
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1, u1 = w[:, i1:i2], upper[i1:i2, i1:i2]
-        err1 = np.empty((n, i2 - i1), np.float32)
+        w1, u1 = w[i1:i2], upper[i1:i2, i1:i2]
+        err1 = np.empty((i2 - i1, n), np.float32)
         for j1 in range(0, i2 - i1, micro):
             j2 = min(j1 + micro, i2 - i1)
             g1, g2 = -(-(i1 + j1) // grid.group), -(-(i1 + j2) // grid.group)  # groups starting here
             if g2 > g1:
-                fresh = grid.params(w[:, g1 * grid.group: g2 * grid.group])
+                fresh = grid.params(w[g1 * grid.group: g2 * grid.group])
                 if params is None:
-                    params = np.empty((n, k // grid.group), fresh.dtype)
-                params[:, g1:g2] = fresh
+                    params = np.empty((-(-k // grid.group), n), fresh.dtype)
+                params[g1:g2] = fresh
             for j in range(j1, j2):
-                col = w1[:, j]
-                q[:, i1 + j] = grid.round(col, params[:, (i1 + j) // grid.group])
-                err1[:, j] = (col - q[:, i1 + j]) / u1[j, j]
-                w1[:, j + 1:] -= err1[:, j, None] * u1[j, j + 1:]
+                q[i1 + j] = grid.round(w1[j], params[(i1 + j) // grid.group])
+                np.divide(w1[j] - q[i1 + j], u1[j, j], out=err1[j])
+                w1[j + 1:] -= u1[j, j + 1:, None] * err1[j]
         # torch, like the factorisation: one BLAS thread pool (numpy's and torch's spin against each other)
-        w[:, i2:] -= (torch.from_numpy(err1) @ torch.from_numpy(upper[i1:i2, i2:])).numpy()
+        w[i2:] -= (torch.from_numpy(upper[i1:i2, i2:]).T @ torch.from_numpy(err1)).numpy()
     return q, params
 
 
@@ -187,10 +187,12 @@ def _check_blocks(fmt: formats.MXFormat, block_size: int, micro_block: int | Non
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray | InverseHessianFactor, fmt: str | formats.MXFormat, *,
                   block_size: int = 128, micro_block: int | None = None, damp: float = 0.01, act_order: bool = False,
                   name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ-quantize ``w [K, N]`` given the Hessian ``[K, K]`` of its input (or a factor of it from
-    ``inverse_hessian_factor``, shared by linears that read one input). ``block_size`` is B1, ``micro_block`` B2
-    (default the format's block). Returns ``(codes, scales)`` laid out as ``formats.quantize(w, fmt, axis=0)``, so
-    ``formats.dequantize(codes, scales, fmt, axis=0)`` gives the GPTQ weights."""
+    """GPTQ-quantize ``w [K, N]`` given the Hessian ``[K, K]`` of its input, or a factor of it from
+    ``inverse_hessian_factor`` shared by linears that read one input (then ``damp`` and ``act_order`` were given
+    there, act-order with ``order_unit`` = the format's block, 1 for per-channel int). ``block_size`` is B1,
+    ``micro_block`` B2 (default the format's block). Returns ``(codes, scales)`` laid out as
+    ``formats.quantize(w, fmt, axis=0)``, so ``formats.dequantize(codes, scales, fmt, axis=0)`` gives the GPTQ
+    weights."""
     fmt = formats.parse_format(fmt)
     if fmt.kind == "none":
         raise InputError("GPTQ needs a quantized weight format, got 'none'")
@@ -198,24 +200,21 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | InverseHessianFactor, fmt
     if w.ndim != 2:
         raise InputError(f"{name}: GPTQ expects a 2-D weight [K, N], got shape {w.shape}")
     formats.check_finite(w, name)
-    k, n = w.shape
+    k = w.shape[0]
     block, micro = _check_blocks(fmt, block_size, micro_block)
     group = fmt.block_size or k
-    pad = -k % group
     factor = hessian if isinstance(hessian, InverseHessianFactor) else inverse_hessian_factor(
-        hessian, damp, pad=pad, order_unit=(fmt.block_size or 1) if act_order else None, name=name)
-    if factor.upper.shape[0] != k + pad:
-        raise InputError(f"{name}: Hessian is for {factor.upper.shape[0] - pad} input channels, the weight has {k}")
-    rows = np.zeros((n, k + pad), np.float32)
-    rows[:, :k] = w.T
-    rows[:, :k][:, factor.dead] = 0.0
-    q_perm, params_perm = _gptq_rows(np.ascontiguousarray(rows[:, factor.perm]), factor.upper,
-                                     _grid(fmt, k + pad), block, micro)
+        hessian, damp, order_unit=(fmt.block_size or 1) if act_order else None, name=name)
+    if factor.upper.shape[0] != k:
+        raise InputError(f"{name}: Hessian is for {factor.upper.shape[0]} input channels, the weight has {k}")
+    work = w[factor.perm]  # quantization order; a copy, updated in place
+    work[factor.dead[factor.perm]] = 0.0
+    q_perm, params_perm = _gptq(work, factor.upper, _grid(fmt, k), block, micro)
     q = np.empty_like(q_perm)
-    q[:, factor.perm] = q_perm
+    q[factor.perm] = q_perm
     params = np.empty_like(params_perm)
-    params[:, factor.perm[::group] // group] = params_perm
-    return _encode(q[:, :k].T, params.T, fmt)
+    params[factor.perm[::group] // group] = params_perm
+    return _encode(q, params, fmt)
 
 
 def _encode(q: np.ndarray, params: np.ndarray, fmt: formats.MXFormat) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +241,7 @@ class GptqWeightProvider:
         self.fmt = formats.parse_format(fmt)
         self.block_size, self.micro_block, self.damp, self.act_order = block_size, micro_block, damp, act_order
         self.raised_damp: dict[str, float] = {}
-        self._factors: dict[tuple[str, int], InverseHessianFactor] = {}
+        self._factors: dict[str, InverseHessianFactor] = {}
 
     def hessian_key(self, name: str) -> str:
         if name in self.hessians:
@@ -253,17 +252,18 @@ class GptqWeightProvider:
             raise InputError(f"no calibration Hessian for linear {name!r}")
         return key
 
-    def factor(self, name: str, k: int) -> InverseHessianFactor:
+    def factor(self, name: str) -> InverseHessianFactor:
+        """The factored inverse Hessian of ``name``'s input, computed once per input group."""
         key = self.hessian_key(name)
-        if (key, k) not in self._factors:
-            factor = inverse_hessian_factor(self.hessians[key], self.damp, pad=-k % (self.fmt.block_size or k),
+        if key not in self._factors:
+            factor = inverse_hessian_factor(self.hessians[key], self.damp,
                                             order_unit=(self.fmt.block_size or 1) if self.act_order else None,
                                             name=key)
             if factor.damp != self.damp:
                 self.raised_damp[key] = factor.damp
-            self._factors[key, k] = factor
-        return self._factors[key, k]
+            self._factors[key] = factor
+        return self._factors[key]
 
     def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return gptq_quantize(w, self.factor(name, w.shape[0]), self.fmt, block_size=self.block_size,
-                             micro_block=self.micro_block, act_order=self.act_order, name=name)
+        return gptq_quantize(w, self.factor(name), self.fmt, block_size=self.block_size,
+                             micro_block=self.micro_block, name=name)

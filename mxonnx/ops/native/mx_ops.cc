@@ -8,9 +8,10 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
-#include <memory>
+#include <algorithm>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mx_format.h"
@@ -25,7 +26,9 @@ constexpr auto kTensorUInt4 = static_cast<ONNXTensorElementDataType>(21);
 constexpr auto kTensorInt4 = static_cast<ONNXTensorElementDataType>(22);
 constexpr int64_t kElementsPerTask = 1 << 15;  // smallest share of work worth handing to another thread
 
-[[noreturn]] void invalid(const std::string& message) { throw Ort::Exception(std::string(message), ORT_INVALID_ARGUMENT); }
+[[noreturn]] void invalid(const std::string& message) {
+  throw Ort::Exception(std::string(message), ORT_INVALID_ARGUMENT);
+}
 
 struct CodeType {
   ONNXTensorElementDataType onnx;
@@ -51,7 +54,7 @@ OrtStatusPtr guarded(Body&& body) {
   } catch (const Ort::Exception& e) {
     return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
   } catch (const std::exception& e) {
-    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
   } catch (...) {
     return Ort::GetApi().CreateStatus(ORT_FAIL, "unknown error in an MX kernel");
   }
@@ -124,7 +127,9 @@ struct QuantizeDequantizeKernel {
       Ort::KernelContext ctx(context);
       const Ort::ConstValue x = ctx.GetInput(0);
       const auto info = x.GetTensorTypeAndShapeInfo();
-      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) invalid("MXQuantizeDequantize: X must be float32");
+      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        invalid("MXQuantizeDequantize: X must be float32");
+      }
       const std::vector<int64_t> shape = info.GetShape();
       const BlockLayout layout = block_layout(shape, axis, format.block_size, "MXQuantizeDequantize");
       Ort::UnownedValue y = ctx.GetOutput(0, shape);
@@ -153,12 +158,16 @@ struct DequantizeKernel {
       if (code_info.GetElementType() != expected_type.onnx) {
         invalid(std::string("MXDequantize: codes of ") + format.elem->family + " must be " + expected_type.name);
       }
-      if (exp_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) invalid("MXDequantize: exponents must be uint8");
+      if (exp_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+        invalid("MXDequantize: exponents must be uint8");
+      }
       const std::vector<int64_t> shape = code_info.GetShape();
       const BlockLayout layout = block_layout(shape, axis, format.block_size, "MXDequantize");
       std::vector<int64_t> expected = shape;
       expected[axis < 0 ? axis + shape.size() : axis] = layout.blocks_per_row();
-      if (exp_info.GetShape() != expected) invalid("MXDequantize: exponents shape does not match codes shape, format and axis");
+      if (exp_info.GetShape() != expected) {
+        invalid("MXDequantize: exponents shape does not match codes shape, format and axis");
+      }
       Ort::UnownedValue w = ctx.GetOutput(0, shape);
       if (code_info.GetElementCount() == 0) return;
       const bool packed4 = format.elem->storage == CodeStorage::kInt4 || format.elem->storage == CodeStorage::kUInt4;

@@ -1,0 +1,62 @@
+"""``mxonnx quantize``: an ONNX Llama folder -> an MX-quantized ONNX folder, as a sequence of stages
+
+    check formats -> load -> [calibrate -> fold smoothing scales] -> weight provider -> rewrite -> save
+
+Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding and GPTQ plug in as the bracketed
+stage and as another weight provider. OUT is written atomically (whole or absent); the input is only read.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+from mxonnx import formats
+from mxonnx.config import QuantizeConfig
+from mxonnx.errors import InputError
+from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir, copy_model_assets, resolve_model
+from mxonnx.passes.mx_matmul import RoundToNearest, WeightProvider, rewrite_mx_matmuls
+
+AVAILABLE_METHODS = ("rtn",)
+
+
+def check_config(config: QuantizeConfig) -> None:
+    """Refuse unknown formats (the error lists the valid ones), unsupported combinations and methods early."""
+    weights = formats.parse_format(config.weights)
+    acts = formats.parse_format(config.acts)
+    if acts.kind == "int":
+        raise InputError(f"activation format {acts.name!r} is not supported yet; use an MX format or none")
+    if weights.kind == "none" and acts.kind == "none":
+        raise InputError("weights and activations are both 'none': nothing to quantize")
+    if config.method not in AVAILABLE_METHODS:
+        raise InputError(f"method {config.method} is not available yet")
+
+
+def weight_provider(config: QuantizeConfig) -> WeightProvider:
+    """The weight provider of ``config.method`` (round to nearest for ``rtn``)."""
+    return RoundToNearest(config.weights)
+
+
+def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
+    """Quantize the ONNX Llama at ``model`` (folder or .onnx) into the new folder ``out`` (``model.onnx`` with
+    its weights in ``model.onnx_data``, plus the config/tokenizer files). Returns ``{output, method, weights, acts,
+    seconds, peak_rss_mb}``."""
+    start = time.perf_counter()
+    check_config(config)
+    paths = resolve_model(model)
+    with atomic_output_dir(out, paths.folder or paths.onnx) as tmp:
+        graph = ir.load(paths.onnx)
+        rewrite_mx_matmuls(graph, config, weight_provider(config))
+        ir.save(graph, tmp / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
+        copy_model_assets(paths.folder, tmp)
+    return {
+        "output": str(out),
+        "method": config.method,
+        "weights": formats.parse_format(config.weights).name,
+        "acts": formats.parse_format(config.acts).name,
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }

@@ -1,0 +1,165 @@
+"""Rewrite the linears of a Llama graph to quantized MatMuls (Sharify et al., arXiv 2405.07135, Sec. 2-3):
+
+    MatMul(X, W)  ->  MatMul(MXQuantizeDequantize(X), MXDequantize(codes, exponents))
+
+for q, k, v, o, gate, up and down of every decoder block (and lm_head on request). Weights and activations take
+their formats independently:
+
+- MX weights: packed codes and E8M0 exponents (``mxonnx.ops.packing``) read by ``com.mxonnx.MXDequantize``, axis 0;
+- fixed-point weights ``int{d}`` / ``int{d}-g{b}``: int4/int8 codes and fp32 scales read by a standard
+  ``DequantizeLinear`` (per output channel via ``axis=1``, per group via the opset-21 ``block_size``);
+- MX activations: one ``MXQuantizeDequantize`` (axis -1) per distinct input, shared by the linears reading it
+  (q/k/v, gate/up); ``none`` leaves the tensor float.
+
+Weights come from a *weight provider*, ``provider(name, w[K, N]) -> (codes, scales)`` in
+``mxonnx.formats.quantize(w, fmt, axis=0)``'s layout: round to nearest here, GPTQ (``mxonnx.gptq``) plugs in the
+same way. Weights holding NaN/Inf are refused before any provider sees them.
+
+The functions defining the used (op, format) pairs are added to the model, whose standard opset is raised to 21
+(INT4 tensors, ``block_size``) and IR version to 10 (function overloads); the ops of an opset-18 Llama export have
+the same semantics at opset 21.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from mxonnx import formats
+from mxonnx.config import QuantizeConfig
+from mxonnx.errors import InputError
+from mxonnx.ops import functions, packing, schema
+from mxonnx.passes.llama_structure import Linear, find_decoder_blocks, find_lm_head
+
+
+class WeightProvider(Protocol):
+    """Quantizes the float weight ``w [K, N]`` of the linear ``name`` (e.g. "layers.3.q_proj") into
+    ``(codes, scales)`` laid out as ``mxonnx.formats.quantize(w, fmt, axis=0)`` returns them."""
+
+    def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class RoundToNearest:
+    """The RTN weight provider: ``mxonnx.formats.quantize(w, fmt, axis=0)``."""
+
+    def __init__(self, fmt: str | formats.MXFormat):
+        self.fmt = formats.parse_format(fmt)
+
+    def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return formats.quantize(w, self.fmt, axis=0)
+
+
+def selected_linears(model: ir.Model, quantize_lm_head: bool = False) -> list[Linear]:
+    """q, k, v, o, gate, up, down of every decoder block, in block order, then lm_head when asked for."""
+    blocks = find_decoder_blocks(model)
+    linears = [linear for block in blocks for linear in block.linears()]
+    lm_head = find_lm_head(model, blocks) if quantize_lm_head else None
+    return linears + ([lm_head] if lm_head is not None else [])
+
+
+class MxMatMulPass(ir.passes.InPlacePass):
+    """Replace the weight of each of ``linears`` by its dequantized codes and quantize-dequantize its input."""
+
+    def __init__(self, linears: list[Linear], weights: str | formats.MXFormat, acts: str | formats.MXFormat,
+                 provider: WeightProvider):
+        super().__init__()
+        self.linears = linears
+        self.weights = formats.parse_format(weights)
+        self.acts = formats.parse_format(acts)
+        if self.acts.kind == "int":
+            raise InputError(f"activation format {self.acts.name!r} is not supported yet; use an MX format or none")
+        self.provider = provider
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        used: set[tuple[str, formats.MXFormat]] = set()
+        quantized_inputs: dict[ir.Value, ir.Value] = {}
+        for linear in self.linears:
+            if self.weights.kind != "none":
+                weight = self._quantized_weight(graph, linear)
+                linear.node.replace_input_with(1, weight)
+                if self.weights.kind == "mx":
+                    used.add((schema.DEQUANTIZE, self.weights))
+            if self.acts.kind == "mx":
+                x = linear.input
+                if x not in quantized_inputs:
+                    quantized_inputs[x] = _insert_quantize_dequantize(graph, x, self.acts)
+                    used.add((schema.QUANTIZE_DEQUANTIZE, self.acts))
+                linear.node.replace_input_with(0, quantized_inputs[x])
+        _declare_opsets(model, with_domain=bool(used))
+        for op_type, fmt in sorted(used, key=lambda u: (u[0], u[1].name)):
+            function = ir.serde.deserialize_function(functions.function_proto(op_type, fmt))
+            model.functions[function.identifier()] = function
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=bool(self.linears))
+
+    def _quantized_weight(self, graph: ir.Graph, linear: Linear) -> ir.Value:
+        """The dequantized weight value, produced by a new node inserted before the linear."""
+        w = np.asarray(linear.weight_array, np.float32)
+        formats.check_finite(w, f"weight of {linear.name}")
+        codes, scales = self.provider(linear.name, w)
+        codes_value = _initializer(graph, packing.code_tensor(codes, self.weights, f"{linear.name}.weight_codes"))
+        if self.weights.kind == "mx":
+            scales_value = _initializer(graph, packing.scale_tensor(scales, self.weights, f"{linear.name}.weight_exponents"))
+            node = ir.node(schema.DEQUANTIZE, [codes_value, scales_value], domain=schema.DOMAIN,
+                           overload=schema.overload(self.weights), name=f"{linear.name}/MXDequantize",
+                           attributes={schema.FORMAT_ATTR: self.weights.name, schema.AXIS_ATTR: 0})
+        else:
+            node = _dequantize_linear(graph, linear.name, codes_value, scales, self.weights)
+        node.outputs[0].name = f"{linear.name}.weight_dequantized"
+        graph.insert_before(linear.node, node)
+        return node.outputs[0]
+
+
+def _initializer(graph: ir.Graph, tensor: ir.Tensor) -> ir.Value:
+    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _dequantize_linear(graph: ir.Graph, name: str, codes: ir.Value, scales: np.ndarray,
+                       fmt: formats.MXFormat) -> ir.Node:
+    """Standard DequantizeLinear of int{d} (per output channel: 1-D scales along axis 1) or int{d}-g{b}
+    (per group: scales [ceil(K/b), N], ``block_size`` b along axis 0)."""
+    if fmt.block_size is None:
+        scale = _initializer(graph, packing.scale_tensor(scales.reshape(-1), fmt, f"{name}.weight_scales"))
+        attributes = {"axis": 1}
+    else:
+        scale = _initializer(graph, packing.scale_tensor(scales, fmt, f"{name}.weight_scales"))
+        attributes = {"axis": 0, "block_size": fmt.block_size}
+    return ir.node("DequantizeLinear", [codes, scale], attributes=attributes, name=f"{name}/DequantizeLinear")
+
+
+def _insert_quantize_dequantize(graph: ir.Graph, x: ir.Value, fmt: formats.MXFormat) -> ir.Value:
+    """``MXQuantizeDequantize(x)`` along the last axis, placed right after x's producer."""
+    node = ir.node(schema.QUANTIZE_DEQUANTIZE, [x], domain=schema.DOMAIN, overload=schema.overload(fmt),
+                   attributes={schema.FORMAT_ATTR: fmt.name, schema.AXIS_ATTR: -1},
+                   name=f"{x.name}/MXQuantizeDequantize")
+    node.outputs[0].name = f"{x.name}_mxqdq"
+    node.outputs[0].shape, node.outputs[0].type = x.shape, x.type
+    producer = x.producer()
+    if producer is None:
+        graph.insert_before(graph.node(0), node)
+    else:
+        graph.insert_after(producer, node)
+    return node.outputs[0]
+
+
+def _declare_opsets(model: ir.Model, with_domain: bool) -> None:
+    model.ir_version = max(model.ir_version or 0, schema.IR_VERSION)
+    if model.graph.opset_imports.get("", 0) < schema.STANDARD_OPSET:
+        model.graph.opset_imports[""] = schema.STANDARD_OPSET
+    if with_domain:
+        model.graph.opset_imports[schema.DOMAIN] = schema.DOMAIN_VERSION
+
+
+def rewrite_mx_matmuls(model: ir.Model, config: QuantizeConfig, provider: WeightProvider | None = None) -> ir.Model:
+    """The pass ``model, config -> model``: quantize the linears ``config`` selects with ``config.weights`` and
+    ``config.acts``; weights from ``provider`` (default round to nearest). Modifies ``model`` in place."""
+    weights = formats.parse_format(config.weights)
+    linears = selected_linears(model, config.quantize_lm_head)
+    MxMatMulPass(linears, weights, config.acts, provider or RoundToNearest(weights))(model)
+    return model

@@ -1,0 +1,106 @@
+"""Calibration on onnxruntime: statistics of every linear input equal a direct torch computation (forward
+hooks on the Hugging Face model), windows are drawn reproducibly, samples are real input rows, bad input is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from mxonnx.calibrate import calibration_windows, collect_statistics, load_tokenizer
+from mxonnx.config import QuantizeConfig
+from mxonnx.errors import InputError
+from mxonnx.passes.llama_structure import find_decoder_blocks
+
+GROUP_MODULE = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_proj", "down": "mlp.down_proj"}
+
+
+def _config(text, **kw) -> QuantizeConfig:
+    return QuantizeConfig(calib_path=text, calib_samples=kw.pop("samples", 3), calib_seqlen=kw.pop("seqlen", 48),
+                          seed=kw.pop("seed", 0), progress=False, **kw)
+
+
+def _torch_inputs(hf_folder, windows) -> dict[str, np.ndarray]:
+    """Inputs of one linear per group, rows of all windows, from forward hooks on the HF model."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_folder, attn_implementation="eager").eval()
+    captured: dict[str, list[np.ndarray]] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for group, path in GROUP_MODULE.items():
+            module = layer.get_submodule(path)
+            key = f"layers.{i}.{group}"
+            hooks.append(module.register_forward_hook(
+                lambda mod, args, out, key=key: captured.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).numpy())))
+    with torch.no_grad():
+        for ids in windows:
+            model(torch.from_numpy(ids[None]))
+    for hook in hooks:
+        hook.remove()
+    return {key: np.concatenate(rows) for key, rows in captured.items()}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_onnx", "tiny_onnx_nopast"])
+def test_statistics_match_torch_hooks(fixture, request, tiny_hf, tiny_text):
+    folder = request.getfixturevalue(fixture)
+    model = ir.load(folder / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    config = _config(tiny_text)
+    stats = collect_statistics(model, blocks, folder, config, hessians=True)
+    windows = calibration_windows(tiny_text, load_tokenizer(folder), 3, 48, 0)
+    expected = _torch_inputs(tiny_hf, windows)
+    assert sorted(stats) == sorted(expected)
+    for key, x in expected.items():
+        s = stats[key]
+        assert s.count == x.shape[0] == 3 * 48
+        np.testing.assert_allclose(s.max_abs, np.abs(x).max(axis=0), rtol=1e-4, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(s.mean_abs, np.abs(x).mean(axis=0), rtol=1e-4, atol=1e-6, err_msg=key)
+        xtx = x.astype(np.float64).T @ x.astype(np.float64)
+        np.testing.assert_allclose(s.xtx, xtx, rtol=1e-4, atol=1e-4 * np.abs(xtx).max(), err_msg=key)
+        np.testing.assert_allclose(s.hessian, 2.0 / s.count * s.xtx)
+        assert s.sample is None
+
+
+def test_samples_are_bounded_rows_of_the_inputs(tiny_onnx, tiny_hf, tiny_text):
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    stats = collect_statistics(model, blocks, tiny_onnx, _config(tiny_text), sample_tokens=20,
+                               groups=["layers.1.down", "layers.0.qkv"])
+    assert sorted(stats) == ["layers.0.qkv", "layers.1.down"]
+    windows = calibration_windows(tiny_text, load_tokenizer(tiny_onnx), 3, 48, 0)
+    expected = _torch_inputs(tiny_hf, windows)
+    for key, s in stats.items():
+        assert s.sample.shape == (20, expected[key].shape[1]) and s.xtx is None
+        distance = np.abs(s.sample[:, None, :] - expected[key][None]).max(axis=-1).min(axis=1)
+        assert distance.max() < 1e-4, key  # every sampled row is one of the real input rows
+
+
+def test_windows_are_seeded_slices_of_the_text(tiny_onnx, tiny_text):
+    tokenizer = load_tokenizer(tiny_onnx)
+    ids = np.asarray(tokenizer(tiny_text.read_text())["input_ids"])
+    windows = calibration_windows(tiny_text, tokenizer, 5, 32, seed=7)
+    assert windows.shape == (5, 32) and windows.dtype == np.int64
+    np.testing.assert_array_equal(windows, calibration_windows(tiny_text, tokenizer, 5, 32, seed=7))
+    assert not np.array_equal(windows, calibration_windows(tiny_text, tokenizer, 5, 32, seed=8))
+    text = ids.tobytes()
+    assert all(w.tobytes() in text for w in windows)
+
+
+def test_bad_input(tiny_onnx, tiny_text, tmp_path):
+    tokenizer = load_tokenizer(tiny_onnx)
+    with pytest.raises(InputError, match="no such calibration text"):
+        calibration_windows(tmp_path / "missing.txt", tokenizer, 1, 8, 0)
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3\n")
+    with pytest.raises(InputError, match="fewer than one calibration window of 8"):
+        calibration_windows(short, tokenizer, 1, 8, 0)
+    with pytest.raises(InputError, match="tokenizer"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(InputError, match="model folder"):
+        load_tokenizer(None)
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    with pytest.raises(InputError, match="no linear group 'layers.5.qkv'"):
+        collect_statistics(model, blocks, tiny_onnx, _config(tiny_text), groups=["layers.5.qkv"])

@@ -1,0 +1,180 @@
+"""SmoothQuant and AWQ folded into the weights: the float graph computes the same logits, no node is added,
+GQA scales go into v_proj's columns, AWQ at alpha 0 is plain RTN, shared norm weights get their own copy."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from mxonnx.calibrate import ExposedSession, collect_statistics, decoder_feed
+from mxonnx.config import QuantizeConfig
+from mxonnx.errors import InputError
+from mxonnx.formats import quantize_dequantize
+from mxonnx.passes.awq import awq, awq_scales
+from mxonnx.passes.llama_structure import find_decoder_blocks
+from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics
+from mxonnx.passes.smoothing import SmoothingPass, per_kv_channel, sane_scales, to_o_inputs
+from mxonnx.passes.smoothquant import smoothquant_scale, weight_row_max
+
+
+GROUPS = ("qkv", "o", "gate_up", "down")
+
+
+def _config(text, **kw) -> QuantizeConfig:
+    return QuantizeConfig(calib_path=text, calib_samples=3, calib_seqlen=48, progress=False,
+                          weights="mxint4-32", acts="mxint8-32", **kw)
+
+
+def _logits(model: ir.Model) -> np.ndarray:
+    session = ExposedSession(model, [v for v in model.graph.outputs if v.name == "logits"])
+    ids = np.random.default_rng(1).integers(3, 96, size=(2, 37))
+    return session.run(decoder_feed(session.inputs, ids, num_kv_heads=2, head_dim=16))[0]
+
+
+def _ops(model: ir.Model) -> collections.Counter:
+    return collections.Counter((n.domain, n.op_type) for n in model.graph)
+
+
+def _linear_weights(model: ir.Model) -> list[np.ndarray]:
+    return [lin.weight_array for b in find_decoder_blocks(model) for lin in b.linears()]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_onnx", "tiny_onnx_nopast"])
+@pytest.mark.parametrize("method", ["sq", "awq"])
+def test_folding_keeps_logits_and_nodes(method, fixture, request, tiny_text):
+    folder = request.getfixturevalue(fixture)
+    model = ir.load(folder / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    before, ops, count, weights = _logits(model), _ops(model), len(model.graph), _linear_weights(model)
+    config = _config(tiny_text, method=method)
+    apply_smoothing(model, blocks, smoothing_statistics(model, blocks, folder, config), config)
+    assert len(model.graph) == count and _ops(model) == ops
+    assert all(not np.array_equal(a, b) for a, b in zip(weights, _linear_weights(model)))  # every weight moved
+    after = _logits(model)
+    assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
+    reloaded = ir.from_proto(ir.to_proto(model))  # the folded model serializes with its new weights
+    np.testing.assert_array_equal(_logits(reloaded), after)
+
+
+def test_gqa_scales_fold_into_v_columns(tiny_onnx):
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    block = blocks[0]
+    assert (block.num_heads, block.num_kv_heads, block.head_dim) == (4, 2, 16)
+    v, o, before = block.v.weight_array.copy(), block.o.weight_array.copy(), _logits(model)
+    s_kv = np.random.default_rng(0).uniform(0.25, 4.0, size=2 * 16)
+    SmoothingPass(blocks, lambda b, group: s_kv if (b.index, group) == (0, "o") else None)(model)
+    np.testing.assert_allclose(block.v.weight_array, v / s_kv, rtol=1e-6)
+    rows = np.concatenate([s_kv[:16], s_kv[:16], s_kv[16:], s_kv[16:]])  # query heads 0,1 read KV head 0
+    np.testing.assert_allclose(block.o.weight_array, o * rows[:, None], rtol=1e-6)
+    assert np.abs(_logits(model) - before).max() <= 1e-5 * np.abs(before).max()
+
+
+def test_kv_channel_reduction_layout(tiny_onnx):
+    block = find_decoder_blocks(ir.load(tiny_onnx / "model.onnx"))[0]
+    per_o = np.arange(64.0)
+    np.testing.assert_array_equal(per_kv_channel(per_o, block), np.concatenate([np.arange(16, 32), np.arange(48, 64)]))
+    np.testing.assert_array_equal(per_kv_channel(per_o, block, np.mean), np.concatenate([np.arange(8, 24), np.arange(40, 56)]))
+    np.testing.assert_array_equal(to_o_inputs(np.arange(32.0), block)[16:32], np.arange(16.0))
+
+
+def test_smoothquant_balances_activation_and_weight_maxima(tiny_onnx, tiny_text):
+    """At alpha 0.5 (Eq. 3) each smoothed input channel's max equals its smoothed weight row's max."""
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    config = _config(tiny_text, method="sq")
+    stats = collect_statistics(model, blocks, tiny_onnx, config)
+    x, w = stats["layers.1.down"].max_abs, weight_row_max(blocks[1], "down")
+    np.testing.assert_allclose(smoothquant_scale(blocks[1], "down", stats["layers.1.down"], 0.5), np.sqrt(x / w), rtol=1e-6)
+    apply_smoothing(model, blocks, stats, config)
+    smoothed = collect_statistics(model, blocks, tiny_onnx, config)
+    for block in blocks:
+        for group in ("qkv", "gate_up", "down"):
+            np.testing.assert_allclose(smoothed[f"layers.{block.index}.{group}"].max_abs,
+                                       weight_row_max(block, group), rtol=1e-4)
+        np.testing.assert_allclose(per_kv_channel(smoothed[f"layers.{block.index}.o"].max_abs, block),
+                                   per_kv_channel(weight_row_max(block, "o"), block), rtol=1e-4)
+
+
+def test_awq_alpha_zero_is_rtn_bit_for_bit(tiny_onnx, tiny_text):
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    config = _config(tiny_text, method="awq")
+    stats = smoothing_statistics(model, blocks, tiny_onnx, config)
+    initializers = {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items()}
+    rtn = [quantize_dequantize(w, "mxint4-32", axis=0) for w in _linear_weights(model)]
+    awq(model, blocks, stats, config, alphas=[0.0])
+    assert json.loads(model.metadata_props["mxonnx.awq_alpha"]) == [dict.fromkeys(GROUPS, 0.0)] * 2
+    for name, array in initializers.items():
+        assert model.graph.initializers[name].const_value.numpy().tobytes() == array.tobytes(), name
+    for expected, w in zip(rtn, _linear_weights(model)):
+        assert quantize_dequantize(w, "mxint4-32", axis=0).tobytes() == expected.tobytes()
+
+
+def test_awq_search_picks_the_grid_minimum(tiny_onnx, tiny_text):
+    """The searched alpha beats alpha 0 (RTN) on the group error, and a fixed --alpha skips the search."""
+    from mxonnx.passes.awq import group_error, search_group
+    from mxonnx.passes.smoothing import row_scales
+
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    config = _config(tiny_text, method="awq")
+    stats = smoothing_statistics(model, blocks, tiny_onnx, config)
+    block, group = blocks[0], "down"
+    grid = np.linspace(0, 1, 5)
+    s, alpha = search_group(block, group, stats["layers.0.down"], grid, "mxint4-32", "mxint8-32")
+    weights = [lin.weight_array for lin in block.groups()[group]]
+    x = stats["layers.0.down"].sample
+    errors = [group_error(x, weights, row_scales(group, awq_scales(stats["layers.0.down"].mean_abs, a), block),
+                          "mxint4-32", "mxint8-32") for a in grid]
+    assert alpha == grid[int(np.argmin(errors))]
+    np.testing.assert_array_equal(s, awq_scales(stats["layers.0.down"].mean_abs, alpha))
+    fixed = smoothing_statistics(model, blocks, tiny_onnx, _config(tiny_text, method="awq", alpha=0.3))
+    assert fixed["layers.0.down"].sample is None  # no search: no samples collected
+    awq(model, blocks, fixed, _config(tiny_text, method="awq", alpha=0.3))
+    assert json.loads(model.metadata_props["mxonnx.awq_alpha"]) == [dict.fromkeys(GROUPS, 0.3)] * 2
+
+
+def test_shared_norm_weight_gets_its_own_initializer(tiny_onnx, tiny_text):
+    """Both attention norms read one initializer through Identity nodes: each gets its own weight, the
+    Identities and the shared initializer become unused and are removed."""
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    shared = blocks[0].attn_norm.weight
+    for block in blocks:
+        identity = ir.node("Identity", [shared], name=f"shared_norm_{block.index}")
+        model.graph.insert_before(block.attn_norm.node, identity)
+        old = block.attn_norm.weight
+        index = list(block.attn_norm.node.inputs).index(old)
+        block.attn_norm.node.replace_input_with(index, identity.outputs[0])
+        block.attn_norm.weight = identity.outputs[0]
+        if old is not shared:
+            model.graph.initializers.pop(old.name)
+    before, count = _logits(model), len(model.graph)
+    config = _config(tiny_text, method="sq")
+    apply_smoothing(model, blocks, collect_statistics(model, blocks, tiny_onnx, config), config)
+    assert len(model.graph) == count - 2 and not any(n.name.startswith("shared_norm") for n in model.graph)
+    assert shared.name not in model.graph.initializers
+    assert all(b.attn_norm.weight.is_initializer() and b.attn_norm.weight in b.attn_norm.node.inputs for b in blocks)
+    assert np.abs(_logits(model) - before).max() <= 1e-5 * np.abs(before).max()
+
+
+def test_scales_are_sane():
+    s = sane_scales(np.array([0.0, -1.0, np.inf, np.nan, 1e-9, 1e9, 2.5]))
+    np.testing.assert_array_equal(s, [1.0, 1.0, 1.0, 1.0, 1e-5, 1e5, 2.5])
+    floor = np.sqrt(4e-5)  # mean|X| floored at 1e-5 of its maximum
+    np.testing.assert_allclose(awq_scales(np.array([1.0, 4.0, 0.0]), 0.5), np.array([1.0, 2.0, floor]) / np.sqrt(2 * floor))
+    np.testing.assert_array_equal(awq_scales(np.zeros(3), 0.5), np.ones(3))
+
+
+def test_awq_search_without_samples_is_refused(tiny_onnx, tiny_text):
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    config = _config(tiny_text, method="awq")
+    stats = collect_statistics(model, blocks, tiny_onnx, config)
+    with pytest.raises(InputError, match="AWQ search needs sampled calibration inputs"):
+        awq(model, blocks, stats, config)
