@@ -10,7 +10,11 @@ DEMO_WINDOWS ?= 4
 
 .PHONY: install native test sanitize models demo bench bench-quick clean
 
-install: .venv/.installed
+install: .venv/.installed native
+
+# the native onnxruntime op library (C++, plain g++ call; headers from the amd-quark wheel, checked by sha256)
+native: .venv/.installed
+	$(PY) -m mxonnx.ops.native build
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -21,6 +25,13 @@ install: .venv/.installed
 
 test: install
 	$(PY) -m pytest -q tests
+
+# the native op tests under AddressSanitizer + UndefinedBehaviorSanitizer
+sanitize: .venv/.installed
+	$(PY) -m mxonnx.ops.native build --sanitize
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0 MXONNX_NATIVE_LIB="$$($(PY) -m mxonnx.ops.native path --sanitize)" \
+	  $(PY) -m pytest -q tests/test_native.py
 
 models: install $(GGUF)
 
@@ -47,4 +58,4 @@ bench-quick: models
 	$(PY) bench/run.py --quick
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache
+	rm -rf build dist *.egg-info .pytest_cache mxonnx/ops/native/build

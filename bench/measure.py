@@ -98,32 +98,35 @@ def linear_weight_bits(onnx_path: Path, config: dict) -> float:
     inits = {t.name: t for t in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
     outputs = {o.name for o in graph.output}
-    counted: set[str] = set()
-    total = 0
+    constant = set(inits) | {""}
+    for node in graph.node:  # nodes are in topological order
+        if all(i in constant for i in node.input):
+            constant.update(node.output)
 
-    def constant_bytes(name: str) -> int | None:
-        """Bytes of the constant subgraph producing ``name``; None if it depends on a graph input."""
-        if name in counted or name == "":
-            return 0
-        if name in inits:
-            counted.add(name)
-            return _tensor_bytes(inits[name])
-        node = producer.get(name)
-        if node is None:
-            return None
-        if node.op_type == "Constant":
-            counted.add(name)
-            return sum(_tensor_bytes(a.t) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
-        parts = [constant_bytes(i) for i in node.input]
-        return None if any(p is None for p in parts) else sum(parts)
-
+    weight_tensors: set[str] = set()  # initializers and Constant outputs feeding linear weights
     for node in graph.node:
         if node.op_type not in LINEAR_OP_TYPES or any(o in outputs for o in node.output) or len(node.input) < 2:
             continue
         weight_inputs = node.input[1:4] if node.op_type == "MatMulNBits" else node.input[1:2]
-        sizes = [constant_bytes(name) for name in weight_inputs]
-        if all(s is not None for s in sizes):
-            total += sum(sizes)
+        if not all(name in constant for name in weight_inputs):
+            continue
+        stack, seen = [n for n in weight_inputs if n], set()
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            source = producer.get(name)
+            if name in inits or source.op_type == "Constant":
+                weight_tensors.add(name)
+            else:
+                stack.extend(i for i in source.input if i)
+    total = 0
+    for name in weight_tensors:
+        if name in inits:
+            total += _tensor_bytes(inits[name])
+        else:
+            total += sum(_tensor_bytes(a.t) for a in producer[name].attribute if a.type == onnx.AttributeProto.TENSOR)
     return 8.0 * total / decoder_linear_weight_count(config)
 
 

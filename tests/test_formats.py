@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -20,7 +20,10 @@ MX_NAMES = [f"{family}-{b}" for family in MX_FAMILIES for b in (2, 4, 32)]
 INT_NAMES = ["int8", "int4", "int2", "int8-g4", "int4-g32", "int3-g2"]
 ALL_NAMES = MX_NAMES + INT_NAMES + ["none"]
 
-PROPERTY = settings(max_examples=60, deadline=None)
+# No shrinking phase: shrinking arrays of float32 can take minutes; a failure prints the unshrunk example.
+PROPERTY = settings(max_examples=60, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+# Below float32 max / (1 + 2^-23): int8 dequantizes 127 * (max|x| / 127), which may round past float32 max to Inf.
+BELOW_INT_OVERFLOW = 1e38
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -203,7 +206,7 @@ def test_check_finite():
 # ---------------------------------------------------------------- properties
 
 @PROPERTY
-@given(x=finite_arrays(), name=st.sampled_from(MX_NAMES + INT_NAMES))
+@given(x=finite_arrays(max_magnitude=BELOW_INT_OVERFLOW), name=st.sampled_from(MX_NAMES + INT_NAMES))
 def test_idempotent(x, name):
     once = formats.quantize_dequantize(x, name)
     assert same_bits(formats.quantize_dequantize(once, name), once)
@@ -217,20 +220,21 @@ def test_power_of_two_scaling_commutes(x, name, k):
 
 
 @PROPERTY
-@given(x=finite_arrays(), name=st.sampled_from(MX_NAMES + INT_NAMES))
+@given(x=finite_arrays(max_magnitude=BELOW_INT_OVERFLOW), name=st.sampled_from(MX_NAMES + INT_NAMES))
 def test_sign_symmetric(x, name):
     np.testing.assert_array_equal(formats.quantize_dequantize(-x, name), -formats.quantize_dequantize(x, name))
 
 
 @PROPERTY
-@given(x=finite_arrays(), name=st.sampled_from(ALL_NAMES))
+@given(x=finite_arrays(max_magnitude=BELOW_INT_OVERFLOW), name=st.sampled_from(ALL_NAMES))
 def test_zeros_are_positive(x, name):
     y = formats.quantize_dequantize(x, name)
     assert not np.signbit(y[y == 0]).any() or name == "none"
 
 
 @PROPERTY
-@given(a=finite_arrays(max_side=8), b=finite_arrays(max_side=8), name=st.sampled_from(MX_NAMES + INT_NAMES))
+@given(a=finite_arrays(max_magnitude=BELOW_INT_OVERFLOW, max_side=8),
+       b=finite_arrays(max_magnitude=BELOW_INT_OVERFLOW, max_side=8), name=st.sampled_from(MX_NAMES + INT_NAMES))
 def test_blocks_are_independent(a, b, name):
     """Quantizing two arrays side by side along the block axis equals quantizing each (a is whole blocks)."""
     size = formats.parse_format(name).block_size
@@ -263,9 +267,9 @@ def test_error_at_most_half_a_step_unless_saturated(x, name):
 
 
 @PROPERTY
-@given(x=finite_arrays(max_magnitude=1e38), name=st.sampled_from(INT_NAMES))
+@given(x=finite_arrays(max_magnitude=BELOW_INT_OVERFLOW), name=st.sampled_from(INT_NAMES))
 def test_fixed_point_error_at_most_half_a_scale(x, name):
-    """|qdq(x) - x| <= scale / 2 (up to float32 rounding of the product; below 1e38 so 127 * scale is finite)."""
+    """|qdq(x) - x| <= scale / 2, up to float32 rounding of x / scale and of the product."""
     y = formats.quantize_dequantize(x, name, axis=0).astype(np.float64)
     scales = formats.fixed_point_scales(x, name, axis=0).astype(np.float64)
     size = formats.parse_format(name).block_size or x.shape[0]

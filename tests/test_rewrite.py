@@ -1,0 +1,114 @@
+"""The MatMul rewrite pass on the tiny Llama: which nodes it creates, what it shares, what it refuses."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from mxonnx import formats
+from mxonnx.config import QuantizeConfig
+from mxonnx.errors import InputError
+from mxonnx.ops import schema
+from mxonnx.passes.llama_structure import find_decoder_blocks
+from mxonnx.passes.mx_matmul import rewrite_mx_matmuls
+from mxonnx.session import create_session
+
+LINEARS_PER_BLOCK = 7
+
+
+def rewritten(folder, **config) -> ir.Model:
+    model = ir.load(folder / "model.onnx")
+    return rewrite_mx_matmuls(model, QuantizeConfig(method="rtn", **config))
+
+
+def op_counts(model: ir.Model) -> collections.Counter:
+    return collections.Counter((n.domain, n.op_type) for n in model.graph)
+
+
+def test_weights_and_activations(tiny_onnx):
+    model = rewritten(tiny_onnx, weights="mxint4-32", acts="mxint8-32")
+    counts = op_counts(model)
+    assert counts[schema.DOMAIN, schema.DEQUANTIZE] == 2 * LINEARS_PER_BLOCK
+    # one shared QDQ for q/k/v and one for gate/up: 4 per block
+    assert counts[schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE] == 2 * 4
+    assert set(model.functions) == {(schema.DOMAIN, schema.DEQUANTIZE, "mxint4-32"),
+                                    (schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE, "mxint8-32")}
+    for block in find_decoder_blocks(ir.load(tiny_onnx / "model.onnx")):
+        assert not any(f"layers.{block.index}." in name and name.endswith(".weight") and "norm" not in name
+                       for name in model.graph.initializers), "float weights must be dropped"
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert {(o.domain, o.version) for o in proto.opset_import} >= {("", 21), (schema.DOMAIN, 1)}
+
+
+def test_nodes_carry_format_axis_and_overload(tiny_onnx):
+    model = rewritten(tiny_onnx, weights="MXFP4-32", acts="mxfp8e4m3-64")
+    for node in model.graph:
+        if node.domain == schema.DOMAIN:
+            fmt = node.attributes[schema.FORMAT_ATTR].as_string()
+            assert node.overload == fmt
+            assert node.attributes[schema.AXIS_ATTR].as_int() == schema.DEFAULT_AXIS[node.op_type]
+            assert fmt == ("mxfp4-32" if node.op_type == schema.DEQUANTIZE else "mxfp8e4m3-64")
+        if node.op_type == schema.DEQUANTIZE:
+            codes, exponents = (v.const_value for v in node.inputs)
+            assert codes.dtype == ir.DataType.UINT4 and exponents.dtype == ir.DataType.UINT8
+
+
+def test_weight_only_has_no_activation_quantization(tiny_onnx):
+    counts = op_counts(rewritten(tiny_onnx, weights="mxint4-128", acts="none"))
+    assert counts[schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE] == 0
+    assert counts[schema.DOMAIN, schema.DEQUANTIZE] == 2 * LINEARS_PER_BLOCK
+
+
+def test_lm_head_only_on_request(tiny_onnx):
+    default = op_counts(rewritten(tiny_onnx, weights="mxint8-32", acts="none"))
+    with_head = op_counts(rewritten(tiny_onnx, weights="mxint8-32", acts="none", quantize_lm_head=True))
+    assert with_head[schema.DOMAIN, schema.DEQUANTIZE] == default[schema.DOMAIN, schema.DEQUANTIZE] + 1
+
+
+def test_weights_equal_reference_quantization(tiny_onnx):
+    """Each MXDequantize's codes/exponents are formats.quantize of the float weight it replaced."""
+    float_model = ir.load(tiny_onnx / "model.onnx")
+    expected = {lin.node.name: lin.weight_array for b in find_decoder_blocks(float_model) for lin in b.linears()}
+    model = rewritten(tiny_onnx, weights="mxint4-32", acts="none")
+    for node in model.graph:
+        if node.op_type == "MatMul" and node.name in expected:
+            dequantize = node.inputs[1].producer()
+            codes, exponents = (np.asarray(v.const_value.numpy()) for v in dequantize.inputs)
+            ref_codes, ref_exponents = formats.quantize(expected[node.name], "mxint4-32", axis=0)
+            np.testing.assert_array_equal(codes.astype(np.int8), ref_codes)
+            np.testing.assert_array_equal(exponents, ref_exponents)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4-g32"])
+def test_fixed_point_weights_use_standard_dequantize_linear(tiny_onnx, weights):
+    model = rewritten(tiny_onnx, weights=weights, acts="none")
+    counts = op_counts(model)
+    assert counts["", "DequantizeLinear"] == 2 * LINEARS_PER_BLOCK and not model.functions
+    lin = find_decoder_blocks(ir.load(tiny_onnx / "model.onnx"))[0].down
+    node = next(n for n in ir.serde.serialize_model(model).graph.node if n.name == "layers.0.down_proj/DequantizeLinear")
+    initializers = [t for t in ir.serde.serialize_model(model).graph.initializer if t.name in node.input]
+    graph = onnx.helper.make_graph([node], "w", [], [onnx.helper.make_tensor_value_info(node.output[0], 1, None)],
+                                   initializer=initializers)
+    standalone = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+    w = create_session(standalone.SerializeToString(), use_native=False).run(None, {})[0]
+    np.testing.assert_array_equal(w, formats.quantize_dequantize(lin.weight_array, weights, axis=0))
+
+
+def test_non_finite_weights_are_refused(tiny_onnx):
+    model = ir.load(tiny_onnx / "model.onnx")
+    weight = find_decoder_blocks(model)[1].up.weight
+    array = weight.const_value.numpy().copy()
+    array[3, 4] = np.inf
+    weight.const_value = ir.Tensor(array, name=weight.name)
+    with pytest.raises(InputError, match="layers.1.up_proj.*NaN or Inf"):
+        rewrite_mx_matmuls(model, QuantizeConfig(weights="mxint4-32", acts="none", method="rtn"))
+
+
+def test_int_activations_are_refused(tiny_onnx):
+    with pytest.raises(InputError, match="activation format 'int8'"):
+        rewritten(tiny_onnx, weights="mxint4-32", acts="int8")
