@@ -40,6 +40,7 @@ class QuantizeConfig:
     gptq_block: int = 128
     gptq_micro_block: int | None = None  # None: the weight format's MX block size
     damp: float = 0.01
+    act_order: bool = True  # GPTQ columns in order of decreasing Hessian diagonal, whole MX blocks kept together
     sequential: bool = True
     quantize_lm_head: bool = False
     progress: bool = True

@@ -2,7 +2,8 @@
 
 Every other stage (ONNX function bodies, native kernels, GPTQ, passes) mirrors the numerics defined here.
 
-MX formats (OCP Microscaling v1.0; Sharify et al., arXiv 2405.07135, Sec. 2 and Eq. 1-2) split a tensor into
+MX formats (OCP Microscaling v1.0; the paper, Sharify et al. arXiv 2405.07135, Sec. 1 "Microscaling format",
+names them MXINTd-b) split a tensor into
 blocks of ``b`` consecutive elements along ``axis`` and give each block one power-of-two scale:
 
     E = clamp(floor(log2(max|x|)) - emax, -127, 127)      (an all-zero block has E = -127)
@@ -375,7 +376,11 @@ def _quantize_mx(x: np.ndarray, fmt: MXFormat, axis: int) -> tuple[np.ndarray, n
 
 def _dequantize_mx(codes: np.ndarray, scales: np.ndarray, fmt: MXFormat, axis: int) -> np.ndarray:
     elem = fmt.elem
-    index = np.asarray(codes).astype(np.int64) & (2**elem.bits - 1)
+    codes = np.asarray(codes).astype(np.int64)
+    low, high = (-(2 ** (elem.bits - 1)), 2 ** (elem.bits - 1) - 1) if elem.integer_codes else (0, 2**elem.bits - 1)
+    if codes.size and (codes.min() < low or codes.max() > high):
+        raise InputError(f"{fmt.name} codes must lie in {low}..{high}")
+    index = codes & (2**elem.bits - 1)
     blocks = _Blocks.of(element_values(elem)[index], axis, fmt.block_size)
     scale = _E8M0_SCALE[blocks.block_scales(np.asarray(scales, np.uint8))]
     return blocks.restore(blocks.data * scale)

@@ -90,8 +90,9 @@ def test_fixed_point_weights_use_standard_dequantize_linear(tiny_onnx, weights):
     counts = op_counts(model)
     assert counts["", "DequantizeLinear"] == 2 * LINEARS_PER_BLOCK and not model.functions
     lin = find_decoder_blocks(ir.load(tiny_onnx / "model.onnx"))[0].down
-    node = next(n for n in ir.serde.serialize_model(model).graph.node if n.name == "layers.0.down_proj/DequantizeLinear")
-    initializers = [t for t in ir.serde.serialize_model(model).graph.initializer if t.name in node.input]
+    proto = ir.serde.serialize_model(model)
+    node = next(n for n in proto.graph.node if n.name == "layers.0.down_proj/DequantizeLinear")
+    initializers = [t for t in proto.graph.initializer if t.name in node.input]
     graph = onnx.helper.make_graph([node], "w", [], [onnx.helper.make_tensor_value_info(node.output[0], 1, None)],
                                    initializer=initializers)
     standalone = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)

@@ -1,0 +1,114 @@
+"""``mxonnx inspect``: what a model folder holds, read from the graph without loading weight data.
+
+A *quantized* MatMul reads its weight from ``com.mxonnx.MXDequantize`` or a standard ``DequantizeLinear`` of
+initializers; a *float* MatMul reads a float initializer (also through Identity/Transpose, e.g. a tied lm_head).
+``bits_per_weight`` = stored bits of the quantized weights (codes + exponents or scales, as laid out on disk) /
+number of weights; MXINT4 with blocks of 128 gives 4 + 8/128 = 4.0625.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import onnx
+
+from mxonnx.modelio import resolve_model
+from mxonnx.ops import schema
+
+_WEIGHT_DEQUANTIZERS = {(schema.DOMAIN, schema.DEQUANTIZE), ("", "DequantizeLinear")}
+_PASS_THROUGH = ("Identity", "Transpose")
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in tensor.external_data}["length"])
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * _numel(tensor)  # typed fields
+
+
+def _numel(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count
+
+
+def _file_bytes(onnx_path: Path, model: onnx.ModelProto) -> int:
+    locations = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    return onnx_path.stat().st_size + sum((onnx_path.parent / loc).stat().st_size for loc in locations)
+
+
+def _format_attribute(node: onnx.NodeProto) -> str:
+    return next(a.s.decode() for a in node.attribute if a.name == schema.FORMAT_ATTR)
+
+
+def _weight_format(node: onnx.NodeProto, codes: onnx.TensorProto) -> str:
+    """The format a weight dequantizer applies: its ``format`` attribute, or for DequantizeLinear int{storage
+    bits} with ``-g{block_size}`` when blocked."""
+    if node.domain == schema.DOMAIN:
+        return _format_attribute(node)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    bits = 4 if codes.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else 8
+    return f"int{bits}" + (f"-g{attrs['block_size']}" if attrs.get("block_size") else "")
+
+
+def inspect_model(path: Path) -> dict:
+    """``{opset, custom_ops, quantized_matmuls, float_matmuls, bits_per_weight, file_bytes, formats}`` of the
+    model at ``path`` (folder or .onnx). ``formats`` counts weight and activation formats."""
+    paths = resolve_model(path)
+    model = onnx.load(str(paths.onnx), load_external_data=False)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def constant(name: str) -> onnx.TensorProto | None:
+        while name not in initializers and name in producers and producers[name].op_type in _PASS_THROUGH:
+            name = producers[name].input[0]
+        return initializers.get(name)
+
+    quantized = floating = weights = stored_bits = 0
+    weight_formats, act_formats = collections.Counter(), collections.Counter()
+    for node in graph.node:
+        if node.domain == schema.DOMAIN and node.op_type == schema.QUANTIZE_DEQUANTIZE:
+            act_formats[_format_attribute(node)] += 1
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        producer = producers.get(node.input[1])
+        inputs = [initializers.get(name) for name in producer.input] if producer is not None else []
+        if producer is not None and (producer.domain, producer.op_type) in _WEIGHT_DEQUANTIZERS and all(inputs):
+            quantized += 1
+            weights += _numel(inputs[0])
+            stored_bits += 8 * sum(_stored_bytes(t) for t in inputs)
+            weight_formats[_weight_format(producer, inputs[0])] += 1
+        elif (weight := constant(node.input[1])) is not None and len(weight.dims) == 2:
+            floating += 1
+    return {
+        "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "custom_ops": dict(collections.Counter(f"{n.domain}.{n.op_type}" for n in graph.node
+                                               if n.domain not in ("", "ai.onnx"))),
+        "quantized_matmuls": quantized,
+        "float_matmuls": floating,
+        "bits_per_weight": stored_bits / weights if weights else None,
+        "file_bytes": _file_bytes(paths.onnx, model),
+        "formats": {"weights": dict(weight_formats), "acts": dict(act_formats)},
+    }
+
+
+def format_inspection(d: dict) -> str:
+    """A human-readable table of ``inspect_model``'s result."""
+    bits = "-" if d["bits_per_weight"] is None else f"{d['bits_per_weight']:.4f}"
+    rows = [
+        ("opset", ", ".join(f"{domain} {version}" for domain, version in d["opset"].items())),
+        ("custom ops", ", ".join(f"{op} x{n}" for op, n in d["custom_ops"].items()) or "none"),
+        ("quantized MatMuls", str(d["quantized_matmuls"])),
+        ("float MatMuls", str(d["float_matmuls"])),
+        ("weight formats", ", ".join(f"{f} x{n}" for f, n in d["formats"]["weights"].items()) or "none"),
+        ("activation formats", ", ".join(f"{f} x{n}" for f, n in d["formats"]["acts"].items()) or "none"),
+        ("bits per weight", bits),
+        ("file size", f"{d['file_bytes'] / 2**20:.1f} MiB ({d['file_bytes']} bytes)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

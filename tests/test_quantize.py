@@ -1,0 +1,155 @@
+"""``mxonnx quantize`` end to end on the tiny Llama: logits equal an emulation built only from mxonnx.formats, the
+function bodies and the native kernels agree, optimum generates from OUT, and bad input leaves nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from mxonnx import formats
+from mxonnx.cli import main
+from mxonnx.config import QuantizeConfig
+from mxonnx.eval import OrtCausalLM, generate_text
+from mxonnx.ops.native import native_library_path
+from mxonnx.quantize import quantize_model
+from mxonnx.session import create_session
+
+IDS = np.random.default_rng(0).integers(3, 96, (2, 40))
+
+
+def emulated_logits(hf_folder: Path, ids: np.ndarray, weights: str, acts: str) -> np.ndarray:
+    """The torch model with every decoder linear's weight replaced by quantize_dequantize(W) (blocks along the
+    reduction axis) and its input by quantize_dequantize(x) along the last axis."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_folder).eval()
+
+    def quantize_input(module, args):
+        return (torch.from_numpy(formats.quantize_dequantize(args[0].numpy(), acts, axis=-1)),)
+
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            w = linear.weight.detach().numpy()  # [N, K]: the reduction axis is 1
+            linear.weight.data = torch.from_numpy(formats.quantize_dequantize(w, weights, axis=1))
+            linear.register_forward_pre_hook(quantize_input)
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.numpy()
+
+
+def folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def quantized(src: Path, out: Path, weights: str, acts: str) -> Path:
+    quantize_model(src, out, QuantizeConfig(weights=weights, acts=acts, method="rtn", progress=False))
+    return out
+
+
+@pytest.mark.parametrize("fixture, weights, acts", [
+    ("tiny_onnx", "mxint4-32", "mxint8-32"),
+    ("tiny_onnx", "mxfp4-32", "mxfp8e4m3-128"),
+    ("tiny_onnx", "mxint4-128", "none"),
+    ("tiny_onnx_nopast", "mxint4-32", "mxint8-32"),
+])
+def test_logits_equal_formats_emulation(fixture, weights, acts, tiny_hf, tmp_path, request):
+    src = request.getfixturevalue(fixture)
+    before = folder_digest(src)
+    out = quantized(src, tmp_path / "q", weights, acts)
+    assert folder_digest(src) == before, "the input model must not change"
+    logits = OrtCausalLM(out / "model.onnx").logits(IDS)
+    np.testing.assert_allclose(logits, emulated_logits(tiny_hf, IDS, weights, acts), rtol=0, atol=1e-5)
+
+
+def test_functions_and_native_kernels_agree(tiny_onnx, tmp_path):
+    if native_library_path() is None:
+        pytest.skip("native MX library not built")
+    out = quantized(tiny_onnx, tmp_path / "q", "mxfp6e2m3-32", "mxint8-64")
+    lm = OrtCausalLM(out / "model.onnx")
+    functions_only = create_session(out / "model.onnx", use_native=False).run(["logits"], lm.feed(IDS))[0]
+    np.testing.assert_array_equal(lm.logits(IDS), functions_only)
+
+
+def test_output_folder_is_complete_and_valid(tiny_onnx, tmp_path):
+    out = quantized(tiny_onnx, tmp_path / "q", "mxint4-32", "mxint8-32")
+    assert {"model.onnx", "model.onnx_data", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_onnx", "tiny_onnx_nopast"])
+def test_optimum_generates_from_output(fixture, tmp_path, request):
+    out = quantized(request.getfixturevalue(fixture), tmp_path / "q", "mxint4-32", "mxint8-32")
+    text = generate_text(out, "w1 w2 w3", max_new_tokens=5)
+    assert text.startswith("w1 w2 w3") and len(text.split()) == 8
+
+
+def test_cli_quantize_json(tiny_onnx, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_onnx), "-o", str(out), "--method", "rtn", "--weights", "mxint4-32", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"output", "method", "weights", "acts", "seconds", "peak_rss_mb"}
+    assert (result["weights"], result["acts"], result["method"]) == ("mxint4-32", "mxint8-128", "rtn")
+
+
+def _nan_weight_model(src: Path, dst: Path) -> Path:
+    import onnx_ir as ir
+
+    from mxonnx.passes.llama_structure import find_decoder_blocks
+
+    name = find_decoder_blocks(ir.load(src / "model.onnx"))[1].up.weight.name
+    model = onnx.load(str(src / "model.onnx"))
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    array = onnx.numpy_helper.to_array(tensor).copy()
+    array.flat[0] = np.nan
+    tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+    dst.mkdir()
+    onnx.save(model, str(dst / "model.onnx"))
+    return dst
+
+
+def _no_decoder_model(dst: Path) -> Path:
+    w = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [w])
+    dst.mkdir()
+    onnx.save(onnx.helper.make_model(graph), str(dst / "model.onnx"))
+    return dst
+
+
+def test_bad_input_exits_2_and_writes_nothing(tiny_onnx, tmp_path, capsys):
+    out = tmp_path / "q"
+    cases = {
+        "unknown format": (["--weights", "mxint9-32"], tiny_onnx, "valid:"),
+        "method not wired": (["--method", "gptq"], tiny_onnx, "not available yet"),
+        "no decoder": ([], _no_decoder_model(tmp_path / "plain"), "no Llama decoder block"),
+        "nan weights": ([], _nan_weight_model(tiny_onnx, tmp_path / "nan"), "NaN or Inf"),
+    }
+    for name, (flags, src, message) in cases.items():
+        assert main(["quantize", str(src), "-o", str(out), "--method", "rtn", *flags]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not out.exists() and not list(tmp_path.glob(".q.tmp-*")), name
+    assert main(["quantize", str(tiny_onnx), "-o", str(tiny_onnx), "--method", "rtn"]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+
+
+def test_read_only_output_parent(tiny_onnx, tmp_path, capsys):
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if os.access(parent, os.W_OK):
+        pytest.skip("running as a user who can write anywhere (root)")
+    assert main(["quantize", str(tiny_onnx), "-o", str(parent / "q"), "--method", "rtn"]) == 2
+    assert "cannot write" in capsys.readouterr().err and not (parent / "q").exists()
