@@ -41,13 +41,14 @@ class ChildRun:
         return lines[-1] if lines else f"exit status {self.returncode}"
 
 
-def run_child(cmd: list[str], env: dict[str, str] | None = None) -> ChildRun:
+def run_child(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> ChildRun:
     """Run ``cmd`` to completion and reap it with ``os.wait4``, which returns the rusage of that child alone
-    (``ru_maxrss`` in KiB on Linux), unlike ``RUSAGE_CHILDREN``, which keeps the maximum over every child."""
+    (``ru_maxrss`` in KiB on Linux), unlike ``RUSAGE_CHILDREN``, which keeps the maximum over every child.
+    Files a child leaves in its working directory land in ``cwd``."""
     full_env = {**os.environ, **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)

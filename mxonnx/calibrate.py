@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -31,7 +32,7 @@ from mxonnx.config import QuantizeConfig, default_calib_text
 from mxonnx.errors import InputError
 from mxonnx.passes.llama_structure import DecoderBlock, Linear
 
-PLACEHOLDER_LOCATION = "mxonnx-external-initializer"  # never read: every such tensor is supplied by the session
+PLACEHOLDER_FILE = "weights-given-by-session"  # an empty file: every tensor pointing to it is supplied by the session
 INLINE_ELEMENTS = 1024  # tensors smaller than this are embedded in the serialized graph
 
 
@@ -146,7 +147,7 @@ def _placeholder(value: ir.Value) -> onnx.TensorProto:
     tensor = value.const_value
     proto = onnx.TensorProto(name=value.name, data_type=tensor.dtype.value, dims=list(tensor.shape.numpy()))
     proto.data_location = onnx.TensorProto.EXTERNAL
-    proto.external_data.add(key="location", value=PLACEHOLDER_LOCATION)
+    proto.external_data.add(key="location", value=PLACEHOLDER_FILE)
     return proto
 
 
@@ -158,8 +159,10 @@ def _shares_numpy(value: ir.Value) -> bool:
 class ExposedSession:
     """An onnxruntime session computing ``values`` (any values of ``model``) as its outputs, in that order.
 
-    The graph is pruned to what the values depend on; large weights are passed by reference as external
-    initializers (``keep`` holds their arrays for the session's lifetime)."""
+    The graph is pruned to what the values depend on. Large weights are not serialized: the graph names them
+    as external data in an empty placeholder file and the session options supply the model's own arrays
+    (``add_initializer`` shares the memory; ``keep`` holds the arrays for the session's lifetime). Weight
+    pre-packing is off, as it would copy every MatMul weight."""
 
     def __init__(self, model: ir.Model, values: list[ir.Value], threads: int | None = None):
         from mxonnx.session import session_options
@@ -179,11 +182,16 @@ class ExposedSession:
         for domain, version in graph.opset_imports.items():
             proto.opset_import.add(domain=domain, version=version)
         proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-        self.keep = [np.ascontiguousarray(v.const_value.numpy()) for v in shared]
+        self.keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.const_value.numpy())) for v in shared]
         options = session_options(threads=threads)
-        options.add_external_initializers([v.name for v in shared],
-                                          [ort.OrtValue.ortvalue_from_numpy(a) for a in self.keep])
-        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        for value, array in zip(shared, self.keep):
+            options.add_initializer(value.name, array)
+        with tempfile.TemporaryDirectory(prefix="mxonnx-calib-") as folder:
+            (Path(folder) / PLACEHOLDER_FILE).touch()
+            onnx.save(proto, Path(folder) / "graph.onnx")
+            self.session = ort.InferenceSession(str(Path(folder) / "graph.onnx"), options,
+                                                providers=["CPUExecutionProvider"])
         self.inputs = inputs
         self.output_names = [v.name for v in values]
 

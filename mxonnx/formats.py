@@ -27,14 +27,17 @@ below float32 range) gets scale 1. Near float32 max, ``127 * scale`` may round p
 Zeros always come out as +0 (codes hold no negative zero).
 
 Implementation: the exponent is read from the float32 exponent field (exact; a float32 subnormal maximum
-gives the clamped E = -127 either way) and the arrays are processed in cache-sized chunks of whole blocks.
+gives the clamped E = -127 either way) and the arrays are processed in cache-sized chunks of whole blocks, on up
+to ``_MAX_THREADS`` threads for large arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -42,6 +45,7 @@ from mxonnx.errors import InputError
 
 BLOCK_SIZES = tuple(2**i for i in range(1, 11))
 _CHUNK_ELEMENTS = 1 << 16  # elements per chunk: the temporaries of one chunk stay in L2 cache
+_MAX_THREADS = 4
 _EXP_MASK = np.int32(0x7F800000)
 _ABS_MASK = np.int32(0x7FFFFFFF)
 _INTEGER_ROUNDER = np.float32(1.5 * 2**23)  # (y + R) - R rounds float32 |y| <= 2^22 to an integer, half to even
@@ -228,16 +232,18 @@ def _round_to_grid(v: np.ndarray, elem: ElemFormat) -> np.ndarray:
     """Q_elem(v) in place on float32 ``v``: s = 2^(max(floor(log2|v|), emin) - mbits),
     q = clamp(round_half_even(v / s) * s, +-max_norm); zeros come out as +0, NaN stays NaN.
 
+    Clamping first gives the same result (max_norm is on the grid and rounding is monotonic) and bounds |v|.
     Rounding adds and subtracts C = 1.5 * 2^23 * s: v + C lies in [2^23 s, 2^24 s), where the float32 spacing is
     s, so float32 addition rounds v to a multiple of s half to even (C / s is even) and the subtraction is exact.
     This needs |v| < 2^22 s, true since |v| < 2^(e+1) = 2^(mbits+1) s.
     """
+    np.clip(v, -elem.max_norm, elem.max_norm, out=v)
     rounder = np.bitwise_and(v.view(np.int32), _EXP_MASK).view(np.float32)  # 2^floor(log2|v|), 0 if |v| < 2^-126
     np.maximum(rounder, np.float32(elem.min_norm), out=rounder)  # 2^e
     rounder *= np.float32(1.5 * 2.0 ** (23 - elem.mbits))  # C
     v += rounder
     v -= rounder
-    return np.clip(v, -elem.max_norm, elem.max_norm, out=v)
+    return v
 
 
 def element_values(fmt: str | MXFormat | ElemFormat) -> np.ndarray:
@@ -348,43 +354,7 @@ def _absmax_bits(xb: np.ndarray) -> np.ndarray:
     return bits.max(axis=1, keepdims=True)
 
 
-# ---------------------------------------------------------------- MX
-
-def _mx_chunk(xb: np.ndarray, elem: ElemFormat) -> tuple[np.ndarray, np.ndarray]:
-    """(grid values x / 2^E rounded by Q_elem, E8M0 codes) of the blocks in ``xb``."""
-    code = _e8m0_codes(_absmax_bits(xb), elem.emax)
-    return _round_to_grid(xb * _E8M0_INVERSE[code], elem), code
-
-
-def _qdq_mx(x: np.ndarray, fmt: MXFormat, axis: int) -> np.ndarray:
-    blocks = _Blocks.of(x, axis, fmt.block_size)
-    out = np.empty_like(blocks.data)
-    for part in blocks.chunks():
-        q, code = _mx_chunk(blocks.data[part], fmt.elem)
-        np.multiply(q, _E8M0_SCALE[code], out=out[part])
-    return blocks.restore(out)
-
-
-def _quantize_mx(x: np.ndarray, fmt: MXFormat, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    blocks = _Blocks.of(x, axis, fmt.block_size)
-    grid = np.empty_like(blocks.data)
-    codes = np.empty(blocks.data.shape[0:1] + (1,) + blocks.data.shape[2:], np.uint8)
-    for part in blocks.chunks():
-        grid[part], codes[part] = _mx_chunk(blocks.data[part], fmt.elem)
-    return _element_codes(blocks.restore(grid), fmt.elem), codes.reshape(blocks.scale_shape)
-
-
-def _dequantize_mx(codes: np.ndarray, scales: np.ndarray, fmt: MXFormat, axis: int) -> np.ndarray:
-    elem = fmt.elem
-    codes = np.asarray(codes).astype(np.int64)
-    low, high = (-(2 ** (elem.bits - 1)), 2 ** (elem.bits - 1) - 1) if elem.integer_codes else (0, 2**elem.bits - 1)
-    if codes.size and (codes.min() < low or codes.max() > high):
-        raise InputError(f"{fmt.name} codes must lie in {low}..{high}")
-    index = codes & (2**elem.bits - 1)
-    blocks = _Blocks.of(element_values(elem)[index], axis, fmt.block_size)
-    scale = _E8M0_SCALE[blocks.block_scales(np.asarray(scales, np.uint8))]
-    return blocks.restore(blocks.data * scale)
-
+# ---------------------------------------------------------------- MX helpers for GPTQ
 
 def shared_exponents(x: np.ndarray, fmt: str | MXFormat, axis: int = -1) -> np.ndarray:
     """Unbiased shared exponent E per block (int32, shape of ``quantize``'s scales); 128 marks a NaN/Inf block."""
@@ -396,14 +366,16 @@ def shared_exponents(x: np.ndarray, fmt: str | MXFormat, axis: int = -1) -> np.n
 
 def quantize_dequantize_with_exponent(x: np.ndarray, exponent: np.ndarray, fmt: str | MXFormat) -> np.ndarray:
     """Q_elem(x / 2^E) * 2^E element-wise with a given E (int, broadcastable to ``x``, in -127..127; 128 gives
-    NaN). GPTQ (paper Algorithm 1) fixes each block's E once and then quantizes one column at a time."""
+    NaN); values beyond the block's range saturate. GPTQ (paper Algorithm 1) fixes each block's E once and then
+    quantizes one column at a time."""
     fmt = _require_kind(fmt, "mx")
     exponent = np.asarray(exponent)
     if exponent.size and (exponent.min() < -127 or exponent.max() > 128):
         raise InputError("shared exponents must lie in -127..127 (128 marks a NaN block)")
     code = (exponent.astype(np.int32) + 127).astype(np.uint8)
-    x = np.asarray(x, np.float32)
-    return _round_to_grid(x * _E8M0_INVERSE[code], fmt.elem) * _E8M0_SCALE[code]
+    with np.errstate(over="ignore"):  # x / 2^E beyond float32 saturates to max_norm like any value above it
+        v = np.asarray(x, np.float32) * _E8M0_INVERSE[code]
+    return _round_to_grid(v, fmt.elem) * _E8M0_SCALE[code]
 
 
 # ---------------------------------------------------------------- fixed point
@@ -447,16 +419,76 @@ def quantize_dequantize_with_scale(x: np.ndarray, scale: np.ndarray, fmt: str | 
     return _fixed_point_codes(np.asarray(x, np.float32), scale, fmt) * scale
 
 
-def _quantize_int(x: np.ndarray, fmt: MXFormat, axis: int) -> tuple[np.ndarray, np.ndarray]:
+# ---------------------------------------------------------------- chunked engine (both kinds)
+
+def _quantize_blocks(xb: np.ndarray, fmt: MXFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid values, stored scales, float32 multipliers) of the blocks in ``xb``, so that y = grid * multiplier.
+    MX: Q_elem(x / 2^E), E8M0 codes, 2^E. int: clamped integer codes as float32, float32 scales twice."""
+    if fmt.is_mx:
+        code = _e8m0_codes(_absmax_bits(xb), fmt.elem.emax)
+        return _round_to_grid(xb * _E8M0_INVERSE[code], fmt.elem), code, _E8M0_SCALE[code]
+    scale = _fixed_point_block_scales(xb, fmt)
+    return _fixed_point_codes(xb, scale, fmt), scale, scale
+
+
+@functools.cache
+def _thread_pool() -> ThreadPoolExecutor | None:
+    workers = min(os.cpu_count() or 1, _MAX_THREADS)
+    return ThreadPoolExecutor(workers, thread_name_prefix="mxonnx-formats") if workers > 1 else None
+
+
+def _run_chunks(blocks: _Blocks, work) -> None:
+    """Call ``work(part)`` for every chunk; numpy releases the GIL in ufuncs, so large arrays use a few threads
+    (each chunk writes its own slice)."""
+    parts = blocks.chunks()
+    pool = _thread_pool() if len(parts) >= 4 else None
+    if pool is None:
+        for part in parts:
+            work(part)
+    else:
+        list(pool.map(work, parts))
+
+
+def _qdq(x: np.ndarray, fmt: MXFormat, axis: int) -> np.ndarray:
     blocks = _Blocks.of(x, axis, fmt.block_size)
-    scale = _fixed_point_block_scales(blocks.data, fmt)
-    codes = np.nan_to_num(_fixed_point_codes(blocks.data, scale, fmt), nan=0.0)
-    return blocks.restore(codes.astype(np.int8)), scale.reshape(blocks.scale_shape)
+    out = np.empty_like(blocks.data)
+
+    def work(part: slice) -> None:
+        grid, _, multiplier = _quantize_blocks(blocks.data[part], fmt)
+        np.multiply(grid, multiplier, out=out[part])
+
+    _run_chunks(blocks, work)
+    return blocks.restore(out)
 
 
-def _dequantize_int(codes: np.ndarray, scales: np.ndarray, fmt: MXFormat, axis: int) -> np.ndarray:
-    blocks = _Blocks.of(np.asarray(codes, np.float32), axis, fmt.block_size)
-    return blocks.restore(blocks.data * blocks.block_scales(np.asarray(scales, np.float32)))
+def _quantize(x: np.ndarray, fmt: MXFormat, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    blocks = _Blocks.of(x, axis, fmt.block_size)
+    grid = np.empty_like(blocks.data)
+    scales = np.empty((blocks.data.shape[0], 1, blocks.data.shape[2]), np.uint8 if fmt.is_mx else np.float32)
+
+    def work(part: slice) -> None:
+        grid[part], scales[part], _ = _quantize_blocks(blocks.data[part], fmt)
+
+    _run_chunks(blocks, work)
+    grid = blocks.restore(grid)
+    codes = _element_codes(grid, fmt.elem) if fmt.is_mx else np.nan_to_num(grid, nan=0.0).astype(np.int8)
+    return codes, scales.reshape(blocks.scale_shape)
+
+
+def _dequantize(codes: np.ndarray, scales: np.ndarray, fmt: MXFormat, axis: int) -> np.ndarray:
+    codes = np.asarray(codes).astype(np.int64)
+    unsigned = fmt.is_mx and not fmt.elem.integer_codes
+    low, high = (0, 2**fmt.bits - 1) if unsigned else (-(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1)
+    if codes.size and (codes.min() < low or codes.max() > high):
+        raise InputError(f"{fmt.name} codes must lie in {low}..{high}")
+    values = element_values(fmt.elem)[codes & (2**fmt.bits - 1)] if fmt.is_mx else codes.astype(np.float32)
+    blocks = _Blocks.of(values, axis, fmt.block_size)
+    if fmt.is_mx:
+        multiplier = _E8M0_SCALE[blocks.block_scales(np.asarray(scales, np.uint8))]
+    else:
+        multiplier = blocks.block_scales(np.asarray(scales, np.float32))
+    with np.errstate(over="ignore"):  # large codes times large scales exceed float32: +-Inf
+        return blocks.restore(blocks.data * multiplier)
 
 
 # ---------------------------------------------------------------- public entry points
@@ -472,12 +504,7 @@ def quantize_dequantize(x: np.ndarray, fmt: str | MXFormat, axis: int = -1) -> n
     """Round ``x`` to the format's grid and back (float32, same shape). ``none`` returns a float32 copy."""
     fmt = parse_format(fmt)
     x = np.asarray(x, dtype=np.float32)
-    if fmt.kind == "mx":
-        return _qdq_mx(x, fmt, axis)
-    if fmt.kind == "int":
-        codes, scales = _quantize_int(x, fmt, axis)
-        return _dequantize_int(codes, scales, fmt, axis)
-    return x.copy()
+    return x.copy() if fmt.kind == "none" else _qdq(x, fmt, axis)
 
 
 def quantize(x: np.ndarray, fmt: str | MXFormat, axis: int = -1) -> tuple[np.ndarray, np.ndarray | None]:
@@ -486,19 +513,11 @@ def quantize(x: np.ndarray, fmt: str | MXFormat, axis: int = -1) -> tuple[np.nda
     per channel, ceil(n/b) per group). none: (float32 copy of x, None)."""
     fmt = parse_format(fmt)
     x = np.asarray(x, dtype=np.float32)
-    if fmt.kind == "mx":
-        return _quantize_mx(x, fmt, axis)
-    if fmt.kind == "int":
-        return _quantize_int(x, fmt, axis)
-    return x.copy(), None
+    return (x.copy(), None) if fmt.kind == "none" else _quantize(x, fmt, axis)
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray | None, fmt: str | MXFormat, axis: int = -1) -> np.ndarray:
     """Inverse of ``quantize``: ``dequantize(*quantize(x, f, a), f, a)`` equals ``quantize_dequantize(x, f, a)``
-    bit for bit."""
+    bit for bit. Codes outside the format's range raise ``InputError``."""
     fmt = parse_format(fmt)
-    if fmt.kind == "mx":
-        return _dequantize_mx(codes, scales, fmt, axis)
-    if fmt.kind == "int":
-        return _dequantize_int(codes, scales, fmt, axis)
-    return np.array(codes, dtype=np.float32)
+    return np.array(codes, dtype=np.float32) if fmt.kind == "none" else _dequantize(codes, scales, fmt, axis)

@@ -29,6 +29,9 @@ def session_options(threads: int | None = None, use_native: bool = True, optimiz
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
+    # onnxruntime fuses DequantizeLinear(int4, blocked) + MatMul into MatMulNBits and by default computes it with
+    # int8-quantized activations (accuracy level 4); level 0 keeps the lowered QDQ graphs exact
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if use_native and os.environ.get("MXONNX_NO_NATIVE") != "1":
         lib = native_library()
         if lib is not None:

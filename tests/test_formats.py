@@ -339,6 +339,8 @@ def test_quantize_with_given_exponent_matches(name):
     column = w[:, 0] * 3
     y = formats.quantize_dequantize_with_exponent(column, expanded[:, 0], fmt)
     assert (np.abs(y) <= fmt.elem.max_norm * 2.0 ** expanded[:, 0]).all()
+    huge = formats.quantize_dequantize_with_exponent(np.float32([3e38, -np.inf]), -127, fmt)
+    assert huge.tolist() == [fmt.elem.max_norm * 2.0**-127, -fmt.elem.max_norm * 2.0**-127]
     with pytest.raises(InputError):
         formats.quantize_dequantize_with_exponent(w, expanded + 300, fmt)
 
@@ -365,3 +367,13 @@ def test_helpers_refuse_the_wrong_kind():
 def test_axis_out_of_range():
     with pytest.raises(InputError, match="axis 2"):
         formats.quantize_dequantize(np.ones((2, 2), np.float32), "mxint8-2", axis=2)
+
+
+@pytest.mark.parametrize("name, axis", [("mxfp4-32", -1), ("mxint8-2", 0), ("int4", 0), ("int8-g128", -1)])
+def test_large_arrays_chunked_on_threads_match_small_pieces(name, axis):
+    """A 640 x 512 array spans several chunks (run on the thread pool); pieces of 8 rows or columns fit in one."""
+    x = np.random.default_rng(5).standard_normal((640, 512)).astype(np.float32)
+    whole = formats.quantize_dequantize(x, name, axis=axis)
+    pieces = [formats.quantize_dequantize(part, name, axis=axis)
+              for part in np.split(x, 64 if axis == 0 else 80, axis=1 - axis % 2)]
+    assert same_bits(whole, np.concatenate(pieces, axis=1 - axis % 2))

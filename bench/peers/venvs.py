@@ -23,7 +23,8 @@ INSTALL_STEPS: dict[str, list[list[str]]] = {
     ],
     # onnx-neural-compressor 1.0 requires numpy<2; onnx/onnxruntime of its release time.
     "inc": [
-        ["onnx-neural-compressor==1.0", "numpy<2", "onnx==1.17.0", "onnxruntime==1.20.1", "transformers==4.57.6"],
+        ["onnx-neural-compressor==1.0", "numpy<2", "onnx==1.17.0", "onnxruntime==1.20.1", "transformers==4.57.6",
+         "prettytable", "scipy<1.14"],  # prettytable, scipy: imported but not declared by the package
     ],
 }
 

@@ -142,6 +142,8 @@ _BODIES = {schema.QUANTIZE_DEQUANTIZE: _quantize_dequantize_body, schema.DEQUANT
 @functools.lru_cache(maxsize=None)
 def _function_proto(op_type: str, fmt: formats.MXFormat) -> onnx.FunctionProto:
     proto = _BODIES[op_type](fmt).to_function_proto()
+    # onnxscript declares the returned value as a rank-0 tensor; once inlined that wrong shape would reach the graph
+    del proto.value_info[:]
     proto.overload = schema.overload(fmt)
     # the node's `format` is the contract; declared (unused by the body) so checkers accept the attribute
     proto.attribute.append(schema.FORMAT_ATTR)
