@@ -137,8 +137,9 @@ def progress_line(result: dict, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.work, args.results = args.work.resolve(), args.results.resolve()  # children run inside args.work
     windows = None if args.full else args.windows or (QUICK_WINDOWS if args.quick else DEFAULT_WINDOWS)
-    fp32 = ensure_fp32(args.fp32)
+    fp32 = ensure_fp32(args.fp32).resolve()
     fp32_id = fingerprint(fp32)
     rows = select_rows(args.quick, args.methods, args.tools)
     print(f"{len(rows)} rows, {'all' if windows is None else windows} windows of {args.seqlen} tokens; "

@@ -151,6 +151,12 @@ def _placeholder(value: ir.Value) -> onnx.TensorProto:
     return proto
 
 
+def _embedded(value: ir.Value) -> onnx.TensorProto:
+    """The tensor with its data in the proto (also when the model keeps it in an external file)."""
+    tensor = value.const_value
+    return ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name))
+
+
 def _shares_numpy(value: ir.Value) -> bool:
     tensor = value.const_value
     return tensor.size >= INLINE_ELEMENTS and tensor.dtype.numpy().kind in "fiub" and tensor.dtype.numpy().isbuiltin
@@ -174,10 +180,10 @@ class ExposedSession:
         initializers = [v for v in graph.initializers.values() if id(v) in read]
         shared = [v for v in initializers if _shares_numpy(v)]
         view = ir.GraphView(inputs, values, nodes=sorted(needed, key=lambda n: order[id(n)]),
-                            initializers=[v for v in initializers if not _shares_numpy(v)],
                             opset_imports=graph.opset_imports, name=graph.name)
         proto = onnx.ModelProto(ir_version=model.ir_version)
         ir.serde.serialize_graph_into(proto.graph, view, model_ir_version=model.ir_version)
+        proto.graph.initializer.extend(_embedded(v) for v in initializers if not _shares_numpy(v))
         proto.graph.initializer.extend(_placeholder(v) for v in shared)
         for domain, version in graph.opset_imports.items():
             proto.opset_import.add(domain=domain, version=version)

@@ -215,15 +215,21 @@ _E8M0_SCALE = _e8m0_table(+1)  # code -> 2^E
 _E8M0_INVERSE = _e8m0_table(-1)  # code -> 2^-E
 
 
-def _e8m0_codes(absmax_bits: np.ndarray, emax: int) -> np.ndarray:
-    """E8M0 code E + 127 = max(F - emax, 0) from the exponent field F of max|x| (bits of a float32 >= 0).
+@functools.cache
+def _shared_scale_tables(emax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(E8M0 code, 2^-E, 2^E), each indexed by the exponent field F (0..255) of a block's max|x|.
 
-    floor(log2 m) = F - 127 for normal m; F = 0 for zero and subnormal m, whose true floor(log2) is <= -127 so
-    that E clamps to -127 in both readings. F - emax <= 254, so the upper clamp never binds. F = 255 (NaN, Inf)
-    gives 255.
+    code = E + 127 = max(F - emax, 0): floor(log2 m) = F - 127 for normal m; F = 0 for zero and subnormal m,
+    whose true floor(log2) is <= -127 so that E clamps to -127 in both readings; F - emax <= 254, so the upper
+    clamp never binds. F = 255 (NaN, Inf) gives code 255 and NaN scales.
     """
-    field = absmax_bits >> 23
-    return np.where(field == 255, 255, np.maximum(field - emax, 0)).astype(np.uint8)
+    field = np.arange(256)
+    code = np.where(field == 255, 255, np.maximum(field - emax, 0)).astype(np.uint8)
+    return code, _E8M0_INVERSE[code], _E8M0_SCALE[code]
+
+
+def _exponent_field(absmax_bits: np.ndarray) -> np.ndarray:
+    return absmax_bits >> 23
 
 
 # ---------------------------------------------------------------- element grid
@@ -360,7 +366,7 @@ def shared_exponents(x: np.ndarray, fmt: str | MXFormat, axis: int = -1) -> np.n
     """Unbiased shared exponent E per block (int32, shape of ``quantize``'s scales); 128 marks a NaN/Inf block."""
     fmt = _require_kind(fmt, "mx")
     blocks = _Blocks.of(x, axis, fmt.block_size)
-    code = _e8m0_codes(_absmax_bits(blocks.data), fmt.elem.emax)
+    code = _shared_scale_tables(fmt.elem.emax)[0][_exponent_field(_absmax_bits(blocks.data))]
     return (code.astype(np.int32) - 127).reshape(blocks.scale_shape)
 
 
@@ -421,14 +427,32 @@ def quantize_dequantize_with_scale(x: np.ndarray, scale: np.ndarray, fmt: str | 
 
 # ---------------------------------------------------------------- chunked engine (both kinds)
 
+def _times_block_values(xb: np.ndarray, per_block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """xb (groups, b, inner) * per_block (groups, 1, inner). Short blocks along the last axis (inner = 1) go one
+    position at a time: numpy broadcasts slowly over a short innermost axis."""
+    if xb.shape[2] != 1 or xb.shape[1] > 8:
+        return np.multiply(xb, per_block, out=out)
+    out = np.empty_like(xb) if out is None else out
+    for j in range(xb.shape[1]):
+        np.multiply(xb[:, j], per_block[:, 0], out=out[:, j])
+    return out
+
+
 def _quantize_blocks(xb: np.ndarray, fmt: MXFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(grid values, stored scales, float32 multipliers) of the blocks in ``xb``, so that y = grid * multiplier.
-    MX: Q_elem(x / 2^E), E8M0 codes, 2^E. int: clamped integer codes as float32, float32 scales twice."""
+    """(grid values, per-block key, float32 multipliers) of the blocks in ``xb``, so that y = grid * multiplier.
+    MX: Q_elem(x / 2^E), exponent field of max|x| (``stored_scales`` maps it to E8M0), 2^E.
+    int: clamped integer codes as float32, float32 scales, the same scales."""
     if fmt.is_mx:
-        code = _e8m0_codes(_absmax_bits(xb), fmt.elem.emax)
-        return _round_to_grid(xb * _E8M0_INVERSE[code], fmt.elem), code, _E8M0_SCALE[code]
+        field = _exponent_field(_absmax_bits(xb))
+        _, inverse, scale = _shared_scale_tables(fmt.elem.emax)
+        return _round_to_grid(_times_block_values(xb, inverse[field]), fmt.elem), field, scale[field]
     scale = _fixed_point_block_scales(xb, fmt)
     return _fixed_point_codes(xb, scale, fmt), scale, scale
+
+
+def _stored_scales(key: np.ndarray, fmt: MXFormat) -> np.ndarray:
+    """The scales ``quantize`` returns from ``_quantize_blocks``' key: E8M0 codes (MX) or the float32 scales."""
+    return _shared_scale_tables(fmt.elem.emax)[0][key] if fmt.is_mx else key
 
 
 @functools.cache
@@ -455,7 +479,7 @@ def _qdq(x: np.ndarray, fmt: MXFormat, axis: int) -> np.ndarray:
 
     def work(part: slice) -> None:
         grid, _, multiplier = _quantize_blocks(blocks.data[part], fmt)
-        np.multiply(grid, multiplier, out=out[part])
+        _times_block_values(grid, multiplier, out=out[part])
 
     _run_chunks(blocks, work)
     return blocks.restore(out)
@@ -467,7 +491,8 @@ def _quantize(x: np.ndarray, fmt: MXFormat, axis: int) -> tuple[np.ndarray, np.n
     scales = np.empty((blocks.data.shape[0], 1, blocks.data.shape[2]), np.uint8 if fmt.is_mx else np.float32)
 
     def work(part: slice) -> None:
-        grid[part], scales[part], _ = _quantize_blocks(blocks.data[part], fmt)
+        grid[part], key, _ = _quantize_blocks(blocks.data[part], fmt)
+        scales[part] = _stored_scales(key, fmt)
 
     _run_chunks(blocks, work)
     grid = blocks.restore(grid)

@@ -84,7 +84,10 @@ def atomic_output_dir(out: str | os.PathLike, *inputs: str | os.PathLike) -> Ite
         raise InputError(f"cannot create {parent}: {exc.strerror}") from None
     if not os.access(parent, os.W_OK):
         raise InputError(f"cannot write to {parent}: permission denied")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as exc:  # e.g. a read-only file system, which os.access does not see for root
+        raise InputError(f"cannot write to {parent}: {exc.strerror}") from None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; OUT gets the usual permissions

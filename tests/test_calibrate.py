@@ -104,3 +104,20 @@ def test_bad_input(tiny_onnx, tiny_text, tmp_path):
     blocks = find_decoder_blocks(model)
     with pytest.raises(InputError, match="no linear group 'layers.5.qkv'"):
         collect_statistics(model, blocks, tiny_onnx, _config(tiny_text), groups=["layers.5.qkv"])
+
+
+def test_model_with_external_data(tiny_onnx, tiny_text, tmp_path):
+    """Weights kept in an external data file (read through memory maps) give the same statistics."""
+    import shutil
+
+    import onnx
+
+    folder = tmp_path / "external"
+    shutil.copytree(tiny_onnx, folder)
+    onnx.save(onnx.load(tiny_onnx / "model.onnx"), folder / "model.onnx", save_as_external_data=True,
+              location="model.onnx_data", size_threshold=0)
+    stats = {}
+    for source in (tiny_onnx, folder):
+        model = ir.load(source / "model.onnx")
+        stats[source] = collect_statistics(model, find_decoder_blocks(model), source, _config(tiny_text), groups=["layers.1.o"])
+    np.testing.assert_array_equal(stats[folder]["layers.1.o"].max_abs, stats[tiny_onnx]["layers.1.o"].max_abs)

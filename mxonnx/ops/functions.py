@@ -8,7 +8,8 @@ Sharify et al., arXiv 2405.07135, Sec. 2):
 
 A function body cannot branch on the string ``format``, so there is one function per (op, format): its
 ``overload`` is the format name and the format's numbers (emax, emin, mbits, max_norm, b, code table) are
-constants of the body; ``axis`` stays an attribute reference, handled at run time for any rank.
+constants of the body; ``axis`` stays an attribute reference, handled at run time for any rank (inputs and
+outputs are declared ``FLOAT[...]``, unknown rank: a bare ``FLOAT`` would declare a scalar).
 
 Exactness: ``Log`` is not exact at powers of two, so ``floor(log2 a)`` is estimated with it and then corrected by
 comparing ``a`` with exact powers of two gathered from a table (the estimate is off by at most one). Powers of two
@@ -60,7 +61,7 @@ def _quantize_dequantize_body(fmt: formats.MXFormat):
     POW2, SCALE, INVERSE_SCALE, INV_LN2 = _POW2, _SCALE, _INVERSE_SCALE, _INV_LN2
 
     @script(_DOMAIN)
-    def MXQuantizeDequantize(X: FLOAT, axis: int = -1) -> FLOAT:
+    def MXQuantizeDequantize(X: FLOAT[...], axis: int = -1) -> FLOAT[...]:
         # blocks: X as [outer, nb, b, inner] around `axis`, the last block zero padded
         shape = op.Shape(X)
         rank = op.Size(shape)
@@ -115,7 +116,7 @@ def _dequantize_body(fmt: formats.MXFormat):
     SCALE = _SCALE
 
     @script(_DOMAIN)
-    def MXDequantize(codes, exponents, axis: int = 0) -> FLOAT:
+    def MXDequantize(codes, exponents, axis: int = 0) -> FLOAT[...]:
         values = op.Gather(ELEMENTS, op.Cast(codes, to=7))
         shape = op.Shape(values)
         rank = op.Size(shape)
@@ -142,8 +143,6 @@ _BODIES = {schema.QUANTIZE_DEQUANTIZE: _quantize_dequantize_body, schema.DEQUANT
 @functools.lru_cache(maxsize=None)
 def _function_proto(op_type: str, fmt: formats.MXFormat) -> onnx.FunctionProto:
     proto = _BODIES[op_type](fmt).to_function_proto()
-    # onnxscript declares the returned value as a rank-0 tensor; once inlined that wrong shape would reach the graph
-    del proto.value_info[:]
     proto.overload = schema.overload(fmt)
     # the node's `format` is the contract; declared (unused by the body) so checkers accept the attribute
     proto.attribute.append(schema.FORMAT_ATTR)

@@ -1,0 +1,87 @@
+"""Smoke test of the benchmark harness (bench/) on the tiny Llama: measurements, table, and one resumable run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import report, run  # noqa: E402
+from bench.measure import linear_weight_bits, run_child  # noqa: E402
+from bench.speed import measure_speed  # noqa: E402
+
+
+def test_run_child_reports_the_peak_rss_of_that_child_alone():
+    big = run_child([sys.executable, "-c", "import numpy as np; a = np.ones(40_000_000); print('{\"n\": 1}')"])
+    small = run_child([sys.executable, "-c", "print('{\"n\": 2}')"])
+    assert big.returncode == 0 and big.json() == {"n": 1}
+    assert big.peak_rss_mb > 300  # 40 M float64 = 320 MB
+    assert small.peak_rss_mb < 100
+
+
+def test_run_child_failure_is_the_last_stderr_line():
+    failed = run_child([sys.executable, "-c", "import sys; print('x', file=sys.stderr); sys.exit('no such method')"])
+    assert failed.returncode == 1 and failed.failure() == "no such method"
+
+
+def test_stored_bits_of_float_and_matmulnbits_models(tiny_onnx, tmp_path):
+    config = json.loads((tiny_onnx / "config.json").read_text())
+    assert linear_weight_bits(tiny_onnx / "model.onnx", config) == 32.0
+    out = tmp_path / "nbits"
+    done = run_child([sys.executable, str(REPO / "bench" / "peers" / "ort_nbits.py"), str(tiny_onnx), str(out),
+                      "--block", "32"])
+    assert done.returncode == 0, done.stderr[-500:]
+    # int4 codes (4 bits) + one fp32 scale per 32 weights; every K of the tiny model is a multiple of 32.
+    assert linear_weight_bits(out / "model.onnx", config) == pytest.approx(4 + 32 / 32)
+
+
+def test_speed_of_a_model_with_kv_cache(tiny_onnx):
+    speed = measure_speed(tiny_onnx, threads=1, prompt=16, decode=4, repeat=1)
+    assert speed["prefill_ms"] > 0 and speed["decode_tokens"] == 4 and speed["decode_tokens_per_second"] > 0
+
+
+def test_table_ratios_are_against_the_fp32_row():
+    common = {"bits_stored": 32.0, "format_bits": 32.0, "quantize_seconds": None, "quantize_peak_rss_mb": None,
+              "run_peak_rss_mb": 100.0}
+    rows = [
+        {"tool": "fp32", "config": "FP32", "method": "-", "status": "ok", "perplexity": 10.0, "file_bytes": 4e6,
+         "prefill_ms": 100.0, "decode_tokens_per_second": 20.0, **common},
+        {"tool": "mxonnx", "config": "W4A8", "method": "rtn", "status": "ok", "perplexity": 12.0, "file_bytes": 1e6,
+         "prefill_ms": 50.0, "decode_tokens_per_second": 30.0, **common},
+        {"tool": "mxonnx", "config": "W4A8", "method": "gptq", "status": "unavailable", "reason": "not available yet: x"},
+    ]
+    lines = report.table_lines(rows)
+    cells = [c.strip() for c in lines[3].split("|")]
+    assert cells[4:6] == ["12.000", "1.200"]  # PPL, PPL / FP32
+    assert cells[9] == "0.25"  # size / FP32
+    assert cells[13] == "2.00" and cells[15] == "1.50"  # prefill and decode speed-ups
+    assert "not available yet: x" in lines[4]
+
+
+def test_resumable_run_on_the_tiny_model(tiny_onnx, tiny_text, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    for rel in ("wikitext-2-raw/wiki.test.raw", "wikitext-2/valid.txt"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text(tiny_text.read_text())
+    monkeypatch.setenv("MXONNX_DATA", str(data))
+    argv = ["--fp32", str(tiny_onnx), "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+            "--tools", "ort-nbits", "--methods", "rtn", "--windows", "1", "--seqlen", "64", "--prompt", "16",
+            "--decode", "4"]
+    run.main(argv)
+    result_files = list((tmp_path / "results").glob("*.json"))
+    assert len(result_files) == 1
+    rows = json.loads(result_files[0].read_text())["rows"]
+    assert [(r["tool"], r["status"]) for r in rows] == [("fp32", "ok"), ("ort-nbits", "ok"), ("ort-nbits", "ok")]
+    assert rows[0]["bits_stored"] == 32.0 and rows[1]["bits_stored"] == pytest.approx(5.0)
+    assert (tmp_path / "results" / "table.md").read_text().count("| ort-nbits |") == 2
+    assert (tmp_path / "results" / "ppl_vs_bits.png").stat().st_size > 0
+    assert not list((tmp_path / "work" / "models").iterdir())  # quantized models removed once measured
+
+    capsys.readouterr()
+    run.main(argv)  # every row comes from the cache
+    assert capsys.readouterr().out.count("(cached)") == 3
