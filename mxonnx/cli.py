@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mxonnx: interrupted", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `mxonnx formats | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (InputError, ValueError, FileNotFoundError) as exc:
         if args.debug:
             traceback.print_exc()

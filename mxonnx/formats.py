@@ -2,9 +2,9 @@
 
 Every other stage (ONNX function bodies, native kernels, GPTQ, passes) mirrors the numerics defined here.
 
-MX formats (OCP Microscaling v1.0; the paper, Sharify et al. arXiv 2405.07135, Sec. 1 "Microscaling format",
-names them MXINTd-b) split a tensor into
-blocks of ``b`` consecutive elements along ``axis`` and give each block one power-of-two scale:
+MX formats (OCP Microscaling v1.0; named MXINTd-b in the paper, Sharify et al. arXiv 2405.07135, Sec. 1
+"Microscaling format") split a tensor into blocks of ``b`` consecutive elements along ``axis`` and give each block
+one power-of-two scale:
 
     E = clamp(floor(log2(max|x|)) - emax, -127, 127)      (an all-zero block has E = -127)
     y = Q_elem(x / 2^E) * 2^E                              (E stored as one byte E + 127, "E8M0")
@@ -17,7 +17,7 @@ MXINTd is the same grid with emin = emax = 0 and d - 2 mantissa bits (values k /
 so one element core serves every MX format; the formats differ only by their row in ``ELEMENT_FORMATS``.
 
 Non-finite input: a block holding a NaN or an Inf becomes all NaN (E8M0 code 255). Weight paths refuse such input
-with ``check_finite``.
+with ``check_finite``. ``dequantize`` of arbitrary codes may exceed float32 (e.g. E5M2 57344 * 2^127): +-Inf.
 
 Fixed-point baselines ``int{d}`` / ``int{d}-g{b}``: symmetric, ``scale = max|x| / (2^(d-1) - 1)`` in float32 per
 output channel (every index but the one along ``axis``) or per group of ``b`` along ``axis``; codes are
@@ -275,7 +275,7 @@ def element_values(fmt: str | MXFormat | ElemFormat) -> np.ndarray:
     return np.where(codes >> (elem.bits - 1) == 1, -values, values).astype(np.float32)
 
 
-def _element_codes(q: np.ndarray, elem: ElemFormat) -> np.ndarray:
+def element_codes(q: np.ndarray, elem: ElemFormat) -> np.ndarray:
     """Codes of grid values ``q`` (finite or NaN; NaN gets code 0).
 
     MXINT: k = q * 2^mbits as int8. MXFP: sign << (d-1) | magnitude, where for e = max(floor(log2|q|), emin)
@@ -496,7 +496,7 @@ def _quantize(x: np.ndarray, fmt: MXFormat, axis: int) -> tuple[np.ndarray, np.n
 
     _run_chunks(blocks, work)
     grid = blocks.restore(grid)
-    codes = _element_codes(grid, fmt.elem) if fmt.is_mx else np.nan_to_num(grid, nan=0.0).astype(np.int8)
+    codes = element_codes(grid, fmt.elem) if fmt.is_mx else np.nan_to_num(grid, nan=0.0).astype(np.int8)
     return codes, scales.reshape(blocks.scale_shape)
 
 

@@ -221,7 +221,7 @@ def _encode(q: np.ndarray, params: np.ndarray, fmt: formats.MXFormat) -> tuple[n
     """Codes and stored scales of grid values ``q [K, N]`` with per-group ``params [K / group, N]``."""
     per_element = np.repeat(params, fmt.block_size or q.shape[0], axis=0)[: q.shape[0]]
     if fmt.kind == "mx":
-        codes = formats._element_codes(np.ldexp(q, -per_element), fmt.elem)
+        codes = formats.element_codes(np.ldexp(q, -per_element), fmt.elem)
         return codes, (params + 127).astype(np.uint8)
     return np.rint(q / per_element).astype(np.int8), params.astype(np.float32)
 

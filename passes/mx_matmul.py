@@ -1,4 +1,4 @@
-"""Rewrite the linears of a Llama graph to quantized MatMuls (Sharify et al., arXiv 2405.07135, Sec. 2-3):
+"""Rewrite the linears of a Llama graph to quantized MatMuls (Sharify et al., arXiv 2405.07135):
 
     MatMul(X, W)  ->  MatMul(MXQuantizeDequantize(X), MXDequantize(codes, exponents))
 

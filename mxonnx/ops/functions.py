@@ -1,6 +1,6 @@
 """ONNX function bodies of the ``com.mxonnx`` ops, built only from standard opset-21 ops, so that any runtime
 runs a quantized model with nothing registered. They compute ``mxonnx.formats`` bit for bit (OCP MX v1.0;
-Sharify et al., arXiv 2405.07135, Sec. 2):
+Sharify et al., arXiv 2405.07135, Sec. 1, "Microscaling format"):
 
     E = clamp(floor(log2(max|x|)) - emax, -127, 127)   per block of b elements along ``axis`` (zero padded)
     Q(v) = clamp(round_half_even(v / s) * s, +-max_norm),   s = 2^(clamp(floor(log2|v|), emin, emax) - mbits)

@@ -25,7 +25,7 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).with_name("native")
 BUILD_DIR = SOURCE_DIR / "build"
 INCLUDE_DIR = SOURCE_DIR / "include"
-SOURCES = ("mx_format.cc", "mx_kernels.cc", "mx_ops.cc")
+SOURCES = ("mx_format.cc", "mx_kernels.cc", "mx_matmul.cc", "mx_ops.cc")
 VERSION_SCRIPT = SOURCE_DIR / "mxonnx_ops.lds"
 LIBRARY_ENV = "MXONNX_NATIVE_LIB"
 

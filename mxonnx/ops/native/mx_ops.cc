@@ -1,4 +1,4 @@
-// onnxruntime CPU kernels of the com.mxonnx domain (version 1) and the library entry point RegisterCustomOps.
+// onnxruntime CPU kernels of the com.mxonnx domain (version 1: MXQuantizeDequantize, MXDequantize, MXMatMul) and the library entry point RegisterCustomOps.
 //
 // Built against headers only (ORT_API_MANUAL_INIT): every onnxruntime call goes through the OrtApi table handed
 // to RegisterCustomOps, so the library links no onnxruntime. Kernels return an OrtStatus for every failure (bad
@@ -9,6 +9,8 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <cctype>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -16,6 +18,7 @@
 
 #include "mx_format.h"
 #include "mx_kernels.h"
+#include "mx_matmul.h"
 
 namespace mxonnx {
 namespace {
@@ -69,18 +72,32 @@ int64_t int_attribute_or(const OrtKernelInfo* info, const char* name, int64_t fa
   return value;
 }
 
-MxFormat format_attribute(const OrtKernelInfo* info, const char* op) {
+MxFormat format_attribute(const OrtKernelInfo* info, const char* op, const char* attribute = "format") {
   std::string name;
   try {
-    name = Ort::ConstKernelInfo(info).GetAttribute<std::string>("format");
+    name = Ort::ConstKernelInfo(info).GetAttribute<std::string>(attribute);
   } catch (const Ort::Exception&) {
-    invalid(std::string(op) + ": missing string attribute 'format'");
+    invalid(std::string(op) + ": missing string attribute '" + attribute + "'");
   }
   try {
     return parse_mx_format(name);
   } catch (const std::invalid_argument& e) {
     invalid(std::string(op) + ": " + e.what());
   }
+}
+
+// An optional format attribute: absent or "none" (any case) -> nullptr.
+std::unique_ptr<MxFormat> optional_format_attribute(const OrtKernelInfo* info, const char* op, const char* attribute) {
+  std::string name;
+  try {
+    name = Ort::ConstKernelInfo(info).GetAttribute<std::string>(attribute);
+  } catch (const Ort::Exception&) {
+    return nullptr;
+  }
+  std::string key = name;
+  std::transform(key.begin(), key.end(), key.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (key == "none") return nullptr;
+  return std::make_unique<MxFormat>(format_attribute(info, op, attribute));
 }
 
 // `shape` viewed as [outer, n, inner] around `axis` (negative counts from the end).
@@ -117,6 +134,18 @@ void parallel_for(OrtKernelContext* context, int64_t units, int64_t elements_per
   Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(context, run_task, static_cast<size_t>(tasks), 0, &split));
 }
 
+// The element types of MXDequantize's inputs (also MXMatMul's codes and exponents).
+void check_weight_types(const MxFormat& format, const Ort::ConstTensorTypeAndShapeInfo& codes,
+                        const Ort::ConstTensorTypeAndShapeInfo& exponents, const char* op) {
+  const CodeType expected = code_type(format.elem->storage);
+  if (codes.GetElementType() != expected.onnx) {
+    invalid(std::string(op) + ": codes of " + format.elem->family + " must be " + expected.name);
+  }
+  if (exponents.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+    invalid(std::string(op) + ": exponents must be uint8");
+  }
+}
+
 // MXQuantizeDequantize(X float32; format, axis=-1) -> Y float32, Y = quantize_dequantize(X, format, axis).
 struct QuantizeDequantizeKernel {
   MxFormat format;
@@ -148,19 +177,12 @@ struct DequantizeKernel {
   int64_t axis;
   DequantizeTables tables;
 
-
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded([&] {
       Ort::KernelContext ctx(context);
       const Ort::ConstValue codes = ctx.GetInput(0), exponents = ctx.GetInput(1);
       const auto code_info = codes.GetTensorTypeAndShapeInfo(), exp_info = exponents.GetTensorTypeAndShapeInfo();
-      const CodeType expected_type = code_type(format.elem->storage);
-      if (code_info.GetElementType() != expected_type.onnx) {
-        invalid(std::string("MXDequantize: codes of ") + format.elem->family + " must be " + expected_type.name);
-      }
-      if (exp_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
-        invalid("MXDequantize: exponents must be uint8");
-      }
+      check_weight_types(format, code_info, exp_info, "MXDequantize");
       const std::vector<int64_t> shape = code_info.GetShape();
       const BlockLayout layout = block_layout(shape, axis, format.block_size, "MXDequantize");
       std::vector<int64_t> expected = shape;
@@ -178,6 +200,67 @@ struct DequantizeKernel {
         dequantize(tables, packed4, layout, code_bytes, exp_bytes, out, begin, end);
       };
       parallel_for(context, layout.block_rows(), layout.block * layout.inner, work);
+    });
+  }
+};
+
+// MXMatMul(X float32 [..., K], codes [K, N], exponents uint8 [ceil(K/b), N]; weight_format, act_format="none")
+//   -> Y float32 [..., N],  Y = MatMul(MXQuantizeDequantize(X, act_format, -1), MXDequantize(codes, exponents,
+//   weight_format, 0)), the weight decoded panel by panel inside the GEMM (mx_matmul.h).
+struct FusedMatMulKernel {
+  MatMulKernel gemm;
+  MxFormat weight_format;
+  std::unique_ptr<MxFormat> act_format;  // nullptr: X enters the GEMM as is
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      const Ort::ConstValue x = ctx.GetInput(0), codes = ctx.GetInput(1), exponents = ctx.GetInput(2);
+      const auto x_info = x.GetTensorTypeAndShapeInfo();
+      const auto code_info = codes.GetTensorTypeAndShapeInfo(), exp_info = exponents.GetTensorTypeAndShapeInfo();
+      if (x_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) invalid("MXMatMul: X must be float32");
+      check_weight_types(weight_format, code_info, exp_info, "MXMatMul");
+      const std::vector<int64_t> x_shape = x_info.GetShape(), w_shape = code_info.GetShape();
+      if (w_shape.size() != 2) invalid("MXMatMul: codes must be a 2-D weight [K, N]");
+      const int64_t k = w_shape[0], n = w_shape[1];
+      if (x_shape.empty() || x_shape.back() != k) {
+        invalid("MXMatMul: the last dimension of X (" + (x_shape.empty() ? std::string("none") :
+                std::to_string(x_shape.back())) + ") differs from the rows of the weight (" + std::to_string(k) + ")");
+      }
+      const std::vector<int64_t> expected{(k + weight_format.block_size - 1) / weight_format.block_size, n};
+      if (exp_info.GetShape() != expected) {
+        invalid("MXMatMul: exponents shape does not match codes shape and weight_format");
+      }
+      std::vector<int64_t> y_shape(x_shape.begin(), x_shape.end() - 1);
+      y_shape.push_back(n);
+      Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
+      const int64_t m = k == 0 ? 0 : static_cast<int64_t>(x_info.GetElementCount()) / k;
+      float* out = y.GetTensorMutableData<float>();
+      if (m * n == 0) {
+        std::fill(out, out + static_cast<int64_t>(y.GetTensorTypeAndShapeInfo().GetElementCount()), 0.0f);
+        return;
+      }
+      const float* in = x.GetTensorData<float>();
+      std::vector<float> quantized;
+      if (act_format) {
+        quantized.resize(m * k);
+        const BlockLayout layout{m, k, 1, act_format->block_size};
+        auto qdq = [&](int64_t begin, int64_t end) {
+          quantize_dequantize(*act_format->elem, layout, in, quantized.data(), begin, end);
+        };
+        parallel_for(context, layout.block_rows(), layout.block, qdq);
+        in = quantized.data();
+      }
+      const PackedWeight w{static_cast<const uint8_t*>(codes.GetTensorRawData()), exponents.GetTensorData<uint8_t>(),
+                           k, n};
+      const int64_t panels = MatMulKernel::column_panels(n), tiles = MatMulKernel::row_tiles(m);
+      auto multiply = [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t row = (t / panels) * kTileRows;
+          gemm.multiply_tile(w, in, out, row, std::min(row + kTileRows, m), t % panels);
+        }
+      };
+      parallel_for(context, tiles * panels, std::min(m, kTileRows) * kPanelColumns * k, multiply);
     });
   }
 };
@@ -212,8 +295,28 @@ struct DequantizeOp : Ort::CustomOpBase<DequantizeOp, DequantizeKernel, true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+struct MatMulOp : Ort::CustomOpBase<MatMulOp, FusedMatMulKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] {
+      const MxFormat weights = format_attribute(info, GetName(), "weight_format");
+      *kernel = new FusedMatMulKernel{MatMulKernel(weights), weights,
+                                      optional_format_attribute(info, GetName(), "act_format")};
+    });
+  }
+  const char* GetName() const { return "MXMatMul"; }
+  size_t GetInputTypeCount() const { return 3; }
+  // X float32, codes int4/int8/uint4/uint8 depending on weight_format (checked at run time), exponents uint8.
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                      : index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 const QuantizeDequantizeOp kQuantizeDequantizeOp;
 const DequantizeOp kDequantizeOp;
+const MatMulOp kMatMulOp;
 
 }  // namespace
 }  // namespace mxonnx
@@ -228,6 +331,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     Ort::CustomOpDomain domain{mxonnx::kDomain};
     domain.Add(&mxonnx::kQuantizeDequantizeOp);
     domain.Add(&mxonnx::kDequantizeOp);
+    domain.Add(&mxonnx::kMatMulOp);
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(mutex);
     domains.push_back(std::move(domain));
