@@ -72,7 +72,8 @@ def produce(row: Row, fp32: Path, work: Path) -> Produced:
     out = work / "models" / row.key
     record = out / RECORD
     if record.is_file():
-        return Produced(out, **json.loads(record.read_text()))
+        saved = json.loads(record.read_text())
+        return Produced(out, saved["quantize_seconds"], saved["quantize_peak_rss_mb"], tuple(saved["custom_ops"]))
     shutil.rmtree(out, ignore_errors=True)  # a model without its record is an interrupted one
     out.parent.mkdir(parents=True, exist_ok=True)
     if row.tool == "mxonnx":

@@ -55,7 +55,7 @@ def render_markdown(results: list[dict], meta: dict) -> str:
         "",
         f"Run {meta['date']} at commit `{meta['commit']}` on {m['cpu']} ({m['nproc']} logical CPUs, "
         f"{m['memory_gb']} GB), {m['os']}.",
-        f"Perplexity: WikiText-2 raw test, {windows} windows of {meta['seqlen']} tokens, every model through "
+        f"Perplexity: WikiText-2 raw test, {windows} window(s) of {meta['seqlen']} tokens, every model through "
         "the same `mxonnx eval`. Speed: `bench/speed.py` with "
         f"{meta['threads']} onnxruntime thread(s), prefill of {meta['prompt']} tokens (median of 3), "
         f"decode of {meta['decode']} tokens with the KV cache.",

@@ -73,8 +73,8 @@ def _peer_rows() -> list[Row]:
                  ("--element", element) + (("--smoothquant",) if method == "sq" else ()))
              for name, fmt, element, bits in (("MXINT8", "mxint8", "int8", 8), ("MXFP4", "mxfp4", "fp4_e2m1", 4))
              for method in ("rtn", "sq")]
-    # Intel Neural Compressor weight-only int4, group 32, asymmetric: fp32 scale + 4-bit zero point per group.
-    inc = [Row("inc", "W4 INT4-g32 asym", method, "int4-g32-asym", "none", 4 + (32 + 4) / 32, ("--algo", method))
+    # Intel Neural Compressor weight-only int4, group 32, symmetric: MatMulNBits with one fp32 scale per group.
+    inc = [Row("inc", "W4 INT4-g32", method, "int4-g32", "none", 4 + 32 / 32, ("--algo", method))
            for method in ("rtn", "awq", "gptq")]
     return ort + quark + inc
 

@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp32", type=Path, default=FP32, help=f"float ONNX folder with past (default: exported from {GGUF.name})")
     p.add_argument("--work", type=Path, default=REPO / "bench" / ".work", help="models and row cache")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--refresh", action="store_true", help="recompute the selected rows even if cached (after code changes)")
     p.add_argument("--keep-models", action="store_true", help="keep quantized models after measuring them")
     return p.parse_args(argv)
 
@@ -80,7 +81,7 @@ def fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def measure(row: Row, produced: Produced, args: argparse.Namespace, windows: int | None) -> dict:
+def measure(produced: Produced, args: argparse.Namespace, windows: int | None) -> dict:
     """Perplexity, bits, bytes and speed of a produced model (every number from a child process or the file)."""
     eval_args = ["eval", str(produced.folder), "--seqlen", str(args.seqlen), "--json"]
     if windows is not None:
@@ -111,11 +112,11 @@ def row_result(row: Row, args: argparse.Namespace, windows: int | None, fp32: Pa
     cache = args.work / "rows" / (hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:20] + ".json")
     base = {"tool": row.tool, "config": row.config, "method": row.method, "weights": row.weights,
             "acts": row.acts, "format_bits": row.format_bits, "options": list(row.options)}
-    if cache.is_file():
+    if cache.is_file() and not args.refresh:
         return {**json.loads(cache.read_text()), **base, "cached": True}
     try:
         produced = produce(row, fp32, args.work)
-        numbers = measure(row, produced, args, windows)
+        numbers = measure(produced, args, windows)
     except RowUnavailable as exc:
         return {**base, "status": "unavailable", "reason": str(exc)}
     result = {**base, "status": "ok", **numbers, "commit": git_commit(REPO),

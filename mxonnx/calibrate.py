@@ -10,21 +10,21 @@ Every decoder block has four linear inputs (one per group of linears reading the
 plus, on request, a bounded random sample of raw input rows (for AWQ's search).
 
 The inputs are exposed as the outputs of a pruned view of the graph (only the nodes they depend on), serialized
-without weight data: the weights are handed to onnxruntime as external initializers that share the numpy
-arrays of the ``ir.Model``, so the model is never copied. Windows run one at a time (batch 1, empty KV past) and
-are reduced at once; only the running statistics stay in memory.
+without weight data: the weights become graph inputs bound to the numpy arrays of the ``ir.Model``, so the model
+is never copied. The per-channel reductions run inside onnxruntime; windows run one at a time (batch 1, empty KV
+past) and are folded into running statistics at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -32,7 +32,6 @@ from mxonnx.config import QuantizeConfig, default_calib_text
 from mxonnx.errors import InputError
 from mxonnx.passes.llama_structure import DecoderBlock, Linear
 
-PLACEHOLDER_FILE = "weights-given-by-session"  # an empty file: every tensor pointing to it is supplied by the session
 INLINE_ELEMENTS = 1024  # tensors smaller than this are embedded in the serialized graph
 
 
@@ -55,34 +54,32 @@ class ActivationStats:
 
 
 class _Accumulator:
-    """Running reductions of one linear input; ``add`` takes one window's rows ``[T, K]``."""
+    """Running reductions of one linear input, fed one window at a time."""
 
-    def __init__(self, k: int, hessian: bool, sample_rows: int, rows_per_window: int, rng: np.random.Generator):
+    def __init__(self, k: int, hessian: bool, sample_tokens: int):
         self.max_abs = np.zeros(k, np.float32)
         self.sum_abs = np.zeros(k, np.float64)
         self.count = 0
         self.xtx = np.zeros((k, k), np.float64) if hessian else None
-        self.sample = np.empty((sample_rows, k), np.float32)
-        self.sampled = 0
-        self.rows_per_window, self.rng = rows_per_window, rng
+        self.rows: list[np.ndarray] = []
+        self.sample_tokens = sample_tokens
 
-    def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x, np.float32)
-        magnitude = np.abs(x)
-        np.maximum(self.max_abs, magnitude.max(axis=0), out=self.max_abs)
-        self.sum_abs += magnitude.sum(axis=0, dtype=np.float64)
-        self.count += x.shape[0]
+    def add(self, tokens: int, max_abs: np.ndarray, sum_abs: np.ndarray, rows: np.ndarray | None,
+            x: np.ndarray | None) -> None:
+        """One window of ``tokens`` tokens: its per-channel max and sum of |x|, sampled rows ``[r, K]`` and, for
+        the Hessian, all its rows ``x [tokens, K]``."""
+        np.maximum(self.max_abs, max_abs, out=self.max_abs)
+        self.sum_abs += sum_abs
+        self.count += tokens
+        if rows is not None and len(rows):
+            self.rows.append(np.asarray(rows, np.float32))
         if self.xtx is not None:
+            x = np.asarray(x, np.float32)
             self.xtx += x.T @ x
-        take = min(self.rows_per_window, len(self.sample) - self.sampled, x.shape[0])
-        if take:
-            rows = self.rng.choice(x.shape[0], size=take, replace=False)
-            self.sample[self.sampled : self.sampled + take] = x[np.sort(rows)]
-            self.sampled += take
 
     def result(self) -> ActivationStats:
         mean_abs = (self.sum_abs / max(self.count, 1)).astype(np.float32)
-        sample = self.sample[: self.sampled] if len(self.sample) else None
+        sample = np.concatenate(self.rows) if self.sample_tokens else None
         return ActivationStats(self.max_abs, mean_abs, self.count, self.xtx, sample)
 
 
@@ -143,12 +140,9 @@ def _dependencies(outputs: list[ir.Value]) -> tuple[list[ir.Node], set[int]]:
     return list(nodes.values()), read
 
 
-def _placeholder(value: ir.Value) -> onnx.TensorProto:
+def _weight_input(value: ir.Value) -> onnx.ValueInfoProto:
     tensor = value.const_value
-    proto = onnx.TensorProto(name=value.name, data_type=tensor.dtype.value, dims=list(tensor.shape.numpy()))
-    proto.data_location = onnx.TensorProto.EXTERNAL
-    proto.external_data.add(key="location", value=PLACEHOLDER_FILE)
-    return proto
+    return onnx.helper.make_tensor_value_info(value.name, tensor.dtype.value, list(tensor.shape.numpy()))
 
 
 def _embedded(value: ir.Value) -> onnx.TensorProto:
@@ -165,12 +159,13 @@ def _shares_numpy(value: ir.Value) -> bool:
 class ExposedSession:
     """An onnxruntime session computing ``values`` (any values of ``model``) as its outputs, in that order.
 
-    The graph is pruned to what the values depend on. Large weights are not serialized: the graph names them
-    as external data in an empty placeholder file and the session options supply the model's own arrays
-    (``add_initializer`` shares the memory; ``keep`` holds the arrays for the session's lifetime). Weight
-    pre-packing is off, as it would copy every MatMul weight."""
+    The graph is pruned to what the values depend on. Large weights are not serialized: they become graph inputs
+    bound once to the model's own arrays (``OrtValue``s share numpy memory), so the model is not copied and no
+    optimizer or weight pre-packing duplicates them. ``head(graph_proto, opset)`` may rewrite the serialized
+    graph's outputs (``output_names`` follows it)."""
 
-    def __init__(self, model: ir.Model, values: list[ir.Value], threads: int | None = None):
+    def __init__(self, model: ir.Model, values: list[ir.Value], threads: int | None = None,
+                 head: Callable[[onnx.GraphProto, int], None] | None = None):
         from mxonnx.session import session_options
 
         graph = model.graph
@@ -178,31 +173,37 @@ class ExposedSession:
         order = {id(node): i for i, node in enumerate(graph)}
         inputs = [v for v in graph.inputs if id(v) in read]
         initializers = [v for v in graph.initializers.values() if id(v) in read]
-        shared = [v for v in initializers if _shares_numpy(v)]
+        bound = [v for v in initializers if _shares_numpy(v)]
         view = ir.GraphView(inputs, values, nodes=sorted(needed, key=lambda n: order[id(n)]),
                             opset_imports=graph.opset_imports, name=graph.name)
         proto = onnx.ModelProto(ir_version=model.ir_version)
         ir.serde.serialize_graph_into(proto.graph, view, model_ir_version=model.ir_version)
         proto.graph.initializer.extend(_embedded(v) for v in initializers if not _shares_numpy(v))
-        proto.graph.initializer.extend(_placeholder(v) for v in shared)
+        proto.graph.input.extend(_weight_input(v) for v in bound)
         for domain, version in graph.opset_imports.items():
             proto.opset_import.add(domain=domain, version=version)
         proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-        self.keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.const_value.numpy())) for v in shared]
+        if head is not None:
+            head(proto.graph, graph.opset_imports.get("", 1))
         options = session_options(threads=threads)
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        for value, array in zip(shared, self.keep):
-            options.add_initializer(value.name, array)
-        with tempfile.TemporaryDirectory(prefix="mxonnx-calib-") as folder:
-            (Path(folder) / PLACEHOLDER_FILE).touch()
-            onnx.save(proto, Path(folder) / "graph.onnx")
-            self.session = ort.InferenceSession(str(Path(folder) / "graph.onnx"), options,
-                                                providers=["CPUExecutionProvider"])
+        options.enable_mem_pattern = False  # the planned block would come on top of the arena: ~2x activations
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.binding = self.session.io_binding()
+        self.weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.const_value.numpy())) for v in bound]
+        for value, weight in zip(bound, self.weights):  # self.weights keeps the arrays alive for the session
+            self.binding.bind_ortvalue_input(value.name, weight)
         self.inputs = inputs
-        self.output_names = [v.name for v in values]
+        self.output_names = [o.name for o in proto.graph.output]
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.output_names, feed)
+        """The outputs for ``feed`` (the graph's data inputs; the weights are bound already)."""
+        for name, array in feed.items():
+            self.binding.bind_cpu_input(name, array)
+        self.binding.clear_binding_outputs()  # output shapes change between runs: let onnxruntime allocate
+        for name in self.output_names:
+            self.binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(self.binding)
+        return [value.numpy() for value in self.binding.get_outputs()]
 
 
 def decoder_feed(inputs: list[ir.Value], ids: np.ndarray, num_kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
@@ -224,14 +225,51 @@ def decoder_feed(inputs: list[ir.Value], ids: np.ndarray, num_kv_heads: int, hea
     return feed
 
 
+SAMPLE_ROWS = "mxonnx_sample_rows"  # extra int64 input of the calibration graph: token rows to sample
+_AXES = "mxonnx_batch_and_time_axes"
+
+
+def _reduce(op: str, x: str, out: str, opset: int) -> onnx.NodeProto:
+    """``op`` over axes 0 and 1 (batch, time) without keeping them, for the graph's opset."""
+    if opset >= (13 if op == "ReduceSum" else 18):
+        return onnx.helper.make_node(op, [x, _AXES], [out], keepdims=0)
+    return onnx.helper.make_node(op, [x], [out], axes=[0, 1], keepdims=0)
+
+
+def statistics_head(sample: bool, raw: bool) -> Callable[[onnx.GraphProto, int], None]:
+    """A rewrite of the calibration graph: each output ``x [B, T, K]`` becomes ``x.max_abs`` and ``x.sum_abs``
+    (``[K]``, over B and T), plus ``x.rows`` (``x[:, rows]``, rows the extra input ``SAMPLE_ROWS``) when
+    ``sample`` and ``x`` itself when ``raw``. Reducing inside onnxruntime keeps the fetched outputs small."""
+
+    def rewrite(graph: onnx.GraphProto, opset: int) -> None:
+        names = [o.name for o in graph.output]
+        del graph.output[:]
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 1], np.int64), _AXES))
+        if sample:
+            graph.input.append(onnx.helper.make_tensor_value_info(SAMPLE_ROWS, onnx.TensorProto.INT64, ["rows"]))
+        for x in names:
+            suffixes = ["max_abs", "sum_abs"] + ["rows"] * sample
+            graph.node.extend([onnx.helper.make_node("Abs", [x], [f"{x}.abs"]),
+                               _reduce("ReduceMax", f"{x}.abs", f"{x}.max_abs", opset),
+                               _reduce("ReduceSum", f"{x}.abs", f"{x}.sum_abs", opset)])
+            if sample:
+                graph.node.append(onnx.helper.make_node("Gather", [x, SAMPLE_ROWS], [f"{x}.rows"], axis=1))
+            graph.output.extend(onnx.ValueInfoProto(name=f"{x}.{suffix}") for suffix in suffixes)
+            if raw:
+                graph.output.append(onnx.ValueInfoProto(name=x))
+
+    return rewrite
+
+
 def collect_statistics(model: ir.Model, blocks: list[DecoderBlock], tokenizer_folder: str | os.PathLike | None,
                        config: QuantizeConfig, hessians: bool = False, sample_tokens: int = 0,
                        groups: Iterable[str] | None = None, threads: int | None = None) -> dict[str, ActivationStats]:
     """Statistics of the linear inputs of ``blocks`` (found on ``model``) over ``config.calib_samples`` windows of
     ``config.calib_seqlen`` tokens of ``config.calib_path`` (default: WikiText-2 validation).
 
-    ``hessians`` adds ``xtx``; ``sample_tokens`` keeps that many random input rows per group (spread evenly over
-    the windows); ``groups`` restricts the work to some keys of ``linear_groups(blocks)``."""
+    ``hessians`` adds ``xtx`` (each window's inputs are then fetched whole); ``sample_tokens`` keeps that many
+    random input rows per group (the same tokens for every group, spread evenly over the windows); ``groups``
+    restricts the work to some keys of ``linear_groups(blocks)``."""
     from tqdm import tqdm
 
     exposed = linear_groups(blocks)
@@ -240,18 +278,27 @@ def collect_statistics(model: ir.Model, blocks: list[DecoderBlock], tokenizer_fo
         if unknown:
             raise InputError(f"no linear group {unknown[0]!r} in the model")
         exposed = {key: exposed[key] for key in groups}
-    tokenizer = load_tokenizer(tokenizer_folder)
-    windows = calibration_windows(config.calib_path or default_calib_text(), tokenizer, config.calib_samples,
-                                  config.calib_seqlen, config.seed)
-    session = ExposedSession(model, [linears[0].input for linears in exposed.values()], threads=threads)
+    windows = calibration_windows(config.calib_path or default_calib_text(), load_tokenizer(tokenizer_folder),
+                                  config.calib_samples, config.calib_seqlen, config.seed)
+    session = ExposedSession(model, [linears[0].input for linears in exposed.values()], threads=threads,
+                             head=statistics_head(sample=sample_tokens > 0, raw=hessians))
+    accumulators = [_Accumulator(linears[0].shape[0], hessians, sample_tokens) for linears in exposed.values()]
+    per_group = 2 + (sample_tokens > 0) + hessians
     rng = np.random.default_rng(config.seed)
-    rows_per_window = -(-sample_tokens // len(windows))
-    accumulators = [_Accumulator(linears[0].shape[0], hessians, sample_tokens, rows_per_window, rng)
-                    for linears in exposed.values()]
+    rows_per_window, sampled = -(-sample_tokens // len(windows)), 0
     kv_heads, head_dim = blocks[0].num_kv_heads, blocks[0].head_dim
     for ids in tqdm(windows, desc="calibrate", unit="window", disable=not config.progress, leave=False):
-        outputs = session.run(decoder_feed(session.inputs, ids[None], kv_heads, head_dim))
-        for accumulator, x in zip(accumulators, outputs):
-            accumulator.add(x.reshape(-1, x.shape[-1]))
+        feed = decoder_feed(session.inputs, ids[None], kv_heads, head_dim)
+        if sample_tokens:
+            take = min(rows_per_window, sample_tokens - sampled, len(ids))
+            feed[SAMPLE_ROWS] = np.sort(rng.choice(len(ids), size=take, replace=False)).astype(np.int64)
+            sampled += take
+        outputs = session.run(feed)
+        for i, accumulator in enumerate(accumulators):
+            got = iter(outputs[i * per_group : (i + 1) * per_group])
+            max_abs, sum_abs = next(got), next(got)
+            rows = next(got)[0] if sample_tokens else None
+            x = next(got).reshape(-1, max_abs.shape[0]) if hessians else None
+            accumulator.add(len(ids), max_abs, sum_abs, rows, x)
         del outputs
     return {key: acc.result() for key, acc in zip(exposed, accumulators)}

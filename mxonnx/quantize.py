@@ -17,10 +17,11 @@ import onnx_ir as ir
 from mxonnx import formats
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
+from mxonnx.gptq_pipeline import check_gptq_config, gptq_rewrite
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir, copy_model_assets, resolve_model
 from mxonnx.passes.mx_matmul import RoundToNearest, WeightProvider, rewrite_mx_matmuls
 
-AVAILABLE_METHODS = ("rtn",)
+AVAILABLE_METHODS = ("rtn", "gptq")
 
 
 def check_config(config: QuantizeConfig) -> None:
@@ -33,6 +34,8 @@ def check_config(config: QuantizeConfig) -> None:
         raise InputError("weights and activations are both 'none': nothing to quantize")
     if config.method not in AVAILABLE_METHODS:
         raise InputError(f"method {config.method} is not available yet")
+    if config.uses_gptq:
+        check_gptq_config(config)
 
 
 def weight_provider(config: QuantizeConfig) -> WeightProvider:
@@ -49,7 +52,10 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
     paths = resolve_model(model)
     with atomic_output_dir(out, paths.folder or paths.onnx) as tmp:
         graph = ir.load(paths.onnx)
-        rewrite_mx_matmuls(graph, config, weight_provider(config))
+        if config.uses_gptq:
+            gptq_rewrite(graph, paths.folder, config)
+        else:
+            rewrite_mx_matmuls(graph, config, weight_provider(config))
         ir.save(graph, tmp / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
         copy_model_assets(paths.folder, tmp)
     return {

@@ -53,7 +53,8 @@ def test_folding_keeps_logits_and_nodes(method, fixture, request, tiny_text):
     config = _config(tiny_text, method=method)
     apply_smoothing(model, blocks, smoothing_statistics(model, blocks, folder, config), config)
     assert len(model.graph) == count and _ops(model) == ops
-    assert all(not np.array_equal(a, b) for a, b in zip(weights, _linear_weights(model)))  # every weight moved
+    moved = [not np.array_equal(a, b) for a, b in zip(weights, _linear_weights(model))]
+    assert all(moved) if method == "sq" else any(moved)  # AWQ may choose alpha 0 (no change) for some groups
     after = _logits(model)
     assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
     reloaded = ir.from_proto(ir.to_proto(model))  # the folded model serializes with its new weights

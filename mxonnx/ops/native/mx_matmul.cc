@@ -51,17 +51,24 @@ struct Avx2MicroKernel {
                                                       float* c) {
     constexpr int Q = 2 * S;
     __m256 acc[R][Q];
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
       for (int q = 0; q < Q; ++q) acc[r][q] = _mm256_loadu_ps(c + r * kPanelColumns + 8 * q);
     for (int64_t k = 0; k < kc; ++k) {
       __m256 bk[Q];
+#pragma GCC unroll 16
       for (int q = 0; q < Q; ++q) bk[q] = _mm256_loadu_ps(b + (q / 2) * kStripStride + k * kStrip + 8 * (q % 2));
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+#pragma GCC unroll 16
         for (int q = 0; q < Q; ++q) acc[r][q] = _mm256_fmadd_ps(a, bk[q], acc[r][q]);
       }
     }
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
       for (int q = 0; q < Q; ++q) _mm256_storeu_ps(c + r * kPanelColumns + 8 * q, acc[r][q]);
   }
 };

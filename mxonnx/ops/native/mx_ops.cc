@@ -1,4 +1,5 @@
-// onnxruntime CPU kernels of the com.mxonnx domain (version 1: MXQuantizeDequantize, MXDequantize, MXMatMul) and the library entry point RegisterCustomOps.
+// onnxruntime CPU kernels of the com.mxonnx domain (version 1: MXQuantizeDequantize, MXDequantize, MXMatMul) and
+// the library entry point RegisterCustomOps.
 //
 // Built against headers only (ORT_API_MANUAL_INIT): every onnxruntime call goes through the OrtApi table handed
 // to RegisterCustomOps, so the library links no onnxruntime. Kernels return an OrtStatus for every failure (bad
@@ -135,8 +136,8 @@ void parallel_for(OrtKernelContext* context, int64_t units, int64_t elements_per
 }
 
 // The element types of MXDequantize's inputs (also MXMatMul's codes and exponents).
-void check_weight_types(const MxFormat& format, const Ort::ConstTensorTypeAndShapeInfo& codes,
-                        const Ort::ConstTensorTypeAndShapeInfo& exponents, const char* op) {
+void check_weight_types(const MxFormat& format, const Ort::TensorTypeAndShapeInfo& codes,
+                        const Ort::TensorTypeAndShapeInfo& exponents, const char* op) {
   const CodeType expected = code_type(format.elem->storage);
   if (codes.GetElementType() != expected.onnx) {
     invalid(std::string(op) + ": codes of " + format.elem->family + " must be " + expected.name);

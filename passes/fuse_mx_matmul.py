@@ -1,0 +1,156 @@
+"""Fuse each quantized linear of a saved MX graph into one ``com.mxonnx.MXMatMul`` node, for sessions that run
+the native kernels:
+
+    MatMul(MXQuantizeDequantize(X, A, axis=-1), MXDequantize(codes, exponents, W, axis=0))
+        ->  MXMatMul(X, codes, exponents; weight_format=W, act_format=A)
+    MatMul(X, MXDequantize(codes, exponents, W, axis=0))  ->  MXMatMul(X, codes, exponents; W, act_format="none")
+
+An activation quantizer shared by several linears (q/k/v, gate/up) stays a node of its own and the linears take
+its output with ``act_format="none"``: computed once instead of once per linear, same numbers. The native kernel
+decodes the packed weight panel by panel inside its GEMM, so the fp32 weight never exists in memory.
+
+The saved graphs keep the plain form (any runtime reads them); this pass runs in memory only, on graphs about to
+be opened with the native library (``fused_model_bytes``). ``MXMatMul`` still gets an ONNX function (the
+two op functions and MatMul, inlined into standard ops), so a fused graph written out stays portable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import onnx.inliner
+import onnx_ir as ir
+import onnx_ir.passes.common
+from onnx import helper
+
+from mxonnx import formats
+from mxonnx.ops import functions, schema
+
+MATMUL = "MXMatMul"
+WEIGHT_FORMAT_ATTR = "weight_format"
+ACT_FORMAT_ATTR = "act_format"
+# session config key under which onnxruntime finds external data of a model given as bytes
+EXTERNAL_DATA_FOLDER_CONFIG = "session.model_external_initializers_file_folder_path"
+
+
+def matmul_overload(weights: str | formats.MXFormat, acts: str | formats.MXFormat) -> str:
+    """Function overload of an MXMatMul node, e.g. ``mxint4-128+mxint8-128`` or ``mxfp4-32+none``."""
+    acts = formats.parse_format(acts)
+    return f"{schema.overload(weights)}+{schema.overload(acts) if acts.kind == 'mx' else 'none'}"
+
+
+def matmul_function_proto(weights: str | formats.MXFormat, acts: str | formats.MXFormat) -> onnx.FunctionProto:
+    """MXMatMul's body: ``MatMul(MXQuantizeDequantize(X), MXDequantize(codes, exponents))`` (no quantizer for acts
+    ``none``) with the two ops' functions inlined, so that the body holds standard ops only."""
+    weights, acts = schema.mx_format(weights), formats.parse_format(acts)
+    nodes, x, used = [], "X", [functions.function_proto(schema.DEQUANTIZE, weights)]
+    if acts.kind == "mx":
+        nodes.append(helper.make_node(schema.QUANTIZE_DEQUANTIZE, ["X"], ["X_qdq"], domain=schema.DOMAIN,
+                                      format=acts.name, axis=-1, overload=schema.overload(acts)))
+        used.append(functions.function_proto(schema.QUANTIZE_DEQUANTIZE, acts))
+        x = "X_qdq"
+    nodes.append(helper.make_node(schema.DEQUANTIZE, ["codes", "exponents"], ["W"], domain=schema.DOMAIN,
+                                  format=weights.name, axis=0, overload=schema.overload(weights)))
+    nodes.append(helper.make_node("MatMul", [x, "W"], ["Y"]))
+    inputs, outputs = ["X", "codes", "exponents"], ["Y"]
+    opsets = [helper.make_opsetid("", schema.STANDARD_OPSET), helper.make_opsetid(schema.DOMAIN, schema.DOMAIN_VERSION)]
+    composed = helper.make_model(
+        helper.make_graph(nodes, MATMUL, [helper.make_empty_tensor_value_info(name) for name in inputs],
+                          [helper.make_empty_tensor_value_info(name) for name in outputs]),
+        ir_version=schema.IR_VERSION, opset_imports=opsets, functions=used)
+    body = onnx.inliner.inline_local_functions(composed).graph.node
+    proto = helper.make_function(schema.DOMAIN, MATMUL, inputs, outputs, body, opsets[:1],
+                                 attributes=[WEIGHT_FORMAT_ATTR, ACT_FORMAT_ATTR])
+    proto.overload = matmul_overload(weights, acts)
+    return proto
+
+
+def _producer(value: ir.Value, op_type: str) -> ir.Node | None:
+    node = value.producer()
+    if node is None or node.domain != schema.DOMAIN or node.op_type != op_type:
+        return None
+    return node
+
+
+def _axis(node: ir.Node) -> int:
+    attr = node.attributes.get(schema.AXIS_ATTR)
+    return schema.DEFAULT_AXIS[node.op_type] if attr is None else attr.as_int()
+
+
+def _weight(matmul: ir.Node) -> ir.Node | None:
+    """The MXDequantize along axis 0 of a 2-D weight feeding MatMul's B, else None."""
+    node = _producer(matmul.inputs[1], schema.DEQUANTIZE)
+    shape = node.inputs[0].shape if node is not None else None
+    if node is None or _axis(node) not in (0, -2) or (shape is not None and len(shape) != 2):
+        return None
+    return node
+
+
+def _private_quantizer(matmul: ir.Node, graph: ir.Graph) -> ir.Node | None:
+    """The MXQuantizeDequantize along the last axis feeding MatMul's A when this MatMul is its only reader."""
+    node = _producer(matmul.inputs[0], schema.QUANTIZE_DEQUANTIZE)
+    if node is None or _axis(node) != -1:
+        return None
+    out = node.outputs[0]
+    if len(out.uses()) != 1 or out in graph.outputs:
+        return None
+    return node
+
+
+def _format(node: ir.Node) -> formats.MXFormat:
+    return schema.mx_format(node.attributes[schema.FORMAT_ATTR].as_string())
+
+
+def _add_function(model: ir.Model, proto: onnx.FunctionProto) -> None:
+    function = ir.serde.deserialize_function(proto)
+    model.functions.setdefault(function.identifier(), function)
+
+
+class FuseMxMatMulPass(ir.passes.InPlacePass):
+    """Replace each MatMul whose B is an ``MXDequantize`` (and A maybe a private ``MXQuantizeDequantize``) of the
+    main graph by one ``MXMatMul``; other MatMuls are left alone. Dead quantizers and functions are removed."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        fused = 0
+        for matmul in list(graph):
+            if matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
+                continue
+            weight = _weight(matmul)
+            if weight is None:
+                continue
+            quantizer = _private_quantizer(matmul, graph)
+            weights = _format(weight)
+            acts = _format(quantizer) if quantizer is not None else formats.parse_format("none")
+            x = quantizer.inputs[0] if quantizer is not None else matmul.inputs[0]
+            node = ir.node(MATMUL, [x, *weight.inputs], domain=schema.DOMAIN,
+                           overload=matmul_overload(weights, acts), name=matmul.name,
+                           attributes={WEIGHT_FORMAT_ATTR: weights.name, ACT_FORMAT_ATTR: acts.name})
+            node.outputs[0].shape, node.outputs[0].type = matmul.outputs[0].shape, matmul.outputs[0].type
+            ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [node], matmul.outputs, node.outputs)
+            _add_function(model, matmul_function_proto(weights, acts))
+            fused += 1
+        if fused:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+            ir.passes.common.RemoveUnusedFunctionsPass()(model)
+        self.fused = fused
+        return ir.passes.PassResult(model, modified=bool(fused))
+
+
+def fuse_mx_matmuls(model: ir.Model) -> int:
+    """Run ``FuseMxMatMulPass`` on ``model`` in place; returns the number of MXMatMul nodes made."""
+    fuse = FuseMxMatMulPass()
+    fuse(model)
+    return fuse.fused
+
+
+def fused_model_bytes(path: str | os.PathLike) -> bytes | None:
+    """The ONNX file at ``path`` with its quantized linears fused, serialized; None when there is nothing to fuse.
+
+    Weights stored as external data stay on disk, referenced by their relative location: open the bytes with the
+    session config entry ``EXTERNAL_DATA_FOLDER_CONFIG`` set to ``path``'s folder."""
+    model = ir.load(os.fspath(path))
+    if schema.DOMAIN not in model.graph.opset_imports or fuse_mx_matmuls(model) == 0:
+        return None
+    return ir.serde.serialize_model(model).SerializeToString()

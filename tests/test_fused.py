@@ -1,0 +1,207 @@
+"""The fused native op MXMatMul and the pass that makes it (passes/fuse_mx_matmul.py).
+
+MXMatMul computes MatMul(MXQuantizeDequantize(X), MXDequantize(codes, exponents)) with another summation order
+than onnxruntime's MatMul, so fused and unfused outputs agree within float32 summation error: every output must be
+within TOLERANCE * (|Xq| @ |W|) of the unfused one (|Xq|, |W| the magnitudes of the quantized operands; the
+rounding error of any order of a K-term sum is at most about K * 2^-24 times that, and random data stays far below).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from mxonnx import formats
+from mxonnx.ops import functions, packing, schema
+from mxonnx.ops.native import native_library_path
+from mxonnx.passes.fuse_mx_matmul import (EXTERNAL_DATA_FOLDER_CONFIG, MATMUL, fuse_mx_matmuls, fused_model_bytes,
+                                          matmul_function_proto)
+from mxonnx.session import create_session, session_options
+
+if os.environ.get("MXONNX_NO_NATIVE") == "1" or native_library_path() is None:
+    pytest.skip("native MX library not built (python -m mxonnx.ops.native build)", allow_module_level=True)
+
+TOLERANCE = 1e-5
+WEIGHT_FORMATS = ["mxint4-32", "mxint8-128", "mxfp4-32", "mxfp6e3m2-32", "mxfp6e2m3-64", "mxfp8e4m3-32",
+                  "mxfp8e5m2-128", "mxint2-2", "mxint6-1024"]
+ACT_FORMATS = ["none", "mxint8-32", "mxfp8e4m3-128"]
+# X shapes [batch, seq, K] with M = batch * seq in {1, 7, 512}; K = 200 is no multiple of the blocks; N = 75 (odd:
+# 4-bit rows start mid-byte) and 150 (a partial 64-column panel)
+SHAPES = [((1, 1, 200), 150), ((1, 7, 200), 75), ((2, 256, 200), 150)]
+
+
+def unfused_model(x_rank: int, codes: np.ndarray, exponents: np.ndarray, weights: str, acts: str) -> onnx.ModelProto:
+    """MatMul(MXQuantizeDequantize(x), MXDequantize(codes, exponents)) as the rewrite pass writes it (with functions)."""
+    nodes, x = [], "x"
+    fmts = {schema.DEQUANTIZE: weights}
+    if acts != "none":
+        nodes.append(helper.make_node(schema.QUANTIZE_DEQUANTIZE, ["x"], ["xq"], domain=schema.DOMAIN, format=acts,
+                                      axis=-1, overload=schema.overload(acts)))
+        fmts[schema.QUANTIZE_DEQUANTIZE] = acts
+        x = "xq"
+    nodes.append(helper.make_node(schema.DEQUANTIZE, ["codes", "exponents"], ["w"], domain=schema.DOMAIN,
+                                  format=weights, axis=0, overload=schema.overload(weights)))
+    nodes.append(helper.make_node("MatMul", [x, "w"], ["y"], name="linear"))
+    tensors = [ir.serde.serialize_tensor(packing.code_tensor(codes, weights, "codes")),
+               ir.serde.serialize_tensor(packing.scale_tensor(exponents, weights, "exponents"))]
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None] * x_rank)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * x_rank)],
+                              initializer=tensors)
+    return helper.make_model(graph, ir_version=schema.IR_VERSION,
+                             functions=[functions.function_proto(op, f) for op, f in fmts.items()],
+                             opset_imports=[helper.make_opsetid("", schema.STANDARD_OPSET),
+                                            helper.make_opsetid(schema.DOMAIN, schema.DOMAIN_VERSION)])
+
+
+def fused(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = ir.serde.deserialize_model(model)
+    fuse_mx_matmuls(graph)
+    return ir.serde.serialize_model(graph)
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, threads: int = 2, use_native: bool = True) -> np.ndarray:
+    return create_session(model.SerializeToString(), threads=threads, use_native=use_native).run(None, {"x": x})[0]
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, x: np.ndarray, codes, exponents, weights: str,
+                 acts: str) -> None:
+    """|actual - expected| <= TOLERANCE * (|Xq| @ |W|) elementwise."""
+    xq = x if acts == "none" else formats.quantize_dequantize(x, acts, -1)
+    w = formats.dequantize(codes, exponents, weights, 0)
+    bound = TOLERANCE * (np.abs(xq.astype(np.float64)) @ np.abs(w.astype(np.float64)))
+    assert actual.shape == expected.shape
+    excess = np.abs(actual.astype(np.float64) - expected) - bound
+    assert np.all(excess <= 0), f"{np.count_nonzero(excess > 0)} outputs off, worst by {excess.max():.3g}"
+
+
+def weight_and_input(x_shape, n, weights, seed=0):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((x_shape[-1], n)) * 0.05).astype(np.float32)
+    codes, exponents = formats.quantize(w, weights, 0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    x[..., :3] *= 40  # outliers, as in LLM activations
+    return x, codes, exponents
+
+
+@pytest.mark.parametrize("acts", ACT_FORMATS)
+@pytest.mark.parametrize("weights", WEIGHT_FORMATS)
+def test_fused_matches_unfused(weights, acts):
+    for i, (x_shape, n) in enumerate(SHAPES):
+        x, codes, exponents = weight_and_input(x_shape, n, weights, seed=i)
+        model = unfused_model(len(x_shape), codes, exponents, weights, acts)
+        fused_model = fused(model)
+        assert op_types(fused_model) == [MATMUL]
+        expected = run(model, x)
+        assert_close(run(fused_model, x), expected, x, codes, exponents, weights, acts)
+        if x_shape[1] == 7:  # one thread: the same numbers whatever the split
+            np.testing.assert_array_equal(run(fused_model, x, threads=1), run(fused_model, x))
+
+
+@pytest.mark.parametrize("weights,acts", [("mxint4-128", "mxint8-128"), ("mxfp4-32", "none")])
+def test_function_body_matches_native(weights, acts):
+    """A fused graph stays portable: MXMatMul's ONNX function (no native library) gives the unfused numbers."""
+    x, codes, exponents = weight_and_input((3, 5, 200), 75, weights)
+    model = unfused_model(3, codes, exponents, weights, acts)
+    fused_model = fused(model)
+    onnx.checker.check_model(fused_model, full_check=True)
+    np.testing.assert_array_equal(run(fused_model, x, use_native=False), run(model, x, use_native=False))
+    assert_close(run(fused_model, x), run(model, x, use_native=False), x, codes, exponents, weights, acts)
+
+
+def test_rank_one_and_empty_inputs():
+    x, codes, exponents = weight_and_input((1, 1, 200), 150, "mxint4-32")
+    model = fused(unfused_model(1, codes, exponents, "mxint4-32", "mxint8-32"))
+    y = run(model, x.reshape(200))
+    assert y.shape == (150,)
+    model3 = fused(unfused_model(3, codes, exponents, "mxint4-32", "mxint8-32"))
+    assert run(model3, np.zeros((2, 0, 200), np.float32)).shape == (2, 0, 150)
+
+
+def test_nan_activation_block_gives_nan_rows():
+    x, codes, exponents = weight_and_input((1, 4, 200), 150, "mxint4-32")
+    x[0, 2, 5] = np.nan
+    y = run(fused(unfused_model(3, codes, exponents, "mxint4-32", "mxint8-32")), x)
+    assert np.isnan(y[0, 2]).all() and not np.isnan(y[0, [0, 1, 3]]).any()
+
+
+def test_shape_mismatch_is_an_error():
+    x, codes, exponents = weight_and_input((1, 3, 200), 150, "mxint4-32")
+    session = create_session(fused(unfused_model(3, codes, exponents, "mxint4-32", "none")).SerializeToString())
+    with pytest.raises(Exception, match="last dimension of X"):
+        session.run(None, {"x": x[..., :199].copy()})
+
+
+def test_bad_weight_format_is_refused():
+    node = helper.make_node(MATMUL, ["x", "codes", "exponents"], ["y"], domain=schema.DOMAIN, weight_format="int4",
+                            act_format="none")
+    inputs = [helper.make_tensor_value_info(name, t, None) for name, t in
+              [("x", TensorProto.FLOAT), ("codes", TensorProto.INT4), ("exponents", TensorProto.UINT8)]]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, ir_version=schema.IR_VERSION,
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(schema.DOMAIN, 1)])
+    with pytest.raises(Exception, match="unknown MX format"):
+        create_session(model.SerializeToString())
+
+
+def test_function_body_is_standard_ops():
+    proto = matmul_function_proto("mxint4-128", "mxint8-128")
+    assert proto.overload == "mxint4-128+mxint8-128" and proto.node[-1].op_type == "MatMul"
+    assert {n.domain for n in proto.node} == {""}
+    assert matmul_function_proto("mxfp4-32", "none").overload == "mxfp4-32+none"
+
+
+# ---------------------------------------------------------------- the pass on a quantized Llama
+
+@pytest.fixture(scope="module")
+def tiny_quantized(tiny_onnx, tmp_path_factory):
+    from mxonnx.config import QuantizeConfig
+    from mxonnx.quantize import quantize_model
+
+    out = tmp_path_factory.mktemp("fused") / "w4a8"
+    quantize_model(tiny_onnx, out, QuantizeConfig(weights="mxint4-32", acts="mxint8-32", method="rtn"))
+    return out
+
+
+def test_pass_fuses_exactly_the_quantized_linears(tiny_quantized):
+    model = ir.load(tiny_quantized / "model.onnx")
+    before = [(n.domain, n.op_type) for n in model.graph]
+    fused_count = fuse_mx_matmuls(model)
+    after = [(n.domain, n.op_type) for n in model.graph]
+    dequantizers = before.count((schema.DOMAIN, schema.DEQUANTIZE))
+    assert fused_count == dequantizers == 2 * 7
+    assert after.count((schema.DOMAIN, MATMUL)) == fused_count
+    assert after.count(("", "MatMul")) == before.count(("", "MatMul")) - fused_count > 0  # attention, lm_head
+    assert (schema.DOMAIN, schema.DEQUANTIZE) not in after
+    # per layer the shared quantizers (before q/k/v and gate/up) stay; those of o_proj and down_proj are folded
+    assert after.count((schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE)) == 2 * 2
+    assert fuse_mx_matmuls(model) == 0
+
+
+def test_float_model_has_nothing_to_fuse(tiny_onnx):
+    assert fused_model_bytes(tiny_onnx / "model.onnx") is None
+
+
+def test_logits_fused_vs_unfused(tiny_quantized):
+    from mxonnx.eval import OrtCausalLM
+
+    lm = OrtCausalLM(tiny_quantized / "model.onnx")
+    ids = np.random.default_rng(0).integers(3, 96, size=(2, 33))
+    feed = lm.feed(ids)
+    expected = lm.session.run(["logits"], feed)[0]
+    options = session_options(threads=2)
+    options.add_session_config_entry(EXTERNAL_DATA_FOLDER_CONFIG, str(tiny_quantized))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(fused_model_bytes(tiny_quantized / "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    actual = session.run(["logits"], feed)[0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
