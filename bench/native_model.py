@@ -66,11 +66,8 @@ def open_variant(name: str, fp32: Path, quantized: Path, threads: int) -> ort.In
     if name == "W4A8 native":
         return create_session(onnx_file, threads=threads)
     options = session_options(threads=threads)
-    if name == "W4A8 native fused":
-        options.add_session_config_entry(EXTERNAL_DATA_FOLDER_CONFIG, str(quantized))
-        model = fused_model_bytes(onnx_file)
-    else:
-        model = predecoded_model_bytes(onnx_file)
+    options.add_session_config_entry(EXTERNAL_DATA_FOLDER_CONFIG, str(quantized))  # embeddings stay external
+    model = fused_model_bytes(onnx_file) if name == "W4A8 native fused" else predecoded_model_bytes(onnx_file)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 

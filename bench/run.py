@@ -102,7 +102,7 @@ def measure(produced: Produced, args: argparse.Namespace, windows: int | None) -
         "file_bytes": model_file_bytes(produced.folder),
         "quantize_seconds": produced.quantize_seconds, "quantize_peak_rss_mb": produced.quantize_peak_rss_mb,
         "prefill_ms": speed["prefill_ms"], "decode_tokens_per_second": speed["decode_tokens_per_second"],
-        "run_peak_rss_mb": sp.peak_rss_mb,
+        "run_peak_rss_mb": sp.peak_rss_mb, "native_mx_library": speed["native_library"] is not None,
     }
 
 

@@ -4,7 +4,8 @@ prefill milliseconds for a prompt of ``--prompt`` tokens, and decode tokens per 
 Prefill: median wall time of ``--repeat`` runs of the whole prompt with an empty past (after one warm-up run).
 Decode: after the prefill, ``--decode`` greedy steps of one token each, feeding back ``present.*`` as
 ``past_key_values.*``; tokens/s = steps / their total wall time. Graphs without KV-cache inputs report no decode.
-Prompt ids are seeded random ids from the vocabulary (speed does not depend on the text).
+Prompt ids are seeded random ids from the vocabulary (speed does not depend on the text). ``native_library``
+says whether the MX ops ran as native kernels or as their ONNX function bodies.
 
     python bench/speed.py MODEL_FOLDER [--threads 1] [--prompt 512] [--decode 64] [--repeat 3]   # prints one JSON
 """
@@ -25,6 +26,7 @@ def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: 
 
     from mxonnx.eval import OrtCausalLM
     from mxonnx.modelio import resolve_model
+    from mxonnx.session import native_library
 
     paths = resolve_model(folder)
     config = AutoConfig.from_pretrained(paths.folder)
@@ -38,8 +40,9 @@ def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: 
         start = time.perf_counter()
         outputs = dict(zip(output_names, lm.session.run(output_names, feed)))
         times.append(time.perf_counter() - start)
-    result = {"threads": threads, "prompt_tokens": prompt, "prefill_ms": 1000 * statistics.median(times),
-              "decode_tokens": None, "decode_tokens_per_second": None}
+    native = native_library()
+    result = {"native_library": str(native) if native else None, "threads": threads, "prompt_tokens": prompt,
+              "prefill_ms": 1000 * statistics.median(times), "decode_tokens": None, "decode_tokens_per_second": None}
     if not lm.past_names or decode == 0:
         return result
     length = prompt

@@ -108,7 +108,7 @@ def gptq_rewrite(model: ir.Model, tokenizer_folder: str | os.PathLike | None, co
                                   config.calib_samples, config.calib_seqlen, config.seed)
     runner = BlockwiseRunner(model, blocks, windows, progress=config.progress, threads=threads)
     with single_threaded_torch():
-        for block in tqdm(blocks, desc="gptq", unit="block", disable=not config.progress):
+        for block in tqdm(blocks, desc="gptq", unit="block", disable=not config.progress, leave=False):
             last = block.index == len(blocks) - 1
             hessians = block_hessians(runner, block, acts)
             if not config.sequential and not last:

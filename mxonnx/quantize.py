@@ -2,8 +2,9 @@
 
     check formats -> load -> [calibrate -> fold smoothing scales] -> weight provider -> rewrite -> save
 
-Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding and GPTQ plug in as the bracketed
-stage and as another weight provider. OUT is written atomically (whole or absent); the input is only read.
+Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding plugs in as the bracketed stage. The GPTQ
+methods replace "weight provider -> rewrite" by ``mxonnx.gptq_pipeline.gptq_rewrite``, which calibrates and
+rewrites one decoder block at a time. OUT is written atomically (whole or absent); the input is only read.
 """
 
 from __future__ import annotations
