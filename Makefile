@@ -31,7 +31,7 @@ sanitize: .venv/.installed
 	$(PY) -m mxonnx.ops.native build --sanitize
 	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 MXONNX_NATIVE_LIB="$$($(PY) -m mxonnx.ops.native path --sanitize)" \
-	  $(PY) -m pytest -q tests/test_native.py
+	  $(PY) -m pytest -q tests/test_native.py tests/test_fused.py
 
 models: install $(GGUF)
 

@@ -16,13 +16,15 @@ from pathlib import Path
 import onnx_ir as ir
 
 from mxonnx import formats
-from mxonnx.config import QuantizeConfig
+from mxonnx.config import METHODS, QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.gptq_pipeline import check_gptq_config, gptq_rewrite
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir, copy_model_assets, resolve_model
+from mxonnx.passes.llama_structure import find_decoder_blocks
 from mxonnx.passes.mx_matmul import RoundToNearest, WeightProvider, rewrite_mx_matmuls
+from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics
 
-AVAILABLE_METHODS = ("rtn", "gptq")
+AVAILABLE_METHODS = METHODS
 
 
 def check_config(config: QuantizeConfig) -> None:
@@ -34,7 +36,7 @@ def check_config(config: QuantizeConfig) -> None:
     if weights.kind == "none" and acts.kind == "none":
         raise InputError("weights and activations are both 'none': nothing to quantize")
     if config.method not in AVAILABLE_METHODS:
-        raise InputError(f"method {config.method} is not available yet")
+        raise InputError(f"unknown method {config.method!r}; choose one of {', '.join(AVAILABLE_METHODS)}")
     if config.uses_gptq:
         check_gptq_config(config)
 
@@ -53,6 +55,9 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
     paths = resolve_model(model)
     with atomic_output_dir(out, paths.folder or paths.onnx) as tmp:
         graph = ir.load(paths.onnx)
+        if config.uses_smoothquant or config.uses_awq:
+            blocks = find_decoder_blocks(graph)
+            apply_smoothing(graph, blocks, smoothing_statistics(graph, blocks, paths.folder, config), config)
         if config.uses_gptq:
             gptq_rewrite(graph, paths.folder, config)
         else:

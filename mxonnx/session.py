@@ -42,9 +42,23 @@ def session_options(threads: int | None = None, use_native: bool = True, optimiz
     return so
 
 
+def _native_enabled(use_native: bool) -> bool:
+    return use_native and os.environ.get("MXONNX_NO_NATIVE") != "1" and native_library() is not None
+
+
 def create_session(model: str | os.PathLike | bytes, threads: int | None = None, use_native: bool = True,
-                   optimize: bool = True) -> ort.InferenceSession:
-    """An InferenceSession on the CPU execution provider for a model path or serialized bytes."""
+                   optimize: bool = True, fuse: bool = True) -> ort.InferenceSession:
+    """An InferenceSession on the CPU execution provider for a model path or serialized bytes.
+
+    With the native library and ``fuse``, a model file's ``MatMul(MXQuantizeDequantize, MXDequantize)`` pairs run as
+    the fused native ``MXMatMul`` (``passes/fuse_mx_matmul.py``; in memory only, the file is not changed)."""
     so = session_options(threads=threads, use_native=use_native, optimize=optimize)
     target = model if isinstance(model, bytes) else str(model)
+    if fuse and not isinstance(model, bytes) and _native_enabled(use_native):
+        from mxonnx.passes.fuse_mx_matmul import EXTERNAL_DATA_FOLDER_CONFIG, fused_model_bytes
+
+        fused = fused_model_bytes(model)
+        if fused is not None:
+            so.add_session_config_entry(EXTERNAL_DATA_FOLDER_CONFIG, str(Path(model).resolve().parent))
+            target = fused
     return ort.InferenceSession(target, so, providers=["CPUExecutionProvider"])

@@ -132,7 +132,7 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_onnx, tmp_path, capsys):
     out = tmp_path / "q"
     cases = {
         "unknown format": (["--weights", "mxint9-32"], tiny_onnx, "valid:"),
-        "method not wired": (["--method", "gptq"], tiny_onnx, "not available yet"),
+        "alpha outside [0, 1]": (["--method", "sq", "--alpha", "1.5"], tiny_onnx, "outside [0, 1]"),
         "no decoder": ([], _no_decoder_model(tmp_path / "plain"), "no Llama decoder block"),
         "nan weights": ([], _nan_weight_model(tiny_onnx, tmp_path / "nan"), "NaN or Inf"),
     }
