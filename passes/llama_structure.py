@@ -143,38 +143,6 @@ def _first_linear_after(value: ir.Value) -> ir.Node | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _is_vector(array) -> bool:
-    return array is not None and array.ndim == 1
-
-
-def _match_rmsnorm(value: ir.Value) -> RMSNorm | None:
-    """The RMSNorm producing ``value``, or None."""
-    node = value.producer()
-    if node is None:
-        return None
-    if node.op_type in _NORM_OPS and len(node.inputs) >= 2 and _is_vector(constant_array(node.inputs[1])):
-        return RMSNorm(node.op_type, node, node.inputs[1], value)
-    if node.op_type != "Mul":
-        return None
-    consts = [v for v in node.inputs if v is not None and _is_vector(constant_array(v))]
-    others = [v for v in node.inputs if v is not None and constant_array(v) is None]
-    if len(consts) != 1 or len(others) != 1:
-        return None
-    # the normalised input: walk back a few producers looking for the mean of squares
-    frontier, ops = [others[0]], set()
-    for _ in range(8):
-        nxt = []
-        for v in frontier:
-            p = v.producer()
-            if p is not None:
-                ops.add(p.op_type)
-                nxt.extend(i for i in p.inputs if i is not None)
-        frontier = nxt
-    if {"ReduceMean", "Pow"} <= ops or {"ReduceMean", "Mul"} <= ops and ("Sqrt" in ops or "Reciprocal" in ops):
-        return RMSNorm("decomposed", node, consts[0], value)
-    return None
-
-
 def _constant_source(value: ir.Value | None) -> tuple[ir.Value | ir.Node | None, list[ir.Node]]:
     """Follow ``Identity``/``Transpose`` producers back to an initializer value or a ``Constant`` node.
     Returns (source or None, the Transpose nodes passed, outermost first)."""
