@@ -5,7 +5,8 @@ MX := .venv/bin/mxonnx
 CACHE := models/cache
 GGUF := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 FP32 := $(CACHE)/smollm2-135m-fp32
-W4A8 := $(CACHE)/smollm2-135m-w4a8-mxint4-128
+W4A8 := $(CACHE)/smollm2-135m-w4a8-mxint4-128-awq-gptq
+DEMO_CALIB ?= 32
 DEMO_WINDOWS ?= 4
 
 .PHONY: install native test sanitize models demo bench bench-quick clean
@@ -42,8 +43,9 @@ $(FP32)/model.onnx: $(GGUF)
 	$(MX) export $(GGUF) -o $(FP32)
 
 demo: models $(FP32)/model.onnx
-	@echo "== quantize: W MXINT4-128 / A MXINT8-128, RTN (weights of this GGUF already sit on a Q4_1 grid)"
-	rm -rf $(W4A8) && $(MX) quantize $(FP32) -o $(W4A8) --weights mxint4-128 --acts mxint8-128 --method rtn
+	@echo "== quantize: W MXINT4-128 / A MXINT8-128, AWQ+GPTQ on $(DEMO_CALIB) calibration windows of 512 tokens"
+	@echo "   (the weights of this GGUF already sit on a 4-bit Q4_1 grid)"
+	rm -rf $(W4A8) && $(MX) quantize $(FP32) -o $(W4A8) --weights mxint4-128 --acts mxint8-128 --method awq+gptq --calib-samples $(DEMO_CALIB)
 	@echo "== inspect"
 	$(MX) inspect $(W4A8)
 	@echo "== perplexity on the first $(DEMO_WINDOWS) windows of 2048 tokens of WikiText-2 test"
