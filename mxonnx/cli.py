@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from mxonnx.errors import InputError
@@ -166,7 +167,12 @@ def _run(args: argparse.Namespace) -> None:
         _print_result(args, {"prompt": args.prompt, "text": text}, text)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"mxonnx: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # e.g. one line per Hessian whose dampening was raised
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

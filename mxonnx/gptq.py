@@ -170,7 +170,7 @@ def _gptq(w: np.ndarray, upper: np.ndarray, grid: _Grid, block: int, micro: int)
     return q, params
 
 
-def _check_blocks(fmt: formats.MXFormat, block_size: int, micro_block: int | None) -> tuple[int, int]:
+def check_blocks(fmt: formats.MXFormat, block_size: int, micro_block: int | None) -> tuple[int, int]:
     """(B1, B2): B2 defaults to the format's block (B1 for per-channel int) and must be a multiple of it; B1 is
     rounded up to a multiple of B2."""
     if not isinstance(block_size, int) or block_size < 1:
@@ -201,7 +201,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | InverseHessianFactor, fmt
         raise InputError(f"{name}: GPTQ expects a 2-D weight [K, N], got shape {w.shape}")
     formats.check_finite(w, name)
     k = w.shape[0]
-    block, micro = _check_blocks(fmt, block_size, micro_block)
+    block, micro = check_blocks(fmt, block_size, micro_block)
     group = fmt.block_size or k
     factor = hessian if isinstance(hessian, InverseHessianFactor) else inverse_hessian_factor(
         hessian, damp, order_unit=(fmt.block_size or 1) if act_order else None, name=name)

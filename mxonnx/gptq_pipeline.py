@@ -39,7 +39,7 @@ from mxonnx.blockwise import BlockwiseRunner
 from mxonnx.calibrate import calibration_windows, group_key, load_tokenizer
 from mxonnx.config import QuantizeConfig, default_calib_text
 from mxonnx.errors import InputError
-from mxonnx.gptq import GptqWeightProvider, HessianAccumulator, _check_blocks
+from mxonnx.gptq import GptqWeightProvider, HessianAccumulator, check_blocks
 from mxonnx.passes.llama_structure import DecoderBlock, find_decoder_blocks, find_lm_head
 from mxonnx.passes.mx_matmul import MxMatMulPass, RoundToNearest
 
@@ -50,7 +50,7 @@ def check_gptq_config(config: QuantizeConfig) -> None:
     weights = formats.parse_format(config.weights)
     if weights.kind == "none":
         raise InputError(f"method {config.method} quantizes weights with GPTQ; --weights none leaves nothing to do")
-    _check_blocks(weights, config.gptq_block, config.gptq_micro_block)
+    check_blocks(weights, config.gptq_block, config.gptq_micro_block)
     if not (math.isfinite(config.damp) and config.damp >= 0):
         raise InputError(f"GPTQ dampening must be a finite number >= 0, got {config.damp}")
 

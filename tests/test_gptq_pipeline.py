@@ -1,7 +1,8 @@
 """``mxonnx quantize`` with GPTQ on the tiny Llama: the output runs, its weights are valid codes of the format close
 to the float weights, its logits are nearer the float model's than round-to-nearest's on held-out text; sequential
 and non-sequential calibration give the same first block and different later ones; GPTQ after SmoothQuant/AWQ
-beats the smoothing alone; bad settings exit 2 with one line and write nothing."""
+beats the smoothing alone; raised dampening is reported once per linear group; lm_head, on request, is rounded to
+nearest; bad settings exit 2 with one line and write nothing."""
 
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def test_gptq_after_smoothing_beats_smoothing_alone(smoothing, tiny_onnx, tiny_t
     reference = logits(tiny_onnx, windows)
     alone = run_quantize(tiny_onnx, tmp_path / smoothing, tiny_text, smoothing)
     with_gptq = run_quantize(tiny_onnx, tmp_path / "combined", tiny_text, combined)
-    assert logits_mse(with_gptq, reference, windows) < logits_mse(alone, reference, windows)
+    assert logits_mse(with_gptq, reference, windows) < 0.8 * logits_mse(alone, reference, windows)
 
 
 def test_bad_gptq_input_exits_2_and_writes_nothing(tiny_onnx, tiny_text, tmp_path, capsys):
