@@ -41,20 +41,35 @@ class ChildRun:
         return lines[-1] if lines else f"exit status {self.returncode}"
 
 
-def run_child(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> ChildRun:
-    """Run ``cmd`` to completion and reap it with ``os.wait4``, which returns the rusage of that child alone
-    (``ru_maxrss`` in KiB on Linux), unlike ``RUSAGE_CHILDREN``, which keeps the maximum over every child.
+def _peak_rss_kib(pid: int) -> int | None:
+    """``VmHWM`` (peak resident set, KiB) of a live process, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def run_child(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+              poll_seconds: float = 0.05) -> ChildRun:
+    """Run ``cmd`` to completion; its peak RSS is the last ``VmHWM`` read from ``/proc`` while it runs (a high-water
+    mark of that process image alone: ``ru_maxrss`` would also count the parent's pages at fork time).
     Files a child leaves in its working directory land in ``cwd``."""
     full_env = {**os.environ, **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
+        peak_kib = 0
+        while proc.poll() is None:
+            peak_kib = max(peak_kib, _peak_rss_kib(proc.pid) or 0)
+            time.sleep(poll_seconds)
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return ChildRun(proc.returncode, out.read(), err.read(), seconds, usage.ru_maxrss / 1024)
+        return ChildRun(proc.returncode, out.read(), err.read(), seconds, peak_kib / 1024)
 
 
 def model_file_bytes(folder: Path) -> int:
