@@ -3,6 +3,10 @@ saved as a Hugging Face folder and exported to ONNX with and without past, plus 
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: BLAS threads contend with onnxruntime's
+
 import random
 from pathlib import Path
 

@@ -16,6 +16,7 @@ from mxonnx.errors import InputError
 from mxonnx.formats import quantize_dequantize
 from mxonnx.passes.awq import awq, awq_scales
 from mxonnx.passes.llama_structure import find_decoder_blocks
+from mxonnx.passes.mx_matmul import rewrite_mx_matmuls
 from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics
 from mxonnx.passes.smoothing import SmoothingPass, per_kv_channel, sane_scales, to_o_inputs
 from mxonnx.passes.smoothquant import smoothquant_scale, weight_row_max
@@ -114,6 +115,11 @@ def test_awq_alpha_zero_is_rtn_bit_for_bit(tiny_onnx, tiny_text):
         assert model.graph.initializers[name].const_value.numpy().tobytes() == array.tobytes(), name
     for expected, w in zip(rtn, _linear_weights(model)):
         assert quantize_dequantize(w, "mxint4-32", axis=0).tobytes() == expected.tobytes()
+    rtn_model = ir.load(tiny_onnx / "model.onnx")  # the RTN rewrite of both graphs: identical weights
+    rewrite_mx_matmuls(rtn_model, config)
+    rewrite_mx_matmuls(model, config)
+    assert {n: v.const_value.tobytes() for n, v in model.graph.initializers.items()} == \
+        {n: v.const_value.tobytes() for n, v in rtn_model.graph.initializers.items()}
 
 
 def test_awq_search_picks_the_grid_minimum(tiny_onnx, tiny_text):
