@@ -1,7 +1,7 @@
 """Whole-model speed of SmolLM2-135M: FP32 against W4A8 (MXINT4-128 weights, MXINT8-128 activations) run as ONNX
 function bodies, as native kernels, and as native fused MXMatMul kernels.
 
-    python bench/native_model.py [--fp32 models/cache/smollm2-135m-fp32] [--quantized /work/scratch/smol_w4a8_rtn]
+    python bench/native_model.py [--fp32 models/cache/smollm2-135m-fp32] [--quantized models/cache/smollm2-135m-w4a8-rtn]
                                  [--threads 2] [--repeat 5] [--out bench/results/native_model.md]
 
 Prefill: one forward pass over --prefill tokens of WikiText-2 (empty KV cache), ms. Decode: --new greedy tokens after
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,7 +151,8 @@ def markdown(rows: list[dict], args) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fp32", type=Path, default=Path("models/cache/smollm2-135m-fp32"))
-    parser.add_argument("--quantized", type=Path, default=Path("/work/scratch/smol_w4a8_rtn"))
+    parser.add_argument("--quantized", type=Path, default=Path("models/cache/smollm2-135m-w4a8-rtn"),
+                        help="W4A8 model; made with `mxonnx quantize --method rtn` when missing")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--prompt", type=int, default=128)
@@ -162,6 +164,9 @@ def main() -> int:
     if native_library_path() is None:
         print("native library not built: run python -m mxonnx.ops.native build", file=sys.stderr)
         return 1
+    if not args.quantized.exists():
+        subprocess.run([sys.executable, "-m", "mxonnx.cli", "quantize", str(args.fp32), "-o", str(args.quantized),
+                        "--weights", "mxint4-128", "--acts", "mxint8-128", "--method", "rtn"], check=True)
     ids = token_ids(args.fp32, max(args.prefill, args.prompt))
     rows = []
     for name in ["FP32", *(v for v in args.variants if v != "FP32")]:
