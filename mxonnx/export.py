@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from mxonnx.errors import InputError
-from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir
+from mxonnx.modelio import ONNX_NAME, atomic_output_dir
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _LIBRARY_LOGGERS = ("transformers", "optimum", "torch", "accelerate")
@@ -154,17 +154,6 @@ def _check_logits(model, onnx_path: Path) -> float:
     return diff
 
 
-def _weights_to_external_data(onnx_file: Path) -> None:
-    """Move the weights of ``onnx_file`` into ``model.onnx_data`` beside it (optimum keeps models under 2 GB in one
-    file), so later stages memory-map them instead of copying a whole protobuf into memory."""
-    import onnx_ir as ir
-
-    if (onnx_file.parent / EXTERNAL_DATA_NAME).exists():
-        return
-    model = ir.load(onnx_file)
-    ir.save(model, onnx_file, external_data=EXTERNAL_DATA_NAME)
-
-
 def export_model(src: Path, out: Path, past: bool = True, progress: bool = True) -> dict:
     """Export ``src`` (HF folder or .gguf) to the ONNX folder ``out``; ``out`` is whole or absent afterwards.
 
@@ -190,7 +179,6 @@ def export_model(src: Path, out: Path, past: bool = True, progress: bool = True)
             onnx_export_from_model(model, tmp, task="text-generation-with-past" if past else "text-generation",
                                    do_validation=False)
             tokenizer.save_pretrained(tmp)
-            _weights_to_external_data(tmp / ONNX_NAME)
             steps.update()
             steps.set_postfix_str("check logits")
             diff = _check_logits(model, tmp / ONNX_NAME)
