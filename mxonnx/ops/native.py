@@ -13,7 +13,6 @@ into the gitignored ``native/include/``). The library is built against headers o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from mxonnx.models import sha256_of
 
 SOURCE_DIR = Path(__file__).with_name("native")
 BUILD_DIR = SOURCE_DIR / "build"
@@ -73,14 +74,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mxonnx"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _header_wheel(cache: Path) -> Path:
     """The pinned wheel in ``cache``, downloaded with pip when absent; its sha256 is always checked."""
     wheel = cache / HEADER_WHEEL
@@ -92,7 +85,7 @@ def _header_wheel(cache: Path) -> Path:
             if subprocess.run(cmd).returncode != 0 or not (Path(tmp) / HEADER_WHEEL).is_file():
                 raise NativeBuildError(f"pip could not download {HEADER_REQUIREMENT} (needed for onnxruntime headers)")
             os.replace(Path(tmp) / HEADER_WHEEL, wheel)
-    if _sha256(wheel) != HEADER_WHEEL_SHA256:
+    if sha256_of(wheel) != HEADER_WHEEL_SHA256:
         raise NativeBuildError(f"{wheel} does not have the pinned sha256 {HEADER_WHEEL_SHA256}; delete it and retry")
     return wheel
 
