@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 from mxonnx.config import QuantizeConfig, default_calib_text
 from mxonnx.errors import InputError
+from mxonnx.gptq import HessianAccumulator
 from mxonnx.passes.llama_structure import DecoderBlock, Linear
 
 INLINE_ELEMENTS = 1024  # tensors smaller than this are embedded in the serialized graph
@@ -60,7 +61,7 @@ class _Accumulator:
         self.max_abs = np.zeros(k, np.float32)
         self.sum_abs = np.zeros(k, np.float64)
         self.count = 0
-        self.xtx = np.zeros((k, k), np.float64) if hessian else None
+        self.gram = HessianAccumulator(k) if hessian else None
         self.rows: list[np.ndarray] = []
         self.sample_tokens = sample_tokens
 
@@ -73,14 +74,14 @@ class _Accumulator:
         self.count += tokens
         if rows is not None and len(rows):
             self.rows.append(np.asarray(rows, np.float32))
-        if self.xtx is not None:
-            x = np.asarray(x, np.float32)
-            self.xtx += x.T @ x
+        if self.gram is not None:
+            self.gram.add_batch(x)
 
     def result(self) -> ActivationStats:
         mean_abs = (self.sum_abs / max(self.count, 1)).astype(np.float32)
         sample = np.concatenate(self.rows) if self.sample_tokens else None
-        return ActivationStats(self.max_abs, mean_abs, self.count, self.xtx, sample)
+        xtx = self.gram.xtx if self.gram is not None else None
+        return ActivationStats(self.max_abs, mean_abs, self.count, xtx, sample)
 
 
 def load_tokenizer(folder: str | os.PathLike | None):

@@ -55,6 +55,11 @@ class HessianAccumulator:
         self.count += rows.shape[0]
 
     @property
+    def xtx(self) -> np.ndarray:
+        """The running sum X^T X, float64 [K, K]."""
+        return self._xtx
+
+    @property
     def hessian(self) -> np.ndarray:
         """2/n X^T X, float64 [K, K] (zeros before the first batch)."""
         return self._xtx * (2.0 / max(self.count, 1))
