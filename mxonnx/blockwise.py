@@ -13,7 +13,8 @@ graph is cut at the residual stream:
 Each :meth:`BlockwiseRunner.capture` / :meth:`BlockwiseRunner.advance` call serialises the block in its
 *current* state in the model (with the model's functions and opset imports, so blocks rewritten to
 ``com.mxonnx`` ops run) and opens one session for all windows: cost stays linear in the number of blocks, and
-memory holds one hidden state per window plus the prefix values the blocks read.
+memory holds one hidden state per window plus the prefix values the blocks read (one copy of those equal in
+every window, such as the attention mask).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from mxonnx.calibrate import decoder_feed
 from mxonnx.errors import InputError
 from mxonnx.passes.llama_structure import DecoderBlock, Linear
 from mxonnx.session import create_session
@@ -38,7 +38,7 @@ class BlockwiseRunner:
     ``model`` is the float model the ``blocks`` were found in (``find_decoder_blocks``); it may be modified
     between calls (weights replaced, a block rewritten) and every call runs the current state. ``windows`` are
     token ids ``[n, seqlen]``, run one window per session call with the graph inputs of
-    :func:`mxonnx.calibrate.decoder_feed` (all-ones attention mask, positions ``0..seqlen-1``, empty KV past).
+    :func:`decoder_feed` (all-ones attention mask, positions ``0..seqlen-1``, empty KV past).
     The stored :attr:`hidden_states` (one ``[1, seqlen, hidden]`` array per window) are the inputs of block
     :attr:`position`; after the last block they are the residual stream entering the final norm.
     """
@@ -57,7 +57,7 @@ class BlockwiseRunner:
         # what the prefix computes per window: h_0 and the prefix values some block reads
         self._prefix_outputs = [self.boundaries[0], *sorted((read & self._shared) - {self.boundaries[0]},
                                                             key=lambda v: v.name)]
-        self.position = 0
+        self.position: int | None = 0
         self.hidden_states: list[np.ndarray] = []
         self._shared_arrays: list[dict[str, np.ndarray]] = []
         self._run_prefix()
@@ -73,21 +73,45 @@ class BlockwiseRunner:
         names = [v.name for v in external]
         return (self._feeds(w, names) for w in range(len(self.windows)))
 
-    def capture(self, index: int, callback: Callable[[str, np.ndarray], None]) -> None:
+    def capture(self, index: int, callback: Callable[[str, np.ndarray], None], advance: bool = False) -> None:
         """Run block ``index`` on every window and call ``callback(group, x)`` with the input ``x [tokens, K]`` of
-        each linear group (``qkv``, ``o``, ``gate_up``, ``down``); nothing is stored."""
+        each linear group (``qkv``, ``o``, ``gate_up``, ``down``), windows in order; nothing is stored unless
+        ``advance``: the same run then also gives the next block's inputs, as :meth:`advance` would."""
         groups = self.group_inputs[index]
-        for outputs in self._run_block(index, list(groups.values()), desc=f"capture block {index}"):
-            for name, x in zip(groups, outputs):
+
+        def each(arrays: list[np.ndarray]) -> None:
+            for name, x in zip(groups, arrays):
                 callback(name, x.reshape(-1, x.shape[-1]))
+
+        self._pass(index, list(groups.values()), each, advance)
 
     def advance(self, index: int) -> None:
         """Run block ``index`` on every window and store its outputs as the next block's inputs."""
-        outputs = [out[0] for out in self._run_block(index, [self.boundaries[index + 1]], desc=f"block {index}")]
-        self.hidden_states = outputs
-        self.position = index + 1
+        self._pass(index, [], lambda arrays: None, advance=True)
+
+    def _pass(self, index: int, outputs: list[ir.Value], each: Callable[[list[np.ndarray]], None],
+              advance: bool) -> None:
+        """Run block ``index`` over every window, calling ``each`` with the window's ``outputs``; with ``advance``
+        the block's output replaces the window's hidden state as soon as the window is done (one set of hidden
+        states in memory, not two)."""
+        wanted = [*outputs, *([self.boundaries[index + 1]] if advance else [])]
+        replaced = 0
+        try:
+            for window, arrays in enumerate(self._run_block(index, wanted, desc=f"block {index}")):
+                each(arrays[:len(outputs)])
+                if advance:
+                    self.hidden_states[window] = arrays[-1]
+                    replaced += 1
+        except BaseException:
+            if replaced:
+                self.position = None  # the hidden states are now a mix of two blocks' inputs
+            raise
+        if advance:
+            self.position = index + 1
 
     def _check_position(self, index: int) -> None:
+        if self.position is None:
+            raise ValueError("an interrupted pass left the stored hidden states unusable")
         if index != self.position:
             raise ValueError(f"the stored hidden states are the inputs of block {self.position}, not block {index}")
 
@@ -105,7 +129,14 @@ class BlockwiseRunner:
         nodes, external = graph_region(self.model.graph, self._prefix_outputs, set())
         for arrays in self._stream(nodes, external, self._prefix_outputs, "prefix"):
             self.hidden_states.append(arrays[0])
-            self._shared_arrays.append({v.name: a for v, a in zip(self._prefix_outputs[1:], arrays[1:])})
+            self._shared_arrays.append({v.name: self._deduplicated(v.name, a)
+                                        for v, a in zip(self._prefix_outputs[1:], arrays[1:])})
+
+    def _deduplicated(self, name: str, array: np.ndarray) -> np.ndarray:
+        """``array``, or the equal array of the first window (the attention mask and rotary tables of windows of
+        one length are the same: one copy instead of one per window)."""
+        first = self._shared_arrays[0][name] if self._shared_arrays else None
+        return first if first is not None and np.array_equal(first, array) else array
 
     def _run_block(self, index: int, outputs: list[ir.Value], desc: str) -> Iterator[list[np.ndarray]]:
         self._check_position(index)
@@ -239,6 +270,32 @@ def graph_region(graph: ir.Graph, outputs: Sequence[ir.Value],
     return nodes, [external[name] for name in sorted(external)]
 
 
+def decoder_feed(inputs: list[ir.Value], ids: np.ndarray, num_kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
+    """Inputs of an optimum decoder graph for token ids ``[B, T]``: ``attention_mask`` ones, ``position_ids``
+    0..T-1, and an empty KV past ``[B, num_kv_heads, 0, head_dim]``."""
+    batch, length = ids.shape
+    feed = {}
+    for value in inputs:
+        if value.name == "input_ids":
+            feed[value.name] = ids
+        elif value.name == "attention_mask":
+            feed[value.name] = np.ones((batch, length), np.int64)
+        elif value.name == "position_ids":
+            feed[value.name] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
+        elif value.name.startswith("past_key_values."):
+            feed[value.name] = np.zeros((batch, num_kv_heads, 0, head_dim), value.dtype.numpy())
+        else:
+            raise InputError(f"calibration cannot feed the graph input {value.name!r}")
+    return feed
+
+
+def embedded_tensor(value: ir.Value) -> onnx.TensorProto:
+    """The initializer's tensor with its data in the proto (also when the model keeps it in an external file: a
+    serialized graph region must not point at a file onnxruntime cannot resolve from bytes)."""
+    tensor = value.const_value
+    return ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name))
+
+
 def subgraph_bytes(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value], outputs: list[ir.Value],
                    sample_feeds: dict[str, np.ndarray]) -> bytes:
     """A serialised model of ``nodes`` (a region of ``model.graph``) with the initializers they read and the model's
@@ -247,6 +304,10 @@ def subgraph_bytes(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value]
     view = ir.GraphView(inputs, outputs, nodes=nodes, initializers=list(initializers.values()),
                         opset_imports=dict(model.graph.opset_imports), name="region")
     proto = ir.to_proto(ir.Model(view, ir_version=model.ir_version, functions=list(model.functions.values())))
+    external = {v.name: v for v in initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+    for i, tensor in enumerate(proto.graph.initializer):
+        if tensor.name in external:
+            proto.graph.initializer[i].CopyFrom(embedded_tensor(external[tensor.name]))
     for info in proto.graph.input:
         if not info.type.tensor_type.elem_type:
             dtype = onnx.helper.np_dtype_to_tensor_dtype(sample_feeds[info.name].dtype)

@@ -9,10 +9,11 @@ Every decoder block has four linear inputs (one per group of linears reading the
 
 plus, on request, a bounded random sample of raw input rows (for AWQ's search).
 
-The inputs are exposed as the outputs of a pruned view of the graph (only the nodes they depend on), serialized
-without weight data: the weights become graph inputs bound to the numpy arrays of the ``ir.Model``, so the model
-is never copied. The per-channel reductions run inside onnxruntime; windows run one at a time (batch 1, empty KV
-past) and are folded into running statistics at once.
+The windows stream through the graph one decoder block at a time (:class:`mxonnx.blockwise.BlockwiseRunner`,
+one pass: each block's run gives its linear inputs and the next block's input), so memory holds one hidden state
+per window and one block's weights in onnxruntime, never a second copy of the model; a block's statistics are
+computed when first asked for (:class:`StreamedStatistics`), so a pass may fold scales into block ``i`` before
+block ``i + 1`` is calibrated (folding does not change the float function).
 """
 
 from __future__ import annotations
@@ -20,20 +21,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
-import onnx
-import onnx.numpy_helper
 import onnx_ir as ir
-import onnxruntime as ort
 
+from mxonnx.blockwise import BlockwiseRunner
 from mxonnx.config import QuantizeConfig, default_calib_text
 from mxonnx.errors import InputError
 from mxonnx.gptq import HessianAccumulator
 from mxonnx.passes.llama_structure import DecoderBlock, Linear
-
-INLINE_ELEMENTS = 1024  # tensors smaller than this are embedded in the serialized graph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +62,14 @@ class _Accumulator:
         self.rows: list[np.ndarray] = []
         self.sample_tokens = sample_tokens
 
-    def add(self, tokens: int, max_abs: np.ndarray, sum_abs: np.ndarray, rows: np.ndarray | None,
-            x: np.ndarray | None) -> None:
-        """One window of ``tokens`` tokens: its per-channel max and sum of |x|, sampled rows ``[r, K]`` and, for
-        the Hessian, all its rows ``x [tokens, K]``."""
-        np.maximum(self.max_abs, max_abs, out=self.max_abs)
-        self.sum_abs += sum_abs
-        self.count += tokens
+    def add(self, x: np.ndarray, rows: np.ndarray | None) -> None:
+        """One window's inputs ``x [tokens, K]``; ``rows``: indices of the tokens to keep in the sample."""
+        magnitude = np.abs(x)
+        np.maximum(self.max_abs, magnitude.max(axis=0), out=self.max_abs)
+        self.sum_abs += magnitude.sum(axis=0, dtype=np.float64)
+        self.count += x.shape[0]
         if rows is not None and len(rows):
-            self.rows.append(np.asarray(rows, np.float32))
+            self.rows.append(np.array(x[rows], np.float32))
         if self.gram is not None:
             self.gram.add_batch(x)
 
@@ -84,31 +80,43 @@ class _Accumulator:
         return ActivationStats(self.max_abs, mean_abs, self.count, xtx, sample)
 
 
-def load_tokenizer(folder: str | os.PathLike | None):
-    """The Hugging Face tokenizer saved in a model folder."""
-    from transformers import AutoTokenizer
-
+def load_tokenizer(folder: str | os.PathLike | None) -> Callable[[str], list[int]]:
+    """``encode(text) -> token ids`` (with the tokenizer's default special tokens) of the tokenizer saved in a model
+    folder: its ``tokenizer.json`` through the ``tokenizers`` library when there is one (what a fast Hugging Face
+    tokenizer runs, without importing transformers and torch: ~300 MB less memory), else transformers'
+    ``AutoTokenizer``."""
     from mxonnx.export import quiet_libraries
 
     if folder is None or not Path(folder).is_dir():
         raise InputError("calibration needs the model folder with its tokenizer, not a bare .onnx file")
+    fast = Path(folder) / "tokenizer.json"
+    if fast.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(fast))
+        tokenizer.no_truncation()
+        return lambda text: tokenizer.encode(text).ids
+    from transformers import AutoTokenizer
+
     try:
         with quiet_libraries():
-            return AutoTokenizer.from_pretrained(folder)
+            auto = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError):
         raise InputError(f"{folder}: no tokenizer found in the model folder") from None
+    return lambda text: auto(text)["input_ids"]
 
 
-def calibration_windows(text_path: str | os.PathLike, tokenizer, n: int, seqlen: int, seed: int) -> np.ndarray:
+def calibration_windows(text_path: str | os.PathLike, encode: Callable[[str], list[int]], n: int, seqlen: int,
+                        seed: int) -> np.ndarray:
     """``[n, seqlen]`` int64 token windows starting at ``n`` offsets drawn uniformly with ``seed`` from the
-    tokenized text (the whole file, tokenized once with the tokenizer's default special tokens)."""
+    text (the whole file, tokenized once by ``encode``, e.g. :func:`load_tokenizer`)."""
     from mxonnx.export import quiet_libraries
 
     path = Path(text_path)
     if not path.is_file():
         raise InputError(f"{path}: no such calibration text (set --calib or MXONNX_DATA)")
     with quiet_libraries():  # hides "sequence longer than the model's maximum length"
-        ids = np.asarray(tokenizer(path.read_text(encoding="utf-8"))["input_ids"], dtype=np.int64)
+        ids = np.asarray(encode(path.read_text(encoding="utf-8")), dtype=np.int64)
     if len(ids) < seqlen:
         raise InputError(f"{path}: {len(ids)} tokens, fewer than one calibration window of {seqlen}")
     starts = np.random.default_rng(seed).integers(0, len(ids) - seqlen + 1, size=n)
@@ -125,181 +133,79 @@ def linear_groups(blocks: Iterable[DecoderBlock]) -> dict[str, list[Linear]]:
     return {group_key(b, group): linears for b in blocks for group, linears in b.groups().items()}
 
 
-def _dependencies(outputs: list[ir.Value]) -> tuple[list[ir.Node], set[int]]:
-    """The nodes the ``outputs`` depend on (in no order) and the ids of the values those nodes read."""
-    nodes, read, stack = {}, set(), [v.producer() for v in outputs if v.producer() is not None]
-    while stack:
-        node = stack.pop()
-        if id(node) in nodes:
-            continue
-        nodes[id(node)] = node
-        for value in node.inputs:
-            if value is not None:
-                read.add(id(value))
-                if value.producer() is not None:
-                    stack.append(value.producer())
-    return list(nodes.values()), read
+def sample_rows(windows: int, seqlen: int, sample_tokens: int, seed: int) -> list[np.ndarray]:
+    """Per window, the sorted token indices of the AWQ sample: ``sample_tokens`` rows in all, spread evenly over the
+    windows (the same tokens for every linear group)."""
+    rng = np.random.default_rng(seed)
+    per_window, taken, rows = -(-sample_tokens // windows), 0, []
+    for _ in range(windows):
+        take = min(per_window, sample_tokens - taken, seqlen)
+        rows.append(np.sort(rng.choice(seqlen, size=take, replace=False)).astype(np.int64))
+        taken += take
+    return rows
 
 
-def _weight_input(value: ir.Value) -> onnx.ValueInfoProto:
-    tensor = value.const_value
-    return onnx.helper.make_tensor_value_info(value.name, tensor.dtype.value, list(tensor.shape.numpy()))
+class StreamedStatistics(Mapping[str, ActivationStats]):
+    """The statistics of the linear inputs of ``blocks``, keyed by ``group_key``, computed block by block when first
+    asked for (blocks in order: asking for block ``i`` computes the blocks before it). Each block's statistics come
+    from the model as it is then, with blocks ``0..i-1`` run as they were when they were calibrated.
 
+    ``hessians`` adds ``xtx``; ``sample_tokens`` keeps that many random input rows per group, and
+    ``keep_samples=False`` drops a block's samples once a later block is calibrated (AWQ needs only the current
+    block's)."""
 
-def _embedded(value: ir.Value) -> onnx.TensorProto:
-    """The tensor with its data in the proto (also when the model keeps it in an external file)."""
-    tensor = value.const_value
-    return ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name))
+    def __init__(self, model: ir.Model, blocks: list[DecoderBlock], tokenizer_folder: str | os.PathLike | None,
+                 config: QuantizeConfig, hessians: bool = False, sample_tokens: int = 0, keep_samples: bool = True,
+                 threads: int | None = None):
+        windows = calibration_windows(config.calib_path or default_calib_text(), load_tokenizer(tokenizer_folder),
+                                      config.calib_samples, config.calib_seqlen, config.seed)
+        self.blocks, self.hessians, self.keep_samples = blocks, hessians, keep_samples
+        self.rows = sample_rows(*windows.shape, sample_tokens, config.seed) if sample_tokens else None
+        self.runner = BlockwiseRunner(model, blocks, windows, progress=config.progress, threads=threads)
+        self.stats: dict[str, ActivationStats] = {}
+        self.keys = list(linear_groups(blocks))
+        self.calibrated = 0  # blocks done so far
 
+    def __getitem__(self, key: str) -> ActivationStats:
+        if key not in self.stats:
+            if key not in self.keys:
+                raise KeyError(key)
+            while key not in self.stats:
+                self._calibrate(self.blocks[self.calibrated])
+        return self.stats[key]
 
-def _shares_numpy(value: ir.Value) -> bool:
-    tensor = value.const_value
-    return tensor.size >= INLINE_ELEMENTS and tensor.dtype.numpy().kind in "fiub" and tensor.dtype.numpy().isbuiltin
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys)
 
+    def __len__(self) -> int:
+        return len(self.keys)
 
-class ExposedSession:
-    """An onnxruntime session computing ``values`` (any values of ``model``) as its outputs, in that order.
+    def _calibrate(self, block: DecoderBlock) -> None:
+        accumulators = {group: _Accumulator(linears[0].shape[0], self.hessians, self.rows is not None)
+                        for group, linears in block.groups().items()}
+        window = {group: 0 for group in accumulators}
 
-    The graph is pruned to what the values depend on. Large weights are not serialized: they become graph inputs
-    bound once to the model's own arrays (``OrtValue``s share numpy memory), so the model is not copied and no
-    optimizer or weight pre-packing duplicates them. ``head(graph_proto, opset)`` may rewrite the serialized
-    graph's outputs (``output_names`` follows it)."""
+        def add(group: str, x: np.ndarray) -> None:
+            accumulators[group].add(x, self.rows[window[group]] if self.rows is not None else None)
+            window[group] += 1
 
-    def __init__(self, model: ir.Model, values: list[ir.Value], threads: int | None = None,
-                 head: Callable[[onnx.GraphProto, int], None] | None = None):
-        from mxonnx.session import session_options
-
-        graph = model.graph
-        needed, read = _dependencies(values)
-        order = {id(node): i for i, node in enumerate(graph)}
-        inputs = [v for v in graph.inputs if id(v) in read]
-        initializers = [v for v in graph.initializers.values() if id(v) in read]
-        bound = [v for v in initializers if _shares_numpy(v)]
-        view = ir.GraphView(inputs, values, nodes=sorted(needed, key=lambda n: order[id(n)]),
-                            opset_imports=graph.opset_imports, name=graph.name)
-        proto = onnx.ModelProto(ir_version=model.ir_version)
-        ir.serde.serialize_graph_into(proto.graph, view, model_ir_version=model.ir_version)
-        proto.graph.initializer.extend(_embedded(v) for v in initializers if not _shares_numpy(v))
-        proto.graph.input.extend(_weight_input(v) for v in bound)
-        for domain, version in graph.opset_imports.items():
-            proto.opset_import.add(domain=domain, version=version)
-        proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-        if head is not None:
-            head(proto.graph, graph.opset_imports.get("", 1))
-        options = session_options(threads=threads)
-        options.enable_mem_pattern = False  # the planned block would come on top of the arena: ~2x activations
-        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        self.binding = self.session.io_binding()
-        self.weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.const_value.numpy())) for v in bound]
-        for value, weight in zip(bound, self.weights):  # self.weights keeps the arrays alive for the session
-            self.binding.bind_ortvalue_input(value.name, weight)
-        self.inputs = inputs
-        self.output_names = [o.name for o in proto.graph.output]
-
-    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The outputs for ``feed`` (the graph's data inputs; the weights are bound already)."""
-        for name, array in feed.items():
-            self.binding.bind_cpu_input(name, array)
-        self.binding.clear_binding_outputs()  # output shapes change between runs: let onnxruntime allocate
-        for name in self.output_names:
-            self.binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(self.binding)
-        return [value.numpy() for value in self.binding.get_outputs()]
-
-
-def decoder_feed(inputs: list[ir.Value], ids: np.ndarray, num_kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
-    """Inputs of an optimum decoder graph for token ids ``[B, T]``: ``attention_mask`` ones, ``position_ids``
-    0..T-1, and an empty KV past ``[B, num_kv_heads, 0, head_dim]``."""
-    batch, length = ids.shape
-    feed = {}
-    for value in inputs:
-        if value.name == "input_ids":
-            feed[value.name] = ids
-        elif value.name == "attention_mask":
-            feed[value.name] = np.ones((batch, length), np.int64)
-        elif value.name == "position_ids":
-            feed[value.name] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
-        elif value.name.startswith("past_key_values."):
-            feed[value.name] = np.zeros((batch, num_kv_heads, 0, head_dim), value.dtype.numpy())
-        else:
-            raise InputError(f"calibration cannot feed the graph input {value.name!r}")
-    return feed
-
-
-SAMPLE_ROWS = "mxonnx_sample_rows"  # extra int64 input of the calibration graph: token rows to sample
-_AXES = "mxonnx_batch_and_time_axes"
-
-
-def _reduce(op: str, x: str, out: str, opset: int) -> onnx.NodeProto:
-    """``op`` over axes 0 and 1 (batch, time) without keeping them, for the graph's opset."""
-    if opset >= (13 if op == "ReduceSum" else 18):
-        return onnx.helper.make_node(op, [x, _AXES], [out], keepdims=0)
-    return onnx.helper.make_node(op, [x], [out], axes=[0, 1], keepdims=0)
-
-
-def statistics_head(sample: bool, raw: bool) -> Callable[[onnx.GraphProto, int], None]:
-    """A rewrite of the calibration graph: each output ``x [B, T, K]`` becomes ``x.max_abs`` and ``x.sum_abs``
-    (``[K]``, over B and T), plus ``x.rows`` (``x[:, rows]``, rows the extra input ``SAMPLE_ROWS``) when
-    ``sample`` and ``x`` itself when ``raw``. Reducing inside onnxruntime keeps the fetched outputs small."""
-
-    def rewrite(graph: onnx.GraphProto, opset: int) -> None:
-        names = [o.name for o in graph.output]
-        del graph.output[:]
-        graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 1], np.int64), _AXES))
-        if sample:
-            graph.input.append(onnx.helper.make_tensor_value_info(SAMPLE_ROWS, onnx.TensorProto.INT64, ["rows"]))
-        for x in names:
-            suffixes = ["max_abs", "sum_abs"] + ["rows"] * sample
-            graph.node.extend([onnx.helper.make_node("Abs", [x], [f"{x}.abs"]),
-                               _reduce("ReduceMax", f"{x}.abs", f"{x}.max_abs", opset),
-                               _reduce("ReduceSum", f"{x}.abs", f"{x}.sum_abs", opset)])
-            if sample:
-                graph.node.append(onnx.helper.make_node("Gather", [x, SAMPLE_ROWS], [f"{x}.rows"], axis=1))
-            graph.output.extend(onnx.ValueInfoProto(name=f"{x}.{suffix}") for suffix in suffixes)
-            if raw:
-                graph.output.append(onnx.ValueInfoProto(name=x))
-
-    return rewrite
+        if not self.keep_samples:
+            for key, stats in self.stats.items():
+                self.stats[key] = dataclasses.replace(stats, sample=None)
+        self.runner.capture(block.index, add, advance=block.index < len(self.blocks) - 1)
+        self.stats.update({group_key(block, group): acc.result() for group, acc in accumulators.items()})
+        self.calibrated += 1
 
 
 def collect_statistics(model: ir.Model, blocks: list[DecoderBlock], tokenizer_folder: str | os.PathLike | None,
                        config: QuantizeConfig, hessians: bool = False, sample_tokens: int = 0,
                        groups: Iterable[str] | None = None, threads: int | None = None) -> dict[str, ActivationStats]:
-    """Statistics of the linear inputs of ``blocks`` (found on ``model``) over ``config.calib_samples`` windows of
-    ``config.calib_seqlen`` tokens of ``config.calib_path`` (default: WikiText-2 validation).
-
-    ``hessians`` adds ``xtx`` (each window's inputs are then fetched whole); ``sample_tokens`` keeps that many
-    random input rows per group (the same tokens for every group, spread evenly over the windows); ``groups``
-    restricts the work to some keys of ``linear_groups(blocks)``."""
-    from tqdm import tqdm
-
-    exposed = linear_groups(blocks)
-    if groups is not None:
-        unknown = sorted(set(groups) - set(exposed))
-        if unknown:
-            raise InputError(f"no linear group {unknown[0]!r} in the model")
-        exposed = {key: exposed[key] for key in groups}
-    windows = calibration_windows(config.calib_path or default_calib_text(), load_tokenizer(tokenizer_folder),
-                                  config.calib_samples, config.calib_seqlen, config.seed)
-    session = ExposedSession(model, [linears[0].input for linears in exposed.values()], threads=threads,
-                             head=statistics_head(sample=sample_tokens > 0, raw=hessians))
-    accumulators = [_Accumulator(linears[0].shape[0], hessians, sample_tokens) for linears in exposed.values()]
-    per_group = 2 + (sample_tokens > 0) + hessians
-    rng = np.random.default_rng(config.seed)
-    rows_per_window, sampled = -(-sample_tokens // len(windows)), 0
-    kv_heads, head_dim = blocks[0].num_kv_heads, blocks[0].head_dim
-    for ids in tqdm(windows, desc="calibrate", unit="window", disable=not config.progress, leave=False):
-        feed = decoder_feed(session.inputs, ids[None], kv_heads, head_dim)
-        if sample_tokens:
-            take = min(rows_per_window, sample_tokens - sampled, len(ids))
-            feed[SAMPLE_ROWS] = np.sort(rng.choice(len(ids), size=take, replace=False)).astype(np.int64)
-            sampled += take
-        outputs = session.run(feed)
-        for i, accumulator in enumerate(accumulators):
-            got = iter(outputs[i * per_group : (i + 1) * per_group])
-            max_abs, sum_abs = next(got), next(got)
-            rows = next(got)[0] if sample_tokens else None
-            x = next(got).reshape(-1, max_abs.shape[0]) if hessians else None
-            accumulator.add(len(ids), max_abs, sum_abs, rows, x)
-        del outputs
-    return {key: acc.result() for key, acc in zip(exposed, accumulators)}
+    """All statistics of :class:`StreamedStatistics` at once over ``config.calib_samples`` windows of
+    ``config.calib_seqlen`` tokens of ``config.calib_path`` (default: WikiText-2 validation); ``groups`` restricts
+    the result to some keys of ``linear_groups(blocks)`` (blocks after the last one asked for are not run)."""
+    keys = list(linear_groups(blocks)) if groups is None else list(groups)
+    unknown = sorted(set(keys) - set(linear_groups(blocks)))
+    if unknown:
+        raise InputError(f"no linear group {unknown[0]!r} in the model")
+    stream = StreamedStatistics(model, blocks, tokenizer_folder, config, hessians, sample_tokens, threads=threads)
+    return {key: stream[key] for key in keys}

@@ -1,6 +1,7 @@
 """Hugging Face folder or GGUF file -> ONNX model folder through optimum's exporter.
 
-OUT holds ``model.onnx`` (plus ``model.onnx_data`` when optimum stores weights externally), config.json,
+OUT holds ``model.onnx`` with its weights in ``model.onnx_data`` (always external, whatever the model's size: the
+quantizer then memory-maps them instead of parsing them into memory), config.json,
 generation_config.json and the tokenizer, and loads in optimum's ``ORTModelForCausalLM``. After the export
 the ONNX logits are checked against the torch logits on a short input.
 """
@@ -19,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from mxonnx.errors import InputError
-from mxonnx.modelio import ONNX_NAME, atomic_output_dir
+from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _LIBRARY_LOGGERS = ("transformers", "optimum", "torch", "accelerate")
@@ -154,6 +155,17 @@ def _check_logits(model, onnx_path: Path) -> float:
     return diff
 
 
+def store_weights_externally(onnx_path: Path) -> None:
+    """Move the weights of a single-file ONNX model into ``model.onnx_data`` beside it (no-op when optimum has
+    done so already, as it does above 2 GB)."""
+    import onnx_ir as ir
+
+    if (onnx_path.parent / EXTERNAL_DATA_NAME).exists():
+        return
+    model = ir.load(onnx_path)
+    ir.save(model, onnx_path, external_data=EXTERNAL_DATA_NAME)
+
+
 def export_model(src: Path, out: Path, past: bool = True, progress: bool = True) -> dict:
     """Export ``src`` (HF folder or .gguf) to the ONNX folder ``out``; ``out`` is whole or absent afterwards.
 
@@ -179,6 +191,7 @@ def export_model(src: Path, out: Path, past: bool = True, progress: bool = True)
             onnx_export_from_model(model, tmp, task="text-generation-with-past" if past else "text-generation",
                                    do_validation=False)
             tokenizer.save_pretrained(tmp)
+            store_weights_externally(tmp / ONNX_NAME)
             steps.update()
             steps.set_postfix_str("check logits")
             diff = _check_logits(model, tmp / ONNX_NAME)

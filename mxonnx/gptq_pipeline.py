@@ -68,15 +68,17 @@ def check_calibration_size(blocks: Sequence[DecoderBlock], config: QuantizeConfi
                          f"{config.calib_samples} x {config.calib_seqlen} = {tokens}; raise --calib-samples or --calib-seqlen")
 
 
-def block_hessians(runner: BlockwiseRunner, block: DecoderBlock, acts: formats.MXFormat) -> dict[str, np.ndarray]:
+def block_hessians(runner: BlockwiseRunner, block: DecoderBlock, acts: formats.MXFormat,
+                   advance: bool = False) -> dict[str, np.ndarray]:
     """``{group_key: 2/n A^T A}`` for the four linear groups of ``block``, over every calibration window, with
-    ``A`` the group's input quantize-dequantized to ``acts`` (the activations the rewritten MatMul reads)."""
+    ``A`` the group's input quantize-dequantized to ``acts`` (the activations the rewritten MatMul reads);
+    ``advance``: the same run moves the runner past the block (:meth:`BlockwiseRunner.capture`)."""
     accumulators = {group: HessianAccumulator(linears[0].shape[0]) for group, linears in block.groups().items()}
 
     def add(group: str, x: np.ndarray) -> None:
         accumulators[group].add_batch(x if acts.kind == "none" else formats.quantize_dequantize(x, acts, axis=-1))
 
-    runner.capture(block.index, add)
+    runner.capture(block.index, add, advance=advance)
     return {group_key(block, group): acc.hessian for group, acc in accumulators.items()}
 
 
@@ -110,9 +112,8 @@ def gptq_rewrite(model: ir.Model, tokenizer_folder: str | os.PathLike | None, co
     with single_threaded_torch():
         for block in tqdm(blocks, desc="gptq", unit="block", disable=not config.progress, leave=False):
             last = block.index == len(blocks) - 1
-            hessians = block_hessians(runner, block, acts)
-            if not config.sequential and not last:
-                runner.advance(block.index)  # the next block's inputs from this block in float
+            # non-sequential: the same run gives the next block's inputs from this block in float
+            hessians = block_hessians(runner, block, acts, advance=not config.sequential and not last)
             provider = GptqWeightProvider(hessians, weights, block_size=config.gptq_block,
                                           micro_block=config.gptq_micro_block, damp=config.damp,
                                           act_order=config.act_order)

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import onnx_ir as ir
 
-from mxonnx.calibrate import ActivationStats, collect_statistics
+from mxonnx.calibrate import ActivationStats, StreamedStatistics
 from mxonnx.config import QuantizeConfig
 from mxonnx.passes.awq import SAMPLE_TOKENS, awq
 from mxonnx.passes.llama_structure import DecoderBlock
@@ -16,11 +16,12 @@ from mxonnx.passes.smoothquant import smoothquant
 
 
 def smoothing_statistics(model: ir.Model, blocks: list[DecoderBlock], tokenizer_folder: str | os.PathLike | None,
-                         config: QuantizeConfig, threads: int | None = None) -> dict[str, ActivationStats]:
-    """The calibration statistics the method needs (AWQ's search also needs sampled inputs)."""
+                         config: QuantizeConfig, threads: int | None = None) -> StreamedStatistics:
+    """The calibration statistics the method needs (AWQ's search also needs sampled inputs), computed block by
+    block as :func:`apply_smoothing` reaches each block (one block's samples in memory at a time)."""
     search = config.uses_awq and config.alpha is None
-    return collect_statistics(model, blocks, tokenizer_folder, config, sample_tokens=SAMPLE_TOKENS if search else 0,
-                              threads=threads)
+    return StreamedStatistics(model, blocks, tokenizer_folder, config, sample_tokens=SAMPLE_TOKENS if search else 0,
+                              keep_samples=False, threads=threads)
 
 
 def apply_smoothing(model: ir.Model, blocks: Sequence[DecoderBlock], stats: Mapping[str, ActivationStats],

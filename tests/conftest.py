@@ -42,6 +42,20 @@ def make_tiny_llama(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 
     return folder
 
 
+def in_memory_proto(model):
+    """``model`` serialized with the data of its external tensors embedded (the exported fixtures keep their weights
+    in ``model.onnx_data``; a proto run from bytes or checked on its own cannot resolve that file)."""
+    import onnx
+    import onnx_ir as ir
+
+    proto = ir.to_proto(model)
+    folders = {v.const_value.base_dir for v in model.graph.initializers.values()
+               if isinstance(v.const_value, ir.ExternalTensor)}
+    for folder in folders:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
+    return proto
+
+
 def make_text(path: Path, words: int = 6000, seed: int = 0) -> Path:
     """Random sentences over the tiny vocabulary, one paragraph per line."""
     rng = random.Random(seed)

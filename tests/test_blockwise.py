@@ -10,8 +10,8 @@ import onnx_ir as ir
 import pytest
 
 import mxonnx.blockwise as blockwise
-from mxonnx.blockwise import BlockwiseRunner
-from mxonnx.calibrate import decoder_feed
+from conftest import in_memory_proto
+from mxonnx.blockwise import BlockwiseRunner, decoder_feed
 from mxonnx.errors import InputError
 from mxonnx.passes.llama_structure import find_decoder_blocks
 from mxonnx.session import create_session
@@ -32,7 +32,7 @@ def windows() -> np.ndarray:
 def full_graph(model: ir.Model, values: list[ir.Value], windows: np.ndarray) -> list[list[np.ndarray]]:
     """Per window, ``values`` as the whole graph computes them (exposed as extra outputs of a proto copy); the tiny
     Llama has 2 KV heads of 16."""
-    proto = ir.to_proto(model)
+    proto = in_memory_proto(model)
     proto.graph.output.extend(onnx.ValueInfoProto(name=v.name) for v in values)
     session = create_session(proto.SerializeToString())
     return [session.run([v.name for v in values], decoder_feed(list(model.graph.inputs), w[None], 2, 16))
@@ -72,6 +72,37 @@ def test_capture_gives_group_inputs(model, windows):
             assert [x.shape for x in seen[name]] == [(windows.shape[1], k)] * len(windows)
             np.testing.assert_allclose(np.stack(seen[name]), np.stack(want), atol=1e-5)
         runner.advance(block.index)
+
+
+def test_capture_with_advance_is_capture_then_advance(tiny_onnx, windows):
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    separate, together = BlockwiseRunner(model, blocks, windows), BlockwiseRunner(model, blocks, windows)
+    for block in blocks:
+        expected = captured(separate, block.index)
+        separate.advance(block.index)
+        seen: dict[str, list[np.ndarray]] = {}
+        together.capture(block.index, lambda group, x: seen.setdefault(group, []).append(x.copy()), advance=True)
+        assert together.position == separate.position == block.index + 1
+        for group in GROUPS:
+            np.testing.assert_array_equal(np.stack(seen[group]), np.stack(expected[group]))
+        np.testing.assert_array_equal(np.stack(together.hidden_states), np.stack(separate.hidden_states))
+
+
+def test_interrupted_advance_leaves_runner_unusable(tiny_onnx, windows):
+    model = ir.load(tiny_onnx / "model.onnx")
+    runner = BlockwiseRunner(model, find_decoder_blocks(model), windows)
+    calls = []
+
+    def stop_at_second_window(group: str, x: np.ndarray) -> None:
+        calls.append(group)
+        if len(calls) > len(GROUPS):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.capture(0, stop_at_second_window, advance=True)
+    with pytest.raises(ValueError, match="interrupted pass"):
+        runner.advance(0)
 
 
 def test_later_blocks_see_modified_weights(tiny_onnx, windows):

@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from mxonnx.calibrate import calibration_windows, collect_statistics, load_tokenizer
+from mxonnx.calibrate import StreamedStatistics, calibration_windows, collect_statistics, load_tokenizer
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.passes.llama_structure import find_decoder_blocks
@@ -79,7 +79,7 @@ def test_samples_are_bounded_rows_of_the_inputs(tiny_onnx, tiny_hf, tiny_text):
 
 def test_windows_are_seeded_slices_of_the_text(tiny_onnx, tiny_text):
     tokenizer = load_tokenizer(tiny_onnx)
-    ids = np.asarray(tokenizer(tiny_text.read_text())["input_ids"])
+    ids = np.asarray(tokenizer(tiny_text.read_text()))
     windows = calibration_windows(tiny_text, tokenizer, 5, 32, seed=7)
     assert windows.shape == (5, 32) and windows.dtype == np.int64
     np.testing.assert_array_equal(windows, calibration_windows(tiny_text, tokenizer, 5, 32, seed=7))
@@ -121,3 +121,23 @@ def test_model_with_external_data(tiny_onnx, tiny_text, tmp_path):
         model = ir.load(source / "model.onnx")
         stats[source] = collect_statistics(model, find_decoder_blocks(model), source, _config(tiny_text), groups=["layers.1.o"])
     np.testing.assert_array_equal(stats[folder]["layers.1.o"].max_abs, stats[tiny_onnx]["layers.1.o"].max_abs)
+
+
+def test_tokenizer_json_encodes_like_auto_tokenizer(tiny_onnx, tiny_text):
+    from transformers import AutoTokenizer
+
+    text = tiny_text.read_text()
+    assert load_tokenizer(tiny_onnx)(text) == AutoTokenizer.from_pretrained(tiny_onnx)(text)["input_ids"]
+
+
+def test_streamed_statistics_run_blocks_on_demand_and_drop_old_samples(tiny_onnx, tiny_text):
+    model = ir.load(tiny_onnx / "model.onnx")
+    stream = StreamedStatistics(model, find_decoder_blocks(model), tiny_onnx, _config(tiny_text), sample_tokens=20,
+                                keep_samples=False)
+    first = stream["layers.0.o"]
+    assert stream.calibrated == 1 and first.sample.shape == (20, first.max_abs.shape[0])
+    last = stream["layers.1.down"]
+    assert stream.calibrated == 2 and last.sample.shape[0] == 20
+    assert stream["layers.0.o"].sample is None  # dropped once block 1 was calibrated
+    np.testing.assert_array_equal(stream["layers.0.o"].max_abs, first.max_abs)
+    assert sorted(stream) == sorted(f"layers.{i}.{g}" for i in (0, 1) for g in ("qkv", "o", "gate_up", "down"))

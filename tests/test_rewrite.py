@@ -9,6 +9,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from conftest import in_memory_proto
 from mxonnx import formats
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
@@ -40,7 +41,7 @@ def test_weights_and_activations(tiny_onnx):
     for block in find_decoder_blocks(ir.load(tiny_onnx / "model.onnx")):
         assert not any(f"layers.{block.index}." in name and name.endswith(".weight") and "norm" not in name
                        for name in model.graph.initializers), "float weights must be dropped"
-    proto = ir.serde.serialize_model(model)
+    proto = in_memory_proto(model)
     onnx.checker.check_model(proto, full_check=True)
     assert {(o.domain, o.version) for o in proto.opset_import} >= {("", 21), (schema.DOMAIN, 1)}
 

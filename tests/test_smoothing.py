@@ -10,7 +10,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from mxonnx.calibrate import ExposedSession, collect_statistics, decoder_feed
+from conftest import in_memory_proto
+from mxonnx.blockwise import decoder_feed
+from mxonnx.calibrate import collect_statistics
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.formats import quantize_dequantize
@@ -20,6 +22,7 @@ from mxonnx.passes.mx_matmul import rewrite_mx_matmuls
 from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics
 from mxonnx.passes.smoothing import SmoothingPass, per_kv_channel, sane_scales, to_o_inputs
 from mxonnx.passes.smoothquant import smoothquant_scale, weight_row_max
+from mxonnx.session import create_session
 
 
 GROUPS = ("qkv", "o", "gate_up", "down")
@@ -31,9 +34,9 @@ def _config(text, **kw) -> QuantizeConfig:
 
 
 def _logits(model: ir.Model) -> np.ndarray:
-    session = ExposedSession(model, [v for v in model.graph.outputs if v.name == "logits"])
+    session = create_session(in_memory_proto(model).SerializeToString())
     ids = np.random.default_rng(1).integers(3, 96, size=(2, 37))
-    return session.run(decoder_feed(session.inputs, ids, num_kv_heads=2, head_dim=16))[0]
+    return session.run(["logits"], decoder_feed(list(model.graph.inputs), ids, num_kv_heads=2, head_dim=16))[0]
 
 
 def _ops(model: ir.Model) -> collections.Counter:
@@ -58,7 +61,7 @@ def test_folding_keeps_logits_and_nodes(method, fixture, request, tiny_text):
     assert all(moved) if method == "sq" else any(moved)  # AWQ may choose alpha 0 (no change) for some groups
     after = _logits(model)
     assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
-    reloaded = ir.from_proto(ir.to_proto(model))  # the folded model serializes with its new weights
+    reloaded = ir.from_proto(in_memory_proto(model))  # the folded model serializes with its new weights
     np.testing.assert_array_equal(_logits(reloaded), after)
 
 
