@@ -45,10 +45,10 @@ class Row:
 
 # (config label, weight format, activation format, methods, methods also in --quick)
 MXONNX_CONFIGS = (
-    ("W8A8 MXINT8-128", "mxint8-128", "mxint8-128", ("rtn", "sq"), ("rtn",)),
+    ("W8A8 MXINT8-128", "mxint8-128", "mxint8-128", ALL_METHODS, ("rtn",)),
     ("W4A8 MXINT4-128", "mxint4-128", "mxint8-128", ALL_METHODS, ("rtn", "awq+gptq")),
     ("W4A8 MXINT4-32", "mxint4-32", "mxint8-32", ("rtn", "gptq", "awq+gptq"), ()),
-    ("W4A8 MXINT4-16", "mxint4-16", "mxint8-16", ("rtn", "gptq", "awq+gptq"), ()),
+    ("W4A8 MXINT4-16", "mxint4-16", "mxint8-16", ALL_METHODS, ()),
     ("W4 MXINT4-128", "mxint4-128", "none", ("rtn", "gptq", "awq+gptq"), ()),
     ("W8A8 MXFP8E4M3-32", "mxfp8e4m3-32", "mxfp8e4m3-32", ("rtn",), ()),
     ("W4A8 MXFP4-32 / A MXFP8E4M3-32", "mxfp4-32", "mxfp8e4m3-32", ("rtn", "gptq", "awq+gptq"), ()),
@@ -82,12 +82,15 @@ def _peer_rows() -> list[Row]:
 ROWS: tuple[Row, ...] = (Row("fp32", "FP32", "-", "none", "none", 32.0, quick=True), *_mxonnx_rows(), *_peer_rows())
 
 
-def select_rows(quick: bool, methods: list[str] | None, tools: list[str] | None) -> list[Row]:
-    """The rows of this run: ``--quick`` keeps the quick ones; ``--methods``/``--tools`` filter (FP32 always stays,
-    every ratio is taken against it)."""
+def select_rows(quick: bool, methods: list[str] | None, tools: list[str] | None,
+                configs: list[str] | None = None) -> list[Row]:
+    """The rows of this run: ``--quick`` keeps the quick ones; ``--methods``/``--tools``/``--configs`` filter (FP32
+    always stays, every ratio is taken against it)."""
     rows = [r for r in ROWS if r.quick or not quick]
-    if methods:
-        rows = [r for r in rows if r.tool == "fp32" or r.method in methods]
-    if tools:
-        rows = [r for r in rows if r.tool == "fp32" or r.tool in tools]
+    for wanted, field in ((methods, "method"), (tools, "tool"), (configs, "config")):
+        if wanted:
+            rows = [r for r in rows if r.tool == "fp32" or getattr(r, field) in wanted]
     return rows
+
+
+CONFIGS = tuple(dict.fromkeys(r.config for r in ROWS if r.tool != "fp32"))

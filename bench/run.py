@@ -28,7 +28,7 @@ from bench.plot import plot_ppl_vs_bits  # noqa: E402
 from bench.produce import (  # noqa: E402
     PEER_CALIB_SAMPLES, PEER_CALIB_SEQLEN, REPO, Produced, RowUnavailable, child_env, produce, run_for)
 from bench.report import render_markdown, table_lines  # noqa: E402
-from bench.rows import ALL_METHODS, TOOLS, Row, select_rows  # noqa: E402
+from bench.rows import ALL_METHODS, CONFIGS, TOOLS, Row, select_rows  # noqa: E402
 from mxonnx.modelio import resolve_model  # noqa: E402
 
 CACHE = REPO / "models" / "cache"
@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="only rows of these methods (FP32 always)")
     p.add_argument("--tools", nargs="+", choices=[t for t in TOOLS if t != "fp32"], help="only rows of these tools")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, metavar="CONFIG",
+                   help="only rows of these configurations (quoted labels: " + "; ".join(CONFIGS) + ")")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: write the table from the rows already measured (others: 'not measured')")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of the speed measurement (default 1)")
     p.add_argument("--prompt", type=int, default=512, help="prefill length (default 512)")
     p.add_argument("--decode", type=int, default=64, help="decode steps with the KV cache (default 64)")
@@ -114,6 +118,8 @@ def row_result(row: Row, args: argparse.Namespace, windows: int | None, fp32: Pa
             "acts": row.acts, "format_bits": row.format_bits, "options": list(row.options)}
     if cache.is_file() and not args.refresh:
         return {**json.loads(cache.read_text()), **base, "cached": True}
+    if args.report_only:
+        return {**base, "status": "not measured", "reason": "not measured yet on this machine", "cached": False}
     try:
         produced = produce(row, fp32, args.work)
         numbers = measure(produced, args, windows)
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     windows = None if args.full else args.windows or (QUICK_WINDOWS if args.quick else DEFAULT_WINDOWS)
     fp32 = ensure_fp32(args.fp32).resolve()
     fp32_id = fingerprint(fp32)
-    rows = select_rows(args.quick, args.methods, args.tools)
+    rows = select_rows(args.quick, args.methods, args.tools, args.configs)
     print(f"{len(rows)} rows, {'all' if windows is None else windows} windows of {args.seqlen} tokens; "
           f"FP32 model {fp32} ({fp32_id})", flush=True)
     results = []

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import report, run  # noqa: E402
+from bench.rows import ALL_METHODS, select_rows  # noqa: E402
 from bench.measure import linear_weight_bits, run_child  # noqa: E402
 from bench.speed import measure_speed  # noqa: E402
 
@@ -85,3 +86,16 @@ def test_resumable_run_on_the_tiny_model(tiny_onnx, tiny_text, tmp_path, monkeyp
     capsys.readouterr()
     run.main(argv)  # every row comes from the cache
     assert capsys.readouterr().out.count("(cached)") == 3
+
+    report_argv = argv[:8] + ["--methods", "rtn", "gptq", "--configs", "W4 INT4-g128", *argv[10:], "--report-only"]
+    run.main(report_argv)  # measures nothing: the GPTQ row was never measured
+    rows = json.loads(result_files[0].read_text())["rows"]  # same date: the report replaced the file
+    assert [(r["config"], r["method"], r["status"]) for r in rows] == [
+        ("FP32", "-", "ok"), ("W4 INT4-g128", "rtn", "ok"), ("W4 INT4-g128", "gptq", "not measured")]
+
+
+def test_rows_filtered_by_configuration():
+    rows = select_rows(False, ["rtn"], ["mxonnx"], ["W8A8 MXINT8-128", "W4A8 MXINT4-16"])
+    assert [(r.tool, r.config) for r in rows] == [("fp32", "FP32"), ("mxonnx", "W8A8 MXINT8-128"),
+                                                  ("mxonnx", "W4A8 MXINT4-16")]
+    assert {r.method for r in select_rows(False, None, None, ["W8A8 MXINT8-128"]) if r.tool == "mxonnx"} == set(ALL_METHODS)
