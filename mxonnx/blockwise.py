@@ -23,9 +23,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 
+from mxonnx import formats
 from mxonnx.errors import InputError
+from mxonnx.ops import schema
 from mxonnx.passes.llama_structure import DecoderBlock, Linear
 from mxonnx.session import create_session
 
@@ -52,6 +55,8 @@ class BlockwiseRunner:
         self.boundaries = residual_boundaries(blocks)
         self._kv_shape = (blocks[0].num_kv_heads, blocks[0].head_dim)
         self.group_inputs = [_group_inputs(block) for block in blocks]
+        self.group_widths = [{group: linears[0].shape[0] for group, linears in block.groups().items()}
+                             for block in blocks]
         self._shared = _prefix_values(model.graph, self.boundaries[0])
         read = {v for i in range(self.num_blocks) for v in self._block_region(i, [self.boundaries[i + 1]])[1]}
         # what the prefix computes per window: h_0 and the prefix values some block reads
@@ -85,19 +90,34 @@ class BlockwiseRunner:
 
         self._pass(index, list(groups.values()), each, advance)
 
+    def capture_grams(self, index: int, acts: formats.MXFormat, callback: Callable[[str, np.ndarray, int], None],
+                      advance: bool = False) -> None:
+        """As :meth:`capture`, but ``callback(group, xtx, tokens)`` gets ``xtx = A^T A`` (float32 ``[K, K]``) of the
+        window's ``A = Q_acts(x)`` (``x`` for ``acts`` none; ``Q_acts`` the ``com.mxonnx`` MXQuantizeDequantize
+        along K): both computed by onnxruntime in the block's run, so only K x K values per group come back."""
+        groups = self.group_inputs[index]
+        tokens = self.windows.shape[1]
+
+        def each(arrays: list[np.ndarray]) -> None:
+            for name, xtx in zip(groups, arrays):
+                callback(name, xtx, tokens)
+
+        widths = {value.name: self.group_widths[index][group] for group, value in groups.items()}
+        self._pass(index, list(groups.values()), each, advance, head=gram_head(acts, widths))
+
     def advance(self, index: int) -> None:
         """Run block ``index`` on every window and store its outputs as the next block's inputs."""
         self._pass(index, [], lambda arrays: None, advance=True)
 
     def _pass(self, index: int, outputs: list[ir.Value], each: Callable[[list[np.ndarray]], None],
-              advance: bool) -> None:
+              advance: bool, head: Head | None = None) -> None:
         """Run block ``index`` over every window, calling ``each`` with the window's ``outputs``; with ``advance``
         the block's output replaces the window's hidden state as soon as the window is done (one set of hidden
         states in memory, not two)."""
         wanted = [*outputs, *([self.boundaries[index + 1]] if advance else [])]
         replaced = 0
         try:
-            for window, arrays in enumerate(self._run_block(index, wanted, desc=f"block {index}")):
+            for window, arrays in enumerate(self._run_block(index, wanted, f"block {index}", head)):
                 each(arrays[:len(outputs)])
                 if advance:
                     self.hidden_states[window] = arrays[-1]
@@ -138,21 +158,25 @@ class BlockwiseRunner:
         first = self._shared_arrays[0][name] if self._shared_arrays else None
         return first if first is not None and np.array_equal(first, array) else array
 
-    def _run_block(self, index: int, outputs: list[ir.Value], desc: str) -> Iterator[list[np.ndarray]]:
+    def _run_block(self, index: int, outputs: list[ir.Value], desc: str,
+                   head: Head | None = None) -> Iterator[list[np.ndarray]]:
         self._check_position(index)
         nodes, external = self._block_region(index, outputs)
         missing = [v.name for v in external if v in self._shared and v not in self._prefix_outputs]
         if missing:
             raise InputError(f"decoder block {index} now reads {missing[0]!r}, a prefix value not computed up front")
-        return self._stream(nodes, external, outputs, desc)
+        return self._stream(nodes, external, outputs, desc, head)
 
     def _stream(self, nodes: list[ir.Node], inputs: list[ir.Value], outputs: list[ir.Value],
-                desc: str) -> Iterator[list[np.ndarray]]:
-        """Serialise ``nodes`` once, open one session, and yield its ``outputs`` for every window."""
+                desc: str, head: Head | None = None) -> Iterator[list[np.ndarray]]:
+        """Serialise ``nodes`` once (``head`` may replace some of its outputs by computations on them), open one
+        session, and yield its outputs for every window."""
         names = [v.name for v in inputs]
-        model_bytes = subgraph_bytes(self.model, nodes, inputs, outputs, self._feeds(0, names))
-        session = create_session(model_bytes, threads=self.threads)
-        out_names = [v.name for v in outputs]
+        proto = subgraph_proto(self.model, nodes, inputs, outputs, self._feeds(0, names))
+        if head is not None:
+            head(proto)
+        session = create_session(proto.SerializeToString(), threads=self.threads)
+        out_names = [o.name for o in proto.graph.output]
         for window in _progress(range(len(self.windows)), desc, self.progress):
             yield session.run(out_names, self._feeds(window, names))
 
@@ -296,9 +320,9 @@ def embedded_tensor(value: ir.Value) -> onnx.TensorProto:
     return ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name))
 
 
-def subgraph_bytes(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value], outputs: list[ir.Value],
-                   sample_feeds: dict[str, np.ndarray]) -> bytes:
-    """A serialised model of ``nodes`` (a region of ``model.graph``) with the initializers they read and the model's
+def subgraph_proto(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value], outputs: list[ir.Value],
+                   sample_feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A model of ``nodes`` (a region of ``model.graph``) with the initializers they read and the model's
     functions and opset imports; inputs without a type in the graph take the dtype of ``sample_feeds``."""
     initializers = {id(v): v for n in nodes for v in n.inputs if v is not None and v.is_initializer()}
     view = ir.GraphView(inputs, outputs, nodes=nodes, initializers=list(initializers.values()),
@@ -312,7 +336,54 @@ def subgraph_bytes(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value]
         if not info.type.tensor_type.elem_type:
             dtype = onnx.helper.np_dtype_to_tensor_dtype(sample_feeds[info.name].dtype)
             info.type.CopyFrom(onnx.helper.make_tensor_type_proto(dtype, None))
-    return proto.SerializeToString()
+    return proto
+
+
+Head = Callable[[onnx.ModelProto], None]
+
+
+def gram_head(acts: formats.MXFormat, widths: dict[str, int]) -> Head:
+    """A rewrite of a region's proto: each output ``x [..., K]`` named in ``widths`` (name -> K) becomes
+    ``x.xtx = A^T A`` with ``A = reshape(Q_acts(x), [-1, K])`` (Gemm, transA), in place in the output list."""
+
+    def rewrite(proto: onnx.ModelProto) -> None:
+        graph = proto.graph
+        if acts.kind == "mx":
+            _declare_quantize_dequantize(proto, acts)
+        outputs = list(graph.output)
+        del graph.output[:]
+        for out in outputs:
+            x = out.name
+            if x not in widths:
+                graph.output.append(out)
+                continue
+            if acts.kind == "mx":
+                qdq = onnx.helper.make_node(schema.QUANTIZE_DEQUANTIZE, [x], [f"{x}.qdq"], domain=schema.DOMAIN,
+                                            **{schema.FORMAT_ATTR: acts.name, schema.AXIS_ATTR: -1})
+                qdq.overload = schema.overload(acts)
+                graph.node.append(qdq)
+                x = qdq.output[0]
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, widths[out.name]], np.int64),
+                                                                  f"{out.name}.rows_shape"))
+            graph.node.extend([
+                onnx.helper.make_node("Reshape", [x, f"{out.name}.rows_shape"], [f"{out.name}.rows"]),
+                onnx.helper.make_node("Gemm", [f"{out.name}.rows", f"{out.name}.rows"], [f"{out.name}.xtx"], transA=1),
+            ])
+            graph.output.append(onnx.ValueInfoProto(name=f"{out.name}.xtx"))
+
+    return rewrite
+
+
+def _declare_quantize_dequantize(proto: onnx.ModelProto, fmt: formats.MXFormat) -> None:
+    """Make ``MXQuantizeDequantize`` of ``fmt`` usable in ``proto``: domain import and its function body."""
+    from mxonnx.ops.functions import function_proto
+
+    if not any(op.domain == schema.DOMAIN for op in proto.opset_import):
+        proto.opset_import.add(domain=schema.DOMAIN, version=schema.DOMAIN_VERSION)
+    proto.ir_version = max(proto.ir_version, schema.IR_VERSION)
+    if not any(f.domain == schema.DOMAIN and f.name == schema.QUANTIZE_DEQUANTIZE and f.overload == schema.overload(fmt)
+               for f in proto.functions):
+        proto.functions.append(function_proto(schema.QUANTIZE_DEQUANTIZE, fmt))
 
 
 def _checked_windows(windows: np.ndarray) -> np.ndarray:

@@ -51,8 +51,14 @@ class HessianAccumulator:
         if x.shape[-1] != k:
             raise InputError(f"activation batch has {x.shape[-1]} channels, the Hessian expects {k}")
         rows = np.asarray(x, np.float32).reshape(-1, k)
-        self._xtx += rows.T @ rows
-        self.count += rows.shape[0]
+        self.add_gram(rows.T @ rows, rows.shape[0])
+
+    def add_gram(self, xtx: np.ndarray, rows: int) -> None:
+        """Add a batch given as its ``x^T x [K, K]`` over ``rows`` rows (e.g. computed by onnxruntime)."""
+        if xtx.shape != self._xtx.shape:
+            raise InputError(f"Gram matrix of shape {xtx.shape}, the Hessian expects {self._xtx.shape}")
+        self._xtx += xtx
+        self.count += rows
 
     @property
     def xtx(self) -> np.ndarray:

@@ -71,14 +71,12 @@ def check_calibration_size(blocks: Sequence[DecoderBlock], config: QuantizeConfi
 def block_hessians(runner: BlockwiseRunner, block: DecoderBlock, acts: formats.MXFormat,
                    advance: bool = False) -> dict[str, np.ndarray]:
     """``{group_key: 2/n A^T A}`` for the four linear groups of ``block``, over every calibration window, with
-    ``A`` the group's input quantize-dequantized to ``acts`` (the activations the rewritten MatMul reads);
-    ``advance``: the same run moves the runner past the block (:meth:`BlockwiseRunner.capture`)."""
+    ``A`` the group's input quantize-dequantized to ``acts`` (the activations the rewritten MatMul reads; both
+    ``A`` and ``A^T A`` computed in onnxruntime, summed here in float64); ``advance``: the same run moves the runner
+    past the block (:meth:`BlockwiseRunner.capture`)."""
     accumulators = {group: HessianAccumulator(linears[0].shape[0]) for group, linears in block.groups().items()}
-
-    def add(group: str, x: np.ndarray) -> None:
-        accumulators[group].add_batch(x if acts.kind == "none" else formats.quantize_dequantize(x, acts, axis=-1))
-
-    runner.capture(block.index, add, advance=advance)
+    runner.capture_grams(block.index, acts, lambda group, xtx, rows: accumulators[group].add_gram(xtx, rows),
+                         advance=advance)
     return {group_key(block, group): acc.hessian for group, acc in accumulators.items()}
 
 

@@ -11,6 +11,7 @@ import pytest
 
 import mxonnx.blockwise as blockwise
 from conftest import in_memory_proto
+from mxonnx import formats
 from mxonnx.blockwise import BlockwiseRunner, decoder_feed
 from mxonnx.errors import InputError
 from mxonnx.passes.llama_structure import find_decoder_blocks
@@ -188,3 +189,23 @@ def test_bad_windows_are_refused(tiny_onnx, bad):
     model = ir.load(tiny_onnx / "model.onnx")
     with pytest.raises(InputError, match=r"\[n, seqlen\] integer array"):
         BlockwiseRunner(model, find_decoder_blocks(model), bad)
+
+
+@pytest.mark.parametrize("acts", ["mxint8-32", "mxfp8e4m3-16", "none"])
+def test_capture_grams_are_gram_matrices_of_quantized_inputs(tiny_onnx, windows, acts):
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    fmt = formats.parse_format(acts)
+    inputs, grams = BlockwiseRunner(model, blocks, windows), BlockwiseRunner(model, blocks, windows)
+    for block in blocks:
+        seen = captured(inputs, block.index)
+        got: dict[str, list[np.ndarray]] = {}
+        grams.capture_grams(block.index, fmt, lambda group, xtx, n: got.setdefault(group, []).append((xtx, n)),
+                            advance=True)
+        for group in GROUPS:
+            for x, (xtx, tokens) in zip(seen[group], got[group]):
+                a = x if fmt.kind == "none" else formats.quantize_dequantize(x, fmt, axis=-1)
+                assert tokens == x.shape[0] and xtx.shape == (x.shape[1], x.shape[1])
+                np.testing.assert_allclose(xtx, a.T.astype(np.float64) @ a, rtol=1e-4, atol=1e-4 * np.abs(xtx).max())
+        inputs.advance(block.index)
+        np.testing.assert_array_equal(np.stack(grams.hidden_states), np.stack(inputs.hidden_states))
