@@ -26,7 +26,6 @@ import warnings
 from typing import Callable, Mapping
 
 import numpy as np
-import torch
 
 from mxonnx import formats
 from mxonnx.errors import InputError
@@ -128,11 +127,12 @@ def _act_order(diag: np.ndarray, unit: int) -> np.ndarray:
 
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray | None:
     """U upper triangular with ``h^-1 = U^T U``, or None when ``h`` (or its inverse) is not positive definite."""
-    lower, info = torch.linalg.cholesky_ex(torch.from_numpy(h))
-    if info:
+    try:
+        lower = np.linalg.cholesky(h)  # h = L L^T
+        lower_inv = np.linalg.inv(lower)  # triangular like L
+        return np.linalg.cholesky(lower_inv.T @ lower_inv).T  # h^-1 = L^-T L^-1 = U^T U
+    except np.linalg.LinAlgError:
         return None
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    return None if info else upper.numpy()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +176,7 @@ def _gptq(w: np.ndarray, upper: np.ndarray, grid: _Grid, block: int, micro: int)
                 q[i1 + j] = grid.round(w1[j], params[(i1 + j) // grid.group])
                 np.divide(w1[j] - q[i1 + j], u1[j, j], out=err1[j])
                 w1[j + 1:] -= u1[j, j + 1:, None] * err1[j]
-        # torch, like the factorisation: one BLAS thread pool (numpy's and torch's spin against each other)
-        w[i2:] -= (torch.from_numpy(upper[i1:i2, i2:]).T @ torch.from_numpy(err1)).numpy()
+        w[i2:] -= upper[i1:i2, i2:].T @ err1
     return q, params
 
 

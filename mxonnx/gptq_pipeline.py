@@ -25,14 +25,12 @@ stream entering the final norm, so there is no Hessian for it).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-import torch
 
 from mxonnx import formats
 from mxonnx.blockwise import BlockwiseRunner
@@ -80,17 +78,6 @@ def block_hessians(runner: BlockwiseRunner, block: DecoderBlock, acts: formats.M
     return {group_key(block, group): acc.hessian for group, acc in accumulators.items()}
 
 
-@contextlib.contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """torch on one thread for the GPTQ arithmetic (its thread pool was 10-30x slower on this shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def gptq_rewrite(model: ir.Model, tokenizer_folder: str | os.PathLike | None, config: QuantizeConfig,
                  threads: int | None = None) -> ir.Model:
     """Rewrite every decoder block of ``model`` (in place; also returned) with GPTQ weights in ``config.weights``
@@ -107,17 +94,16 @@ def gptq_rewrite(model: ir.Model, tokenizer_folder: str | os.PathLike | None, co
     windows = calibration_windows(config.calib_path or default_calib_text(), load_tokenizer(tokenizer_folder),
                                   config.calib_samples, config.calib_seqlen, config.seed)
     runner = BlockwiseRunner(model, blocks, windows, progress=config.progress, threads=threads)
-    with single_threaded_torch():
-        for block in tqdm(blocks, desc="gptq", unit="block", disable=not config.progress, leave=False):
-            last = block.index == len(blocks) - 1
-            # non-sequential: the same run gives the next block's inputs from this block in float
-            hessians = block_hessians(runner, block, acts, advance=not config.sequential and not last)
-            provider = GptqWeightProvider(hessians, weights, block_size=config.gptq_block,
-                                          micro_block=config.gptq_micro_block, damp=config.damp,
-                                          act_order=config.act_order)
-            MxMatMulPass(block.linears(), weights, acts, provider)(model)
-            if config.sequential and not last:
-                runner.advance(block.index)  # the next block's inputs from this block quantized
+    for block in tqdm(blocks, desc="gptq", unit="block", disable=not config.progress, leave=False):
+        last = block.index == len(blocks) - 1
+        # non-sequential: the same run gives the next block's inputs from this block in float
+        hessians = block_hessians(runner, block, acts, advance=not config.sequential and not last)
+        provider = GptqWeightProvider(hessians, weights, block_size=config.gptq_block,
+                                      micro_block=config.gptq_micro_block, damp=config.damp,
+                                      act_order=config.act_order)
+        MxMatMulPass(block.linears(), weights, acts, provider)(model)
+        if config.sequential and not last:
+            runner.advance(block.index)  # the next block's inputs from this block quantized
     if lm_head is not None:
         MxMatMulPass([lm_head], weights, acts, RoundToNearest(weights))(model)
     return model
