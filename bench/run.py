@@ -4,8 +4,9 @@ For every row of ``bench/rows.py``: quantize (``mxonnx quantize`` or the peer's 
 code for every model, WikiText-2 perplexity (``mxonnx eval``), stored bits per weight and file size, and prefill /
 decode speed (``bench/speed.py``). Writes ``bench/results/<date>.json``, ``table.md`` and ``ppl_vs_bits.png``
 (``--quick``: ``-quick`` suffixes) and prints the table. Resumable: each finished row is cached in
-``bench/.work/rows/`` under a key of its recipe, the FP32 model's hash and the measurement settings; a row that
-fails (a method not implemented yet, a peer that cannot install) is reported with its reason and retried next run.
+``bench/.work/rows/`` under a key of its recipe, the FP32 model's hash and the measurement settings, and rows
+already published in ``bench/results/*.json`` under the same FP32 hash and settings count as measured (so a fresh
+checkout resumes where the last machine stopped; ``--refresh`` measures again); a row that fails (a method not implemented yet, a peer that cannot install) is reported with its reason and retried next run.
 
     .venv/bin/python bench/run.py [--quick] [--full | --windows N] [--methods rtn gptq ...] [--tools mxonnx ...]
 """
@@ -110,14 +111,36 @@ def measure(produced: Produced, args: argparse.Namespace, windows: int | None) -
     }
 
 
+def published_result(row: Row, args: argparse.Namespace, windows: int | None, fp32_id: str) -> dict | None:
+    """The newest row of ``args.results/*.json`` measured with the same recipe, FP32 model and settings, if any."""
+    wanted = {"fp32_sha256_16": fp32_id, "windows": windows, "seqlen": args.seqlen, "threads": args.threads,
+              "prompt": args.prompt, "decode": args.decode}
+    for path in sorted(args.results.glob("*.json"), reverse=True):  # dated names: newest first
+        try:
+            published = json.loads(path.read_text())
+            meta, rows = published["meta"], published["rows"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if any(meta.get(k) != v for k, v in wanted.items()):
+            continue
+        for result in rows:
+            if (result.get("status") == "ok" and result.get("tool") == row.tool and result.get("config") == row.config
+                    and result.get("method") == row.method and result.get("options") == list(row.options)):
+                return {**result, "published_in": path.name}
+    return None
+
+
 def row_result(row: Row, args: argparse.Namespace, windows: int | None, fp32: Path, fp32_id: str) -> dict:
-    """The cached result of ``row`` or a fresh one; failures come back as ``status: unavailable``."""
+    """The cached (or published) result of ``row`` or a fresh one; failures come back as ``status: unavailable``."""
     settings = [row.key, fp32_id, windows, args.seqlen, args.threads, args.prompt, args.decode]
     cache = args.work / "rows" / (hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:20] + ".json")
     base = {"tool": row.tool, "config": row.config, "method": row.method, "weights": row.weights,
             "acts": row.acts, "format_bits": row.format_bits, "options": list(row.options)}
     if cache.is_file() and not args.refresh:
         return {**json.loads(cache.read_text()), **base, "cached": True}
+    published = None if args.refresh else published_result(row, args, windows, fp32_id)
+    if published is not None:
+        return {**published, **base, "cached": True}
     if args.report_only:
         return {**base, "status": "not measured", "reason": "not measured yet on this machine", "cached": False}
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -87,11 +88,20 @@ def test_resumable_run_on_the_tiny_model(tiny_onnx, tiny_text, tmp_path, monkeyp
     run.main(argv)  # every row comes from the cache
     assert capsys.readouterr().out.count("(cached)") == 3
 
+    shutil.rmtree(tmp_path / "work" / "rows")  # a fresh checkout: only the published results remain
+    run.main(argv + ["--report-only"])
+    rows = json.loads(result_files[0].read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok"] * 3 and all(r["published_in"] == result_files[0].name for r in rows)
+
     report_argv = argv[:8] + ["--methods", "rtn", "gptq", "--configs", "W4 INT4-g128", *argv[10:], "--report-only"]
     run.main(report_argv)  # measures nothing: the GPTQ row was never measured
     rows = json.loads(result_files[0].read_text())["rows"]  # same date: the report replaced the file
     assert [(r["config"], r["method"], r["status"]) for r in rows] == [
         ("FP32", "-", "ok"), ("W4 INT4-g128", "rtn", "ok"), ("W4 INT4-g128", "gptq", "not measured")]
+
+    other_settings = [a if a != "4" else "5" for a in argv]  # --decode 5: published rows do not match
+    run.main(other_settings + ["--report-only"])
+    assert [r["status"] for r in json.loads(result_files[0].read_text())["rows"]] == ["not measured"] * 3
 
 
 def test_rows_filtered_by_configuration():
