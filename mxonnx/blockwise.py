@@ -19,6 +19,7 @@ every window, such as the attention mask).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -172,10 +173,10 @@ class BlockwiseRunner:
         """Serialise ``nodes`` once (``head`` may replace some of its outputs by computations on them), open one
         session, and yield its outputs for every window."""
         names = [v.name for v in inputs]
-        proto = subgraph_proto(self.model, nodes, inputs, outputs, self._feeds(0, names))
+        proto, folder = subgraph_proto(self.model, nodes, inputs, outputs, self._feeds(0, names))
         if head is not None:
             head(proto)
-        session = create_session(proto.SerializeToString(), threads=self.threads)
+        session = create_session(proto.SerializeToString(), threads=self.threads, external_data_folder=folder)
         out_names = [o.name for o in proto.graph.output]
         for window in _progress(range(len(self.windows)), desc, self.progress):
             yield session.run(out_names, self._feeds(window, names))
@@ -314,29 +315,39 @@ def decoder_feed(inputs: list[ir.Value], ids: np.ndarray, num_kv_heads: int, hea
 
 
 def embedded_tensor(value: ir.Value) -> onnx.TensorProto:
-    """The initializer's tensor with its data in the proto (also when the model keeps it in an external file: a
-    serialized graph region must not point at a file onnxruntime cannot resolve from bytes)."""
+    """The initializer's tensor with its data in the proto (also when the model keeps it in an external file)."""
     tensor = value.const_value
     return ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name))
 
 
 def subgraph_proto(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value], outputs: list[ir.Value],
-                   sample_feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+                   sample_feeds: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, str | None]:
     """A model of ``nodes`` (a region of ``model.graph``) with the initializers they read and the model's
-    functions and opset imports; inputs without a type in the graph take the dtype of ``sample_feeds``."""
+    functions and opset imports, and the folder its external data is read from (or None); inputs without a type in
+    the graph take the dtype of ``sample_feeds``.
+
+    Initializers the model keeps in an external file stay references to that file (onnxruntime reads them itself:
+    no copy of them in the serialized bytes); when they come from several folders, those outside the folder holding
+    most of their bytes are embedded."""
     initializers = {id(v): v for n in nodes for v in n.inputs if v is not None and v.is_initializer()}
     view = ir.GraphView(inputs, outputs, nodes=nodes, initializers=list(initializers.values()),
                         opset_imports=dict(model.graph.opset_imports), name="region")
     proto = ir.to_proto(ir.Model(view, ir_version=model.ir_version, functions=list(model.functions.values())))
     external = {v.name: v for v in initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+    folder_bytes: dict[str, int] = {}
+    for value in external.values():
+        folder = os.path.abspath(value.const_value.base_dir)
+        folder_bytes[folder] = folder_bytes.get(folder, 0) + value.const_value.nbytes
+    folder = max(folder_bytes, key=folder_bytes.__getitem__) if folder_bytes else None
     for i, tensor in enumerate(proto.graph.initializer):
-        if tensor.name in external:
-            proto.graph.initializer[i].CopyFrom(embedded_tensor(external[tensor.name]))
+        value = external.get(tensor.name)
+        if value is not None and os.path.abspath(value.const_value.base_dir) != folder:
+            proto.graph.initializer[i].CopyFrom(embedded_tensor(value))
     for info in proto.graph.input:
         if not info.type.tensor_type.elem_type:
             dtype = onnx.helper.np_dtype_to_tensor_dtype(sample_feeds[info.name].dtype)
             info.type.CopyFrom(onnx.helper.make_tensor_type_proto(dtype, None))
-    return proto
+    return proto, folder
 
 
 Head = Callable[[onnx.ModelProto], None]

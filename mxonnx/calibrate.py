@@ -103,20 +103,22 @@ def load_tokenizer(folder: str | os.PathLike | None) -> Callable[[str], list[int
             auto = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError):
         raise InputError(f"{folder}: no tokenizer found in the model folder") from None
-    return lambda text: auto(text)["input_ids"]
+
+    def encode(text: str) -> list[int]:
+        with quiet_libraries():  # hides "sequence longer than the model's maximum length"
+            return auto(text)["input_ids"]
+
+    return encode
 
 
 def calibration_windows(text_path: str | os.PathLike, encode: Callable[[str], list[int]], n: int, seqlen: int,
                         seed: int) -> np.ndarray:
     """``[n, seqlen]`` int64 token windows starting at ``n`` offsets drawn uniformly with ``seed`` from the
     text (the whole file, tokenized once by ``encode``, e.g. :func:`load_tokenizer`)."""
-    from mxonnx.export import quiet_libraries
-
     path = Path(text_path)
     if not path.is_file():
         raise InputError(f"{path}: no such calibration text (set --calib or MXONNX_DATA)")
-    with quiet_libraries():  # hides "sequence longer than the model's maximum length"
-        ids = np.asarray(encode(path.read_text(encoding="utf-8")), dtype=np.int64)
+    ids = np.asarray(encode(path.read_text(encoding="utf-8")), dtype=np.int64)
     if len(ids) < seqlen:
         raise InputError(f"{path}: {len(ids)} tokens, fewer than one calibration window of {seqlen}")
     starts = np.random.default_rng(seed).integers(0, len(ids) - seqlen + 1, size=n)

@@ -171,7 +171,27 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"mxonnx: warning: {message}\n"
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+FREED_MEMORY_THRESHOLD = 128 * 1024
+
+
+def return_freed_memory() -> None:
+    """Have glibc give large freed buffers back to the system: allocations of 128 KiB and more are memory-mapped and
+    the heap is trimmed above 128 KiB. By default glibc raises its mmap threshold (up to 32 MiB) as buffers are
+    freed and keeps later ones in the heap, so the arrays freed block after block while quantizing stay counted in
+    the process's memory. No effect outside glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, FREED_MEMORY_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, FREED_MEMORY_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    return_freed_memory()
     # numpy's BLAS threads fight onnxruntime's and torch's on small matrices (AWQ's search ran ~80x slower)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     warnings.formatwarning = _one_line_warning  # e.g. one line per Hessian whose dampening was raised

@@ -10,6 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 _warned = False
+EXTERNAL_DATA_FOLDER_CONFIG = "session.model_external_initializers_file_folder_path"  # for models given as bytes
 
 
 def native_library() -> Path | None:
@@ -47,15 +48,19 @@ def _native_enabled(use_native: bool) -> bool:
 
 
 def create_session(model: str | os.PathLike | bytes, threads: int | None = None, use_native: bool = True,
-                   optimize: bool = True, fuse: bool = True) -> ort.InferenceSession:
-    """An InferenceSession on the CPU execution provider for a model path or serialized bytes.
+                   optimize: bool = True, fuse: bool = True,
+                   external_data_folder: str | os.PathLike | None = None) -> ort.InferenceSession:
+    """An InferenceSession on the CPU execution provider for a model path or serialized bytes
+    (``external_data_folder``: where the external data files of serialized bytes are).
 
     With the native library and ``fuse``, a model file's ``MatMul(MXQuantizeDequantize, MXDequantize)`` pairs run as
     the fused native ``MXMatMul`` (``passes/fuse_mx_matmul.py``; in memory only, the file is not changed)."""
     so = session_options(threads=threads, use_native=use_native, optimize=optimize)
     target = model if isinstance(model, bytes) else str(model)
+    if external_data_folder is not None:
+        so.add_session_config_entry(EXTERNAL_DATA_FOLDER_CONFIG, str(Path(external_data_folder).resolve()))
     if fuse and not isinstance(model, bytes) and _native_enabled(use_native):
-        from mxonnx.passes.fuse_mx_matmul import EXTERNAL_DATA_FOLDER_CONFIG, fused_model_bytes
+        from mxonnx.passes.fuse_mx_matmul import fused_model_bytes
 
         fused = fused_model_bytes(model)
         if fused is not None:

@@ -44,13 +44,17 @@ def awq_scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
     return s / np.sqrt(s.max() * s.min())
 
 
-def group_error(x: np.ndarray, weights: Sequence[np.ndarray], rows: np.ndarray, weights_fmt, acts_fmt) -> float:
-    """``sum_W ||Q_a(X / s) Q_w(s W) - X W||^2`` for row scales ``s``."""
+def group_error(x: np.ndarray, weights: Sequence[np.ndarray], rows: np.ndarray, weights_fmt, acts_fmt,
+                references: Sequence[np.ndarray] | None = None) -> float:
+    """``sum_W ||Q_a(X / s) Q_w(s W) - X W||^2`` for row scales ``s``; ``references``: the float outputs ``X W``
+    when already computed (they do not depend on ``s``)."""
     xq = quantize_dequantize((x / rows).astype(np.float32), acts_fmt, axis=-1)
+    if references is None:
+        references = [x @ w for w in weights]
     error = 0.0
-    for w in weights:
+    for w, reference in zip(weights, references):
         wq = quantize_dequantize((w * rows[:, None]).astype(np.float32), weights_fmt, axis=0)
-        error += float(np.square(xq @ wq - x @ w, dtype=np.float64).sum())
+        error += float(np.square(xq @ wq - reference, dtype=np.float64).sum())
     return error
 
 
@@ -64,8 +68,9 @@ def search_group(block: DecoderBlock, group: str, stats: ActivationStats, alphas
         raise InputError("the AWQ search needs sampled calibration inputs (collect_statistics(sample_tokens=...))")
     weights = [linear.weight_array.astype(np.float32) for linear in block.groups()[group]]
     x = stats.sample.astype(np.float32)
-    errors = [group_error(x, weights, row_scales(group, awq_scales(mean_abs, a), block), weights_fmt, acts_fmt)
-              for a in alphas]
+    references = [x @ w for w in weights]
+    errors = [group_error(x, weights, row_scales(group, awq_scales(mean_abs, a), block), weights_fmt, acts_fmt,
+                          references) for a in alphas]
     best = float(alphas[int(np.argmin(errors))])
     return awq_scales(mean_abs, best), best
 

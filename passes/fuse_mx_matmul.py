@@ -26,12 +26,12 @@ from onnx import helper
 
 from mxonnx import formats
 from mxonnx.ops import functions, schema
+from mxonnx.session import EXTERNAL_DATA_FOLDER_CONFIG  # noqa: F401 (re-exported)
 
 MATMUL = "MXMatMul"
 WEIGHT_FORMAT_ATTR = "weight_format"
 ACT_FORMAT_ATTR = "act_format"
 # session config key under which onnxruntime finds external data of a model given as bytes
-EXTERNAL_DATA_FOLDER_CONFIG = "session.model_external_initializers_file_folder_path"
 
 
 def matmul_overload(weights: str | formats.MXFormat, acts: str | formats.MXFormat) -> str:

@@ -19,6 +19,7 @@ import dataclasses
 from collections import deque
 from typing import Iterable, Mapping
 
+import numpy as np
 import onnx_ir as ir
 
 from mxonnx.errors import InputError
@@ -52,9 +53,14 @@ class Linear:
         return k, n
 
     @property
-    def weight_array(self):
-        """W [K, N] as numpy (read through Identity/Transpose, e.g. lm_head's tied embedding)."""
-        return constant_array(self.weight)
+    def weight_array(self) -> np.ndarray:
+        """A copy of W [K, N] (read through Identity/Transpose, e.g. lm_head's tied embedding); weights kept in
+        memory-mapped external data are unmapped again after the copy, so reading every weight once does not
+        leave the whole file mapped."""
+        read = constant_reader(self.weight)
+        array = np.array(read())
+        read.release()
+        return array
 
 
 @dataclasses.dataclass
@@ -182,15 +188,42 @@ def constant_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     return shape
 
 
-def constant_array(value: ir.Value | None):
-    """The numpy value of an initializer or ``Constant``, seen through ``Identity``/``Transpose``; else None."""
+class ConstantReader:
+    """Reads the numpy value of an initializer or ``Constant`` seen through ``Identity``/``Transpose`` as they were
+    when it was made: it holds the source tensor, not its data, and keeps reading it if the graph changes later."""
+
+    def __init__(self, tensor: ir.TensorProtocol, perms: list[list[int]]):
+        self.tensor, self.perms = tensor, perms
+
+    def __call__(self) -> np.ndarray:
+        array = self.tensor.numpy()
+        for perm in self.perms:
+            array = array.transpose(perm)
+        return array
+
+    def release(self) -> None:
+        """Unmap the source when it is memory-mapped external data (its pages leave the process; the next read maps
+        it again). Arrays read before must not be used after this."""
+        if isinstance(self.tensor, ir.ExternalTensor):
+            try:
+                self.tensor.release()
+            except BufferError:  # an array read earlier still uses the mapping: it goes when that array does
+                self.tensor.raw = None
+
+
+def constant_reader(value: ir.Value | None) -> ConstantReader | None:
+    """A :class:`ConstantReader` of ``value``, or None when it is not such a constant."""
     source, transposes = _constant_source(value)
     if source is None:
         return None
-    array = _source_tensor(source).numpy()
-    for node in reversed(transposes):
-        array = array.transpose(_perm(node, array.ndim))
-    return array
+    tensor = _source_tensor(source)
+    return ConstantReader(tensor, [_perm(node, len(tensor.shape)) for node in reversed(transposes)])
+
+
+def constant_array(value: ir.Value | None):
+    """The numpy value of an initializer or ``Constant``, seen through ``Identity``/``Transpose``; else None."""
+    read = constant_reader(value)
+    return None if read is None else read()
 
 
 def _is_vector(array) -> bool:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from mxonnx.passes.llama_structure import DecoderBlock, Linear, RMSNorm, constant_array
+from mxonnx.passes.llama_structure import DecoderBlock, Linear, RMSNorm, constant_array, constant_reader, constant_shape
 
 SCALE_MIN, SCALE_MAX = 1e-5, 1e5
 # v_proj's and up_proj's columns are scaled (o, down) before their rows (qkv, gate_up), so the scales of the
@@ -79,17 +79,22 @@ def _unique_name(graph: ir.Graph, base: str) -> str:
     return name
 
 
-def write_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-    """Make input ``index`` of ``node`` the constant ``array``: in place when it is an initializer read by this
-    node alone, else as a new initializer of this node (the old source is dropped if it became unused).
-    Returns the value now read."""
+def write_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray | ir.TensorProtocol,
+                dtype: ir.DataType) -> ir.Value:
+    """Make input ``index`` of ``node`` the constant ``array`` (a numpy array, or a tensor such as
+    :func:`scaled_tensor`'s): in place when it is an initializer read by this node alone, else as a new initializer
+    of this node (the old source is dropped if it became unused). Returns the value now read."""
     value = node.inputs[index]
-    tensor = np.ascontiguousarray(array, dtype=dtype.numpy())
-    if value.is_initializer() and len(value.uses()) == 1:
-        value.const_value = ir.Tensor(tensor, name=value.name)
+    in_place = value.is_initializer() and len(value.uses()) == 1
+    name = value.name if in_place else _unique_name(graph, f"{node.name or value.name}.weight")
+    if isinstance(array, np.ndarray):
+        tensor = ir.Tensor(np.ascontiguousarray(array, dtype=dtype.numpy()), name=name)
+    else:
+        tensor, tensor.name = array, name
+    if in_place:
+        value.const_value = tensor
         return value
-    name = _unique_name(graph, f"{node.name or value.name}.weight")
-    own = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=ir.Tensor(tensor, name=name))
+    own = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=tensor)
     graph.register_initializer(own)
     node.replace_input_with(index, own)
     _remove_if_dead(graph, value)
@@ -103,16 +108,29 @@ def _dtype(value: ir.Value) -> ir.DataType:
     return source.const_value.dtype
 
 
+def scaled_tensor(value: ir.Value, factor: np.ndarray) -> ir.LazyTensor:
+    """``W * factor`` (broadcast; computed in float64, stored in W's dtype) for the constant ``W`` that ``value``
+    reads, evaluated each time it is read: the folded weight costs no memory of its own, the model keeps reading
+    the source tensor (memory-mapped external data for an exported model) and the factor."""
+    read, dtype = constant_reader(value), _dtype(value)
+    shape = constant_shape(value)
+
+    def evaluate() -> ir.Tensor:
+        w = read().astype(np.float64)
+        read.release()  # no pages of the source stay mapped between reads
+        return ir.Tensor(np.ascontiguousarray(w * factor, dtype=dtype.numpy()))
+
+    return ir.LazyTensor(evaluate, dtype=dtype, shape=ir.Shape(shape))
+
+
 def scale_rows(graph: ir.Graph, linear: Linear, s: np.ndarray) -> None:
     """``W <- diag(s) W``: input channel j of the linear times ``s_j``."""
-    w = linear.weight_array.astype(np.float64)
-    write_input(graph, linear.node, 1, w * s[:, None], _dtype(linear.weight))
+    write_input(graph, linear.node, 1, scaled_tensor(linear.weight, s[:, None]), _dtype(linear.weight))
 
 
 def scale_columns(graph: ir.Graph, linear: Linear, s: np.ndarray) -> None:
     """``W <- W diag(s)``: output channel c of the linear times ``s_c``."""
-    w = linear.weight_array.astype(np.float64)
-    write_input(graph, linear.node, 1, w * s[None, :], _dtype(linear.weight))
+    write_input(graph, linear.node, 1, scaled_tensor(linear.weight, s[None, :]), _dtype(linear.weight))
 
 
 def scale_norm(graph: ir.Graph, norm: RMSNorm, s: np.ndarray) -> None:

@@ -109,3 +109,17 @@ def test_rows_filtered_by_configuration():
     assert [(r.tool, r.config) for r in rows] == [("fp32", "FP32"), ("mxonnx", "W8A8 MXINT8-128"),
                                                   ("mxonnx", "W4A8 MXINT4-16")]
     assert {r.method for r in select_rows(False, None, None, ["W8A8 MXINT8-128"]) if r.tool == "mxonnx"} == set(ALL_METHODS)
+
+
+def test_calibration_cost_benchmark(tiny_onnx, tiny_text, tmp_path, monkeypatch, capsys):
+    from bench import calibration
+
+    data = tmp_path / "data" / "wikitext-2"
+    data.mkdir(parents=True)
+    (data / "valid.txt").write_text(tiny_text.read_text())
+    monkeypatch.setenv("MXONNX_DATA", str(tmp_path / "data"))
+    calibration.main(["--model", str(tiny_onnx), "--samples", "2", "--seqlen", "16", "--threads", "1", "--json"])
+    parts = json.loads(capsys.readouterr().out)["parts"]
+    assert list(parts) == ["forward", "stats", "awq-stats"]
+    assert parts["forward"]["ratio_to_forward"] == 1.0
+    assert all(p["seconds"] > 0 and p["peak_rss_mb"] > 0 for p in parts.values())

@@ -209,3 +209,34 @@ def test_capture_grams_are_gram_matrices_of_quantized_inputs(tiny_onnx, windows,
                 np.testing.assert_allclose(xtx, a.T.astype(np.float64) @ a, rtol=1e-4, atol=1e-4 * np.abs(xtx).max())
         inputs.advance(block.index)
         np.testing.assert_array_equal(np.stack(grams.hidden_states), np.stack(inputs.hidden_states))
+
+
+def test_block_protos_keep_external_weights_as_references(tiny_onnx, windows, tmp_path):
+    """A block's serialized region points at the model's external data file (onnxruntime reads it from the folder
+    returned) instead of carrying the weights; a tensor from another folder is embedded. Same results either way."""
+    import shutil
+
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    runner = BlockwiseRunner(model, blocks, windows)
+    nodes, inputs = runner._block_region(0, [runner.boundaries[1]])
+    feeds = runner._feeds(0, [v.name for v in inputs])
+    proto, folder = blockwise.subgraph_proto(model, nodes, inputs, [runner.boundaries[1]], feeds)
+    assert folder == str(tiny_onnx.resolve())
+    stored = {t.name: t.data_location for t in proto.graph.initializer}
+    q_weight = blocks[0].q.weight.name
+    assert stored[q_weight] == onnx.TensorProto.EXTERNAL
+    assert sum(loc == onnx.TensorProto.EXTERNAL for loc in stored.values()) >= 7  # the block's seven linears
+    expected = captured(runner, 0)
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(tiny_onnx / "model.onnx_data", moved / "model.onnx_data")
+    blocks[0].q.weight.const_value.base_dir = str(moved)
+    proto, folder = blockwise.subgraph_proto(model, nodes, inputs, [runner.boundaries[1]], feeds)
+    assert folder == str(tiny_onnx.resolve())
+    q_proto = next(t for t in proto.graph.initializer if t.name == q_weight)
+    assert q_proto.data_location != onnx.TensorProto.EXTERNAL and len(q_proto.raw_data) > 0
+    for group, arrays in captured(runner, 0).items():
+        for got, want in zip(arrays, expected[group]):
+            np.testing.assert_array_equal(got, want)

@@ -141,3 +141,16 @@ def test_streamed_statistics_run_blocks_on_demand_and_drop_old_samples(tiny_onnx
     assert stream["layers.0.o"].sample is None  # dropped once block 1 was calibrated
     np.testing.assert_array_equal(stream["layers.0.o"].max_abs, first.max_abs)
     assert sorted(stream) == sorted(f"layers.{i}.{g}" for i in (0, 1) for g in ("qkv", "o", "gate_up", "down"))
+
+
+def test_calibration_windows_do_not_load_transformers(tiny_onnx, tiny_text):
+    """A folder with tokenizer.json is tokenized by ``tokenizers`` alone: transformers (and torch, ~300 MB) stay
+    unloaded while quantizing."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mxonnx.calibrate import calibration_windows, load_tokenizer; "
+            f"w = calibration_windows({str(tiny_text)!r}, load_tokenizer({str(tiny_onnx)!r}), 2, 8, 0); "
+            "assert w.shape == (2, 8); print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"

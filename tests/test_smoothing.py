@@ -79,6 +79,29 @@ def test_gqa_scales_fold_into_v_columns(tiny_onnx):
     assert np.abs(_logits(model) - before).max() <= 1e-5 * np.abs(before).max()
 
 
+def test_folded_weights_are_computed_when_read(tiny_onnx):
+    """Folding keeps no copy of a weight: it becomes a lazy tensor of the memory-mapped source and its scales,
+    equal bit for bit to folding eagerly in float64 (o's columns into v, then qkv's rows), and reading weights
+    leaves no external data mapped."""
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    block = blocks[0]
+    assert isinstance(block.v.weight.const_value, ir.ExternalTensor)
+    v = block.v.weight_array
+    rng = np.random.default_rng(1)
+    scales = {"o": rng.uniform(0.25, 4.0, size=32), "qkv": rng.uniform(0.25, 4.0, size=64)}
+    SmoothingPass(blocks, lambda b, group: scales.get(group) if b.index == 0 else None)(model)
+    assert isinstance(block.v.weight.const_value, ir.LazyTensor)
+    eager = ((v.astype(np.float64) * (1.0 / scales["o"])).astype(np.float32).astype(np.float64)
+             * scales["qkv"][:, None]).astype(np.float32)
+    np.testing.assert_array_equal(block.v.weight_array, eager)
+    for linear in (lin for b in blocks for lin in b.linears()):
+        linear.weight_array
+    mapped = [v.name for v in model.graph.initializers.values()
+              if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.raw is not None]
+    assert not mapped
+
+
 def test_kv_channel_reduction_layout(tiny_onnx):
     block = find_decoder_blocks(ir.load(tiny_onnx / "model.onnx"))[0]
     per_o = np.arange(64.0)
