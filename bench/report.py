@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from bench.rows import ALL_METHODS
+
 COLUMNS = ("tool", "config", "method", "PPL", "PPL / FP32", "bits/w stored", "bits/w format", "size MB",
            "size / FP32", "quantize s", "quantize peak RSS MB", "prefill ms (512)", "prefill speed-up",
            "decode tok/s", "decode speed-up", "run peak RSS MB")
@@ -46,6 +48,21 @@ def table_lines(results: list[dict]) -> list[str]:
     return lines
 
 
+def grid_lines(results: list[dict], methods: list[str]) -> list[str]:
+    """The paper's Table 1/2 layout for mxonnx: one line per method (in ``methods`` order), one column per mxonnx
+    configuration with at least one measured row, perplexity in each cell (``—``: not measured)."""
+    ours = [r for r in results if r["tool"] == "mxonnx" and r["status"] == "ok"]
+    configs = list(dict.fromkeys(r["config"] for r in ours))
+    if not configs:
+        return []
+    ppl = {(r["method"], r["config"]): r["perplexity"] for r in ours}
+    lines = ["| method | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
+    for method in methods:
+        if any((method, c) in ppl for c in configs):
+            lines.append(f"| {method} | " + " | ".join(_fmt(ppl.get((method, c)), 3) for c in configs) + " |")
+    return lines
+
+
 def render_markdown(results: list[dict], meta: dict) -> str:
     """``table.md``: how the numbers were taken, then the table."""
     windows = "all" if meta["windows"] is None else f"the first {meta['windows']}"
@@ -66,7 +83,11 @@ def render_markdown(results: list[dict], meta: dict) -> str:
         f"mxonnx uses its defaults, peers {meta['peer_calibration']}. "
         "The FP32 model is exported from a Q4_1 GGUF, so its linear weights already sit on a 4-bit grid.",
         "Ratios are against the FP32 row of this table. Absolute times depend on the machine's load "
-        "(2 cores shared with other jobs while this ran).",
+        "(2 cores shared with other jobs while this ran). Rows may come from earlier runs (the commit and time of "
+        "each are in the JSON file).",
         "",
     ]
-    return "\n".join(intro + table_lines(results)) + "\n"
+    grid = grid_lines(results, list(ALL_METHODS))
+    if grid:
+        grid = ["", "## mxonnx perplexity in the paper's Table 1/2 layout", ""] + grid
+    return "\n".join(intro + table_lines(results) + grid) + "\n"

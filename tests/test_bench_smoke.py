@@ -123,3 +123,15 @@ def test_calibration_cost_benchmark(tiny_onnx, tiny_text, tmp_path, monkeypatch,
     assert list(parts) == ["forward", "stats", "awq-stats"]
     assert parts["forward"]["ratio_to_forward"] == 1.0
     assert all(p["seconds"] > 0 and p["peak_rss_mb"] > 0 for p in parts.values())
+
+
+def test_grid_in_the_papers_layout():
+    def row(config, method, ppl, tool="mxonnx", status="ok"):
+        return {"tool": tool, "config": config, "method": method, "status": status, "perplexity": ppl}
+
+    results = [row("FP32", "-", 10.0, tool="fp32"), row("W8A8 MXINT8-128", "rtn", 10.5),
+               row("W4A8 MXINT4-128", "rtn", 14.0), row("W4A8 MXINT4-128", "awq+gptq", 12.25),
+               row("W4A8 MXINT4-16", "gptq", None, status="unavailable")]
+    assert report.grid_lines(results, list(ALL_METHODS)) == [
+        "| method | W8A8 MXINT8-128 | W4A8 MXINT4-128 |", "|---|---:|---:|",
+        "| rtn | 10.500 | 14.000 |", "| awq+gptq | — | 12.250 |"]
