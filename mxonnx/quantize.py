@@ -18,7 +18,7 @@ import onnx_ir as ir
 from mxonnx import formats
 from mxonnx.config import METHODS, QuantizeConfig
 from mxonnx.errors import InputError
-from mxonnx.gptq_pipeline import check_gptq_config, gptq_rewrite
+from mxonnx.gptq_pipeline import check_calibration_size, check_gptq_config, gptq_rewrite
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir, copy_model_assets, resolve_model
 from mxonnx.passes.llama_structure import find_decoder_blocks
 from mxonnx.passes.mx_matmul import RoundToNearest, WeightProvider, rewrite_mx_matmuls
@@ -55,6 +55,8 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
     paths = resolve_model(model)
     with atomic_output_dir(out, paths.folder or paths.onnx) as tmp:
         graph = ir.load(paths.onnx)
+        if config.uses_gptq:  # before any calibration pass: a too small set fails at once
+            check_calibration_size(find_decoder_blocks(graph), config)
         if config.uses_smoothquant or config.uses_awq:
             blocks = find_decoder_blocks(graph)
             apply_smoothing(graph, blocks, smoothing_statistics(graph, blocks, paths.folder, config), config)

@@ -203,7 +203,7 @@ class ConstantReader:
 
     def release(self) -> None:
         """Unmap the source when it is memory-mapped external data (its pages leave the process; the next read maps
-        it again). Arrays read before must not be used after this."""
+        it again). Arrays read before stay valid: while one is alive the mapping stays, and goes with the last."""
         if isinstance(self.tensor, ir.ExternalTensor):
             try:
                 self.tensor.release()

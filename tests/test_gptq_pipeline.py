@@ -141,6 +141,20 @@ def test_bad_gptq_input_exits_2_and_writes_nothing(tiny_onnx, tiny_text, tmp_pat
         assert not out.exists() and not list(tmp_path.glob(".q.tmp-*")), name
 
 
+def test_too_small_calibration_fails_before_smoothing(tiny_onnx, tiny_text, tmp_path, capsys, monkeypatch):
+    """``awq+gptq`` refuses a calibration set smaller than GPTQ needs before the AWQ statistics pass runs."""
+    import mxonnx.quantize
+
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("the AWQ statistics pass ran")
+
+    monkeypatch.setattr(mxonnx.quantize, "smoothing_statistics", no_statistics)
+    argv = ["quantize", str(tiny_onnx), "-o", str(tmp_path / "q"), "--method", "awq+gptq", "--weights", WEIGHTS,
+            "--calib", str(tiny_text), "--calib-samples", "2", "--calib-seqlen", "32"]
+    assert main(argv) == 2
+    assert "at least 128 calibration tokens" in capsys.readouterr().err
+
+
 def test_raised_dampening_is_reported_once_per_group(tiny_onnx, tiny_text, tmp_path, monkeypatch):
     factor = mxonnx.gptq._inverse_cholesky_upper
     first_attempt = itertools.cycle([True, False])  # every factorisation fails once, then succeeds with 10x damp
