@@ -153,3 +153,11 @@ def test_read_only_output_parent(tiny_onnx, tmp_path, capsys):
         pytest.skip("running as a user who can write anywhere (root)")
     assert main(["quantize", str(tiny_onnx), "-o", str(parent / "q"), "--method", "rtn"]) == 2
     assert "cannot write" in capsys.readouterr().err and not (parent / "q").exists()
+
+
+def test_usage_errors_are_one_line_pointing_at_help(capsys):
+    assert main(["quantize", "model", "-o", "out", "--bogus"]) == 2
+    assert capsys.readouterr().err.strip() == "mxonnx: unrecognized arguments: --bogus (see mxonnx --help)"
+    assert main(["eval"]) == 2
+    assert capsys.readouterr().err.strip() == ("mxonnx: the following arguments are required: model "
+                                               "(see mxonnx eval --help)")
