@@ -320,6 +320,16 @@ def embedded_tensor(value: ir.Value) -> onnx.TensorProto:
     return ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name))
 
 
+def reference_folder(tensor: ir.ExternalTensor) -> str | None:
+    """The folder from which onnxruntime can read ``tensor`` by its location, or None: onnxruntime refuses absolute
+    locations and files that resolve outside the folder (e.g. a Hugging Face cache's symlinks into ``../../blobs``)."""
+    location = str(tensor.location)
+    if os.path.isabs(location):
+        return None
+    folder = os.path.realpath(tensor.base_dir or ".")
+    return folder if os.path.realpath(os.path.join(folder, location)).startswith(folder + os.sep) else None
+
+
 def subgraph_proto(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value], outputs: list[ir.Value],
                    sample_feeds: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, str | None]:
     """A model of ``nodes`` (a region of ``model.graph``) with the initializers they read and the model's
@@ -328,21 +338,21 @@ def subgraph_proto(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value]
 
     Initializers the model keeps in an external file stay references to that file (onnxruntime reads them itself:
     no copy of them in the serialized bytes); when they come from several folders, those outside the folder holding
-    most of their bytes are embedded."""
+    most of their bytes, or that onnxruntime would refuse (:func:`reference_folder`), are embedded."""
     initializers = {id(v): v for n in nodes for v in n.inputs if v is not None and v.is_initializer()}
     view = ir.GraphView(inputs, outputs, nodes=nodes, initializers=list(initializers.values()),
                         opset_imports=dict(model.graph.opset_imports), name="region")
     proto = ir.to_proto(ir.Model(view, ir_version=model.ir_version, functions=list(model.functions.values())))
     external = {v.name: v for v in initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
+    readable_from = {name: reference_folder(v.const_value) for name, v in external.items()}
     folder_bytes: dict[str, int] = {}
-    for value in external.values():
-        folder = os.path.abspath(value.const_value.base_dir)
-        folder_bytes[folder] = folder_bytes.get(folder, 0) + value.const_value.nbytes
+    for name, value in external.items():
+        if readable_from[name] is not None:
+            folder_bytes[readable_from[name]] = folder_bytes.get(readable_from[name], 0) + value.const_value.nbytes
     folder = max(folder_bytes, key=folder_bytes.__getitem__) if folder_bytes else None
     for i, tensor in enumerate(proto.graph.initializer):
-        value = external.get(tensor.name)
-        if value is not None and os.path.abspath(value.const_value.base_dir) != folder:
-            proto.graph.initializer[i].CopyFrom(embedded_tensor(value))
+        if tensor.name in external and (readable_from[tensor.name] is None or readable_from[tensor.name] != folder):
+            proto.graph.initializer[i].CopyFrom(embedded_tensor(external[tensor.name]))
     for info in proto.graph.input:
         if not info.type.tensor_type.elem_type:
             dtype = onnx.helper.np_dtype_to_tensor_dtype(sample_feeds[info.name].dtype)

@@ -183,11 +183,13 @@ def return_freed_memory() -> None:
     the process's memory. No effect outside glibc."""
     import ctypes
 
+    if not sys.platform.startswith("linux"):
+        return
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, FREED_MEMORY_THRESHOLD)
         libc.mallopt(M_TRIM_THRESHOLD, FREED_MEMORY_THRESHOLD)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not glibc (e.g. musl has no mallopt)
         pass
 
 

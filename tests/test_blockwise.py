@@ -240,3 +240,32 @@ def test_block_protos_keep_external_weights_as_references(tiny_onnx, windows, tm
     for group, arrays in captured(runner, 0).items():
         for got, want in zip(arrays, expected[group]):
             np.testing.assert_array_equal(got, want)
+
+
+def test_external_references_onnxruntime_would_refuse_are_embedded(tiny_onnx, tmp_path):
+    """An absolute location, or a data file that resolves outside its folder (a symlink into a cache), is read by
+    onnx-ir but refused by onnxruntime: such tensors are embedded."""
+    data = (tiny_onnx / "model.onnx_data").resolve()
+    tensor = find_decoder_blocks(ir.load(tiny_onnx / "model.onnx"))[0].q.weight.const_value
+    assert blockwise.reference_folder(tensor) == str(tiny_onnx.resolve())
+    absolute = ir.ExternalTensor(str(data), tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+                                 name=tensor.name, base_dir=str(tiny_onnx))
+    linked = tmp_path / "snapshot"
+    linked.mkdir()
+    (linked / "model.onnx_data").symlink_to(data)
+    outside = ir.ExternalTensor("model.onnx_data", tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+                                name=tensor.name, base_dir=str(linked))
+    assert blockwise.reference_folder(absolute) is None and blockwise.reference_folder(outside) is None
+
+    model = ir.load(tiny_onnx / "model.onnx")  # every external weight absolute: all embedded, no folder
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            t = value.const_value
+            value.const_value = ir.ExternalTensor(str(data), t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
+                                                  base_dir=str(tiny_onnx))
+    runner = BlockwiseRunner(model, find_decoder_blocks(model), np.random.default_rng(0).integers(3, 96, size=(1, 8)))
+    nodes, inputs = runner._block_region(0, [runner.boundaries[1]])
+    proto, folder = blockwise.subgraph_proto(model, nodes, inputs, [runner.boundaries[1]],
+                                             runner._feeds(0, [v.name for v in inputs]))
+    assert folder is None and all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    runner.advance(0)  # onnxruntime runs the embedded block
