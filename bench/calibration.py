@@ -43,15 +43,16 @@ def time_part(args: argparse.Namespace) -> dict:
     import onnx_ir as ir
 
     from mxonnx.blockwise import decoder_feed
-    from mxonnx.calibrate import StreamedStatistics, calibration_windows, load_tokenizer
+    from mxonnx.calibrate import calibration_windows, load_tokenizer
     from mxonnx.config import QuantizeConfig, default_calib_text
     from mxonnx.modelio import resolve_model
-    from mxonnx.passes.awq import SAMPLE_TOKENS
     from mxonnx.passes.llama_structure import find_decoder_blocks
+    from mxonnx.passes.smooth import smoothing_statistics
     from mxonnx.session import create_session
 
     paths = resolve_model(args.model)
-    config = QuantizeConfig(calib_samples=args.samples, calib_seqlen=args.seqlen, progress=False)
+    config = QuantizeConfig(method="awq" if args.part == "awq-stats" else "sq", calib_samples=args.samples,
+                            calib_seqlen=args.seqlen, progress=False)
     windows = calibration_windows(default_calib_text(), load_tokenizer(paths.folder), args.samples, args.seqlen, 0)
     model = ir.load(paths.onnx)
     blocks = find_decoder_blocks(model)
@@ -61,10 +62,8 @@ def time_part(args: argparse.Namespace) -> dict:
         inputs = list(model.graph.inputs)
         for ids in windows:
             session.run(["logits"], decoder_feed(inputs, ids[None], blocks[0].num_kv_heads, blocks[0].head_dim))
-    else:
-        samples = SAMPLE_TOKENS if args.part == "awq-stats" else 0
-        stats = StreamedStatistics(model, blocks, paths.folder, config, sample_tokens=samples, keep_samples=False,
-                                   threads=args.threads)
+    else:  # what `mxonnx quantize --method sq|awq` computes before folding
+        stats = smoothing_statistics(model, blocks, paths.folder, config, threads=args.threads)
         for key in stats:
             stats[key]
     return {"part": args.part, "seconds": time.perf_counter() - start}

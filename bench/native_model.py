@@ -37,8 +37,8 @@ from mxonnx import formats  # noqa: E402
 from mxonnx.config import default_eval_text  # noqa: E402
 from mxonnx.ops import schema  # noqa: E402
 from mxonnx.ops.native import native_library_path  # noqa: E402
-from mxonnx.passes.fuse_mx_matmul import EXTERNAL_DATA_FOLDER_CONFIG, fused_model_bytes  # noqa: E402
-from mxonnx.session import create_session, session_options  # noqa: E402
+from mxonnx.passes.fuse_mx_matmul import fused_model_bytes  # noqa: E402
+from mxonnx.session import EXTERNAL_DATA_FOLDER_CONFIG, create_session, session_options  # noqa: E402
 
 
 def predecoded_model_bytes(path: Path) -> bytes:

@@ -19,6 +19,7 @@ every window, such as the attention mask).
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -345,13 +346,13 @@ def subgraph_proto(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value]
     proto = ir.to_proto(ir.Model(view, ir_version=model.ir_version, functions=list(model.functions.values())))
     external = {v.name: v for v in initializers.values() if isinstance(v.const_value, ir.ExternalTensor)}
     readable_from = {name: reference_folder(v.const_value) for name, v in external.items()}
-    folder_bytes: dict[str, int] = {}
+    folder_bytes = collections.Counter()
     for name, value in external.items():
         if readable_from[name] is not None:
-            folder_bytes[readable_from[name]] = folder_bytes.get(readable_from[name], 0) + value.const_value.nbytes
-    folder = max(folder_bytes, key=folder_bytes.__getitem__) if folder_bytes else None
+            folder_bytes[readable_from[name]] += value.const_value.nbytes
+    folder = folder_bytes.most_common(1)[0][0] if folder_bytes else None
     for i, tensor in enumerate(proto.graph.initializer):
-        if tensor.name in external and (readable_from[tensor.name] is None or readable_from[tensor.name] != folder):
+        if tensor.name in external and (folder is None or readable_from[tensor.name] != folder):
             proto.graph.initializer[i].CopyFrom(embedded_tensor(external[tensor.name]))
     for info in proto.graph.input:
         if not info.type.tensor_type.elem_type:

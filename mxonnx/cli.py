@@ -19,8 +19,7 @@ from mxonnx.errors import InputError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors: one line, exit 2
-        command = self.prog.split()[1:]  # "mxonnx quantize" -> quantize; unrecognized flags come from "mxonnx"
-        self.exit(2, f"mxonnx: {message} (see {' '.join(['mxonnx', *command[-1:]])} --help)\n")
+        self.exit(2, f"mxonnx: {message} (see {self.prog} --help)\n")  # prog: "mxonnx" or "mxonnx quantize"
 
 
 def _common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:

@@ -61,10 +61,11 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
     paths = resolve_model(model)
     with atomic_output_dir(out, paths.folder or paths.onnx) as tmp:
         graph = ir.load(paths.onnx)
+        smoothing = config.uses_smoothquant or config.uses_awq
+        blocks = find_decoder_blocks(graph) if smoothing or config.uses_gptq else []
         if config.uses_gptq:  # before any calibration pass: a too small set fails at once
-            check_calibration_size(find_decoder_blocks(graph), config)
-        if config.uses_smoothquant or config.uses_awq:
-            blocks = find_decoder_blocks(graph)
+            check_calibration_size(blocks, config)
+        if smoothing:
             apply_smoothing(graph, blocks, smoothing_statistics(graph, blocks, paths.folder, config), config)
         if config.uses_gptq:
             gptq_rewrite(graph, paths.folder, config)

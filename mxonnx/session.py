@@ -51,19 +51,18 @@ def create_session(model: str | os.PathLike | bytes, threads: int | None = None,
                    optimize: bool = True, fuse: bool = True,
                    external_data_folder: str | os.PathLike | None = None) -> ort.InferenceSession:
     """An InferenceSession on the CPU execution provider for a model path or serialized bytes
-    (``external_data_folder``: where the external data files of serialized bytes are).
+    (``external_data_folder``: where the external data files of serialized bytes are, ``EXTERNAL_DATA_FOLDER_CONFIG``).
 
     With the native library and ``fuse``, a model file's ``MatMul(MXQuantizeDequantize, MXDequantize)`` pairs run as
     the fused native ``MXMatMul`` (``passes/fuse_mx_matmul.py``; in memory only, the file is not changed)."""
     so = session_options(threads=threads, use_native=use_native, optimize=optimize)
     target = model if isinstance(model, bytes) else str(model)
-    if external_data_folder is not None:
-        so.add_session_config_entry(EXTERNAL_DATA_FOLDER_CONFIG, str(Path(external_data_folder).resolve()))
     if fuse and not isinstance(model, bytes) and _native_enabled(use_native):
         from mxonnx.passes.fuse_mx_matmul import fused_model_bytes
 
         fused = fused_model_bytes(model)
-        if fused is not None:
-            so.add_session_config_entry(EXTERNAL_DATA_FOLDER_CONFIG, str(Path(model).resolve().parent))
-            target = fused
+        if fused is not None:  # the fused bytes read the file's external data from its folder
+            target, external_data_folder = fused, Path(model).resolve().parent
+    if external_data_folder is not None:
+        so.add_session_config_entry(EXTERNAL_DATA_FOLDER_CONFIG, str(Path(external_data_folder).resolve()))
     return ort.InferenceSession(target, so, providers=["CPUExecutionProvider"])

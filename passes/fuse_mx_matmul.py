@@ -26,12 +26,10 @@ from onnx import helper
 
 from mxonnx import formats
 from mxonnx.ops import functions, schema
-from mxonnx.session import EXTERNAL_DATA_FOLDER_CONFIG  # noqa: F401 (re-exported)
 
 MATMUL = "MXMatMul"
 WEIGHT_FORMAT_ATTR = "weight_format"
 ACT_FORMAT_ATTR = "act_format"
-# session config key under which onnxruntime finds external data of a model given as bytes
 
 
 def matmul_overload(weights: str | formats.MXFormat, acts: str | formats.MXFormat) -> str:
@@ -149,7 +147,7 @@ def fused_model_bytes(path: str | os.PathLike) -> bytes | None:
     """The ONNX file at ``path`` with its quantized linears fused, serialized; None when there is nothing to fuse.
 
     Weights stored as external data stay on disk, referenced by their relative location: open the bytes with the
-    session config entry ``EXTERNAL_DATA_FOLDER_CONFIG`` set to ``path``'s folder."""
+    session config entry ``mxonnx.session.EXTERNAL_DATA_FOLDER_CONFIG`` set to ``path``'s folder."""
     model = ir.load(os.fspath(path))
     if schema.DOMAIN not in model.graph.opset_imports or fuse_mx_matmuls(model) == 0:
         return None

@@ -19,9 +19,8 @@ from onnx import TensorProto, helper
 from mxonnx import formats
 from mxonnx.ops import functions, packing, schema
 from mxonnx.ops.native import native_library_path
-from mxonnx.passes.fuse_mx_matmul import (EXTERNAL_DATA_FOLDER_CONFIG, MATMUL, fuse_mx_matmuls, fused_model_bytes,
-                                          matmul_function_proto)
-from mxonnx.session import create_session, session_options
+from mxonnx.passes.fuse_mx_matmul import MATMUL, fuse_mx_matmuls, fused_model_bytes, matmul_function_proto
+from mxonnx.session import EXTERNAL_DATA_FOLDER_CONFIG, create_session, session_options
 
 if os.environ.get("MXONNX_NO_NATIVE") == "1" or native_library_path() is None:
     pytest.skip("native MX library not built (python -m mxonnx.ops.native build)", allow_module_level=True)
