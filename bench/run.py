@@ -3,7 +3,7 @@
 For every row of ``bench/rows.py``: quantize (``mxonnx quantize`` or the peer's runner), then, through the same
 code for every model, WikiText-2 perplexity (``mxonnx eval``), stored bits per weight and file size, and prefill /
 decode speed (``bench/speed.py``). Writes ``bench/results/<date>.json``, ``table.md`` and ``ppl_vs_bits.png``
-(``--quick``: ``-quick`` suffixes) and prints the table. Resumable: each finished row is cached in
+(``--quick``: ``-quick`` suffixes) with every row of the table, whatever the filters, and prints the table. Resumable: each finished row is cached in
 ``bench/.work/rows/`` under a key of its recipe, the FP32 model's hash and the measurement settings, and rows
 already published in ``bench/results/*.json`` under the same FP32 hash and settings count as measured (so a fresh
 checkout resumes where the last machine stopped; ``--refresh`` measures again); a row that fails (a method not
@@ -175,12 +175,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = select_rows(args.quick, args.methods, args.tools, args.configs)
     print(f"{len(rows)} rows, {'all' if windows is None else windows} windows of {args.seqlen} tokens; "
           f"FP32 model {fp32} ({fp32_id})", flush=True)
-    results = []
+    measured = {}
     for i, row in enumerate(rows, 1):
         print(f"[{i}/{len(rows)}] {row.label}", flush=True)
         start = time.perf_counter()
-        results.append(row_result(row, args, windows, fp32, fp32_id))
-        print(progress_line(results[-1], time.perf_counter() - start), flush=True)
+        measured[row] = row_result(row, args, windows, fp32, fp32_id)
+        print(progress_line(measured[row], time.perf_counter() - start), flush=True)
+    # The files hold the whole table: rows outside --tools/--methods/--configs come from the cache or the
+    # published results (or say 'not measured'), so a partial run never drops rows measured before.
+    report_args = argparse.Namespace(**{**vars(args), "report_only": True, "refresh": False})
+    results = [measured[row] if row in measured else row_result(row, report_args, windows, fp32, fp32_id)
+               for row in select_rows(args.quick, None, None, None)]
 
     date = datetime.date.today().isoformat()
     suffix = "-quick" if args.quick else ""
