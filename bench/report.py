@@ -64,6 +64,17 @@ def grid_lines(results: list[dict], methods: list[str]) -> list[str]:
     return lines
 
 
+def cost_line(results: list[dict]) -> str:
+    """How long the measured rows took: the sum of their quantize and perplexity times (speed runs, a few seconds
+    per row, not counted), and how many rows are still to measure."""
+    ok = [r for r in results if r["status"] == "ok"]
+    seconds = sum((r.get("quantize_seconds") or 0) + (r.get("eval_seconds") or 0) for r in ok)
+    hours, minutes = divmod(round(seconds / 60), 60)
+    line = f"Measuring the {len(ok)} rows with figures took {hours} h {minutes:02d} min (quantize + perplexity, summed)"
+    missing = len(results) - len(ok)
+    return line + (f"; {missing} row(s) have none yet." if missing else ".")
+
+
 def render_markdown(results: list[dict], meta: dict) -> str:
     """``table.md``: how the numbers were taken, then the table."""
     windows = "all" if meta["windows"] is None else f"the first {meta['windows']}"
@@ -86,6 +97,7 @@ def render_markdown(results: list[dict], meta: dict) -> str:
         "Ratios are against the FP32 row of this table. Absolute times depend on the machine's load "
         "(2 cores shared with other jobs while this ran). Rows may come from earlier runs: the last column gives the "
         "commit each was measured at (`+dirty`: with uncommitted changes), the JSON file also its time.",
+        cost_line(results),
         "",
     ]
     grid = grid_lines(results, list(ALL_METHODS))

@@ -63,6 +63,9 @@ def test_table_ratios_are_against_the_fp32_row():
     assert cells[9] == "0.25"  # size / FP32
     assert cells[13] == "2.00" and cells[15] == "1.50"  # prefill and decode speed-ups
     assert "not available yet: x" in lines[4]
+    rows[0]["eval_seconds"], rows[1]["eval_seconds"], rows[1]["quantize_seconds"] = 3000.0, 1500.0, 1140.0
+    assert report.cost_line(rows) == ("Measuring the 2 rows with figures took 1 h 34 min (quantize + perplexity, "
+                                      "summed); 1 row(s) have none yet.")
 
 
 def test_resumable_run_on_the_tiny_model(tiny_onnx, tiny_text, tmp_path, monkeypatch, capsys):
