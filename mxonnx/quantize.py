@@ -1,8 +1,11 @@
 """``mxonnx quantize``: an ONNX Llama folder -> an MX-quantized ONNX folder, as a sequence of stages
 
-    check formats -> load -> [calibrate -> fold smoothing scales] -> weight provider -> rewrite -> save
+    check formats -> load -> [calibrate -> fold smoothing scales] -> [activation ranges] -> weight provider
+    -> rewrite -> save
 
-Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding plugs in as the bracketed stage. The GPTQ
+Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding plugs in as the first bracketed stage;
+static ``int8`` activations (the paper's fixed-point baseline) calibrate their per-tensor ranges on the model as
+folded (second stage). The GPTQ
 methods replace "weight provider -> rewrite" by ``mxonnx.gptq_pipeline.gptq_rewrite``, which calibrates and
 rewrites one decoder block at a time. OUT is written atomically (whole or absent); the input is only read.
 
@@ -27,7 +30,9 @@ from mxonnx.errors import InputError
 from mxonnx.gptq_pipeline import check_calibration_size, check_gptq_config, gptq_rewrite
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir, copy_model_assets, resolve_model
 from mxonnx.passes.llama_structure import find_decoder_blocks
-from mxonnx.passes.mx_matmul import RoundToNearest, WeightProvider, rewrite_mx_matmuls
+from mxonnx.calibrate import collect_statistics
+from mxonnx.passes.mx_matmul import (
+    RoundToNearest, WeightProvider, check_activation_format, rewrite_mx_matmuls, static_activation_scales)
 from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics
 
 AVAILABLE_METHODS = METHODS
@@ -37,8 +42,13 @@ def check_config(config: QuantizeConfig) -> None:
     """Refuse unknown formats (the error lists the valid ones), unsupported combinations and methods early."""
     weights = formats.parse_format(config.weights)
     acts = formats.parse_format(config.acts)
-    if acts.kind == "int":
-        raise InputError(f"activation format {acts.name!r} is not supported yet; use an MX format or none")
+    check_activation_format(acts)
+    if acts.kind == "int" and config.uses_gptq:
+        raise InputError(f"{config.method} with {acts.name} activations is not supported yet: GPTQ calibrates "
+                         "through MX activation quantizers; use an MX activation format or none")
+    if acts.kind == "int" and config.quantize_lm_head:
+        raise InputError(f"--quantize-lm-head with {acts.name} activations is not supported: only the decoder "
+                         "linears' inputs are calibrated")
     if weights.kind == "none" and acts.kind == "none":
         raise InputError("weights and activations are both 'none': nothing to quantize")
     if config.method not in AVAILABLE_METHODS:
@@ -62,7 +72,8 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
     with atomic_output_dir(out, paths.folder or paths.onnx) as tmp:
         graph = ir.load(paths.onnx)
         smoothing = config.uses_smoothquant or config.uses_awq
-        blocks = find_decoder_blocks(graph) if smoothing or config.uses_gptq else []
+        static_acts = formats.parse_format(config.acts).kind == "int"
+        blocks = find_decoder_blocks(graph) if smoothing or static_acts or config.uses_gptq else []
         if config.uses_gptq:  # before any calibration pass: a too small set fails at once
             check_calibration_size(blocks, config)
         if smoothing:
@@ -70,7 +81,10 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
         if config.uses_gptq:
             gptq_rewrite(graph, paths.folder, config)
         else:
-            rewrite_mx_matmuls(graph, config, weight_provider(config))
+            act_scales = None
+            if static_acts:  # ranges of the inputs as they are now, smoothing scales folded
+                act_scales = static_activation_scales(collect_statistics(graph, blocks, paths.folder, config), blocks)
+            rewrite_mx_matmuls(graph, config, weight_provider(config), act_scales)
         ir.save(graph, tmp / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
         copy_model_assets(paths.folder, tmp)
     return {

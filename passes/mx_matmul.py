@@ -9,7 +9,10 @@ their formats independently:
 - fixed-point weights ``int{d}`` / ``int{d}-g{b}``: int4/int8 codes and fp32 scales read by a standard
   ``DequantizeLinear`` (per output channel via ``axis=1``, per group via the opset-21 ``block_size``);
 - MX activations: one ``MXQuantizeDequantize`` (axis -1) per distinct input, shared by the linears reading it
-  (q/k/v, gate/up); ``none`` leaves the tensor float.
+  (q/k/v, gate/up); ``none`` leaves the tensor float;
+- ``int8`` activations (the paper's fixed-point baseline): static, per tensor, symmetric, standard
+  ``QuantizeLinear`` + ``DequantizeLinear`` with ``scale = max|x| / 127`` over the calibration tokens
+  (``act_scales``, from :func:`static_activation_scales`), zero point 0, shared like the MX ones.
 
 Weights come from a *weight provider*, ``provider(name, w[K, N]) -> (codes, scales)`` in
 ``mxonnx.formats.quantize(w, fmt, axis=0)``'s layout: round to nearest here, GPTQ (``mxonnx.gptq``) plugs in the
@@ -22,7 +25,7 @@ the same semantics at opset 21.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -32,7 +35,8 @@ from mxonnx import formats
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.ops import functions, packing, schema
-from mxonnx.passes.llama_structure import Linear, find_decoder_blocks, find_lm_head
+from mxonnx.calibrate import ActivationStats, group_key
+from mxonnx.passes.llama_structure import DecoderBlock, Linear, find_decoder_blocks, find_lm_head
 
 
 class WeightProvider(Protocol):
@@ -60,17 +64,45 @@ def selected_linears(model: ir.Model, quantize_lm_head: bool = False) -> list[Li
     return linears + ([lm_head] if lm_head is not None else [])
 
 
+STATIC_ACTIVATIONS = "int8"  # the only fixed-point activation format: per tensor, calibrated range
+
+
+def check_activation_format(acts: formats.MXFormat) -> None:
+    """MX formats, ``none`` and static per-tensor ``int8`` are the activation formats a rewrite supports."""
+    if acts.kind == "int" and acts.name != STATIC_ACTIVATIONS:
+        raise InputError(f"activation format {acts.name!r} is not supported: fixed-point activations are "
+                         f"{STATIC_ACTIVATIONS!r} (per tensor, calibrated range); or use an MX format or none")
+
+
+def static_activation_scales(stats: Mapping[str, ActivationStats], blocks: list[DecoderBlock]) -> dict[str, float]:
+    """Per linear name, the int8 scale of its input: ``max_j max_t |x_tj| / 127`` from the calibration statistics
+    of its group (``mxonnx.calibrate.group_key``); an input that was zero on every token gets scale 1."""
+    scales = {}
+    for block in blocks:
+        for group, linears in block.groups().items():
+            peak = float(np.max(stats[group_key(block, group)].max_abs))
+            for linear in linears:
+                scales[linear.name] = np.float32(peak / 127.0 if peak > 0 else 1.0).item()
+    return scales
+
+
 class MxMatMulPass(ir.passes.InPlacePass):
-    """Replace the weight of each of ``linears`` by its dequantized codes and quantize-dequantize its input."""
+    """Replace the weight of each of ``linears`` by its dequantized codes and quantize-dequantize its input
+    (``int8`` activations: with the scale ``act_scales[linear.name]``)."""
 
     def __init__(self, linears: list[Linear], weights: str | formats.MXFormat, acts: str | formats.MXFormat,
-                 provider: WeightProvider):
+                 provider: WeightProvider, act_scales: Mapping[str, float] | None = None):
         super().__init__()
         self.linears = linears
         self.weights = formats.parse_format(weights)
         self.acts = formats.parse_format(acts)
+        check_activation_format(self.acts)
         if self.acts.kind == "int":
-            raise InputError(f"activation format {self.acts.name!r} is not supported yet; use an MX format or none")
+            missing = [lin.name for lin in linears if lin.name not in (act_scales or {})]
+            if missing:
+                raise InputError(f"int8 activations need a calibrated scale for every linear input; none for "
+                                 f"{missing[0]}")
+        self.act_scales = act_scales or {}
         self.provider = provider
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -83,11 +115,14 @@ class MxMatMulPass(ir.passes.InPlacePass):
                 linear.node.replace_input_with(1, weight)
                 if self.weights.kind == "mx":
                     used.add((schema.DEQUANTIZE, self.weights))
-            if self.acts.kind == "mx":
+            if self.acts.kind != "none":
                 x = linear.input
                 if x not in quantized_inputs:
-                    quantized_inputs[x] = _insert_quantize_dequantize(graph, x, self.acts)
-                    used.add((schema.QUANTIZE_DEQUANTIZE, self.acts))
+                    if self.acts.kind == "mx":
+                        quantized_inputs[x] = _insert_quantize_dequantize(graph, x, self.acts)
+                        used.add((schema.QUANTIZE_DEQUANTIZE, self.acts))
+                    else:
+                        quantized_inputs[x] = _insert_static_int8(graph, x, self.act_scales[linear.name])
                 linear.node.replace_input_with(0, quantized_inputs[x])
         _declare_opsets(model, with_domain=bool(used))
         for op_type, fmt in sorted(used, key=lambda u: (u[0], u[1].name)):
@@ -148,6 +183,25 @@ def _insert_quantize_dequantize(graph: ir.Graph, x: ir.Value, fmt: formats.MXFor
     return node.outputs[0]
 
 
+def _insert_static_int8(graph: ir.Graph, x: ir.Value, scale: float) -> ir.Value:
+    """``DequantizeLinear(QuantizeLinear(x, scale, 0), scale, 0)`` with int8 codes, right after x's producer:
+    ``clip(round_half_even(x / scale), -128, 127) * scale``."""
+    scale_value = _initializer(graph, ir.tensor(np.array(scale, np.float32), name=f"{x.name}.act_scale"))
+    zero_value = _initializer(graph, ir.tensor(np.array(0, np.int8), name=f"{x.name}.act_zero_point"))
+    quantize = ir.node("QuantizeLinear", [x, scale_value, zero_value], name=f"{x.name}/QuantizeLinear")
+    quantize.outputs[0].name = f"{x.name}_int8"
+    dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero_value],
+                         name=f"{x.name}/DequantizeLinear")
+    dequantize.outputs[0].name = f"{x.name}_qdq"
+    dequantize.outputs[0].shape, dequantize.outputs[0].type = x.shape, x.type
+    producer = x.producer()
+    if producer is None:
+        graph.insert_before(graph.node(0), [quantize, dequantize])
+    else:
+        graph.insert_after(producer, [quantize, dequantize])
+    return dequantize.outputs[0]
+
+
 def _declare_opsets(model: ir.Model, with_domain: bool) -> None:
     model.ir_version = max(model.ir_version or 0, schema.IR_VERSION)
     if model.graph.opset_imports.get("", 0) < schema.STANDARD_OPSET:
@@ -156,10 +210,12 @@ def _declare_opsets(model: ir.Model, with_domain: bool) -> None:
         model.graph.opset_imports[schema.DOMAIN] = schema.DOMAIN_VERSION
 
 
-def rewrite_mx_matmuls(model: ir.Model, config: QuantizeConfig, provider: WeightProvider | None = None) -> ir.Model:
+def rewrite_mx_matmuls(model: ir.Model, config: QuantizeConfig, provider: WeightProvider | None = None,
+                       act_scales: Mapping[str, float] | None = None) -> ir.Model:
     """The pass ``model, config -> model``: quantize the linears ``config`` selects with ``config.weights`` and
-    ``config.acts``; weights from ``provider`` (default round to nearest). Modifies ``model`` in place."""
+    ``config.acts``; weights from ``provider`` (default round to nearest), int8 activation scales from
+    ``act_scales`` (linear name -> scale). Modifies ``model`` in place."""
     weights = formats.parse_format(config.weights)
     linears = selected_linears(model, config.quantize_lm_head)
-    MxMatMulPass(linears, weights, config.acts, provider or RoundToNearest(weights))(model)
+    MxMatMulPass(linears, weights, config.acts, provider or RoundToNearest(weights), act_scales)(model)
     return model

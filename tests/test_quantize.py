@@ -135,6 +135,8 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_onnx, tmp_path, capsys):
         "alpha outside [0, 1]": (["--method", "sq", "--alpha", "1.5"], tiny_onnx, "outside [0, 1]"),
         "no decoder": ([], _no_decoder_model(tmp_path / "plain"), "no Llama decoder block"),
         "nan weights": ([], _nan_weight_model(tiny_onnx, tmp_path / "nan"), "NaN or Inf"),
+        "int4 activations": (["--acts", "int4"], tiny_onnx, "fixed-point activations are 'int8'"),
+        "gptq, int8 activations": (["--acts", "int8", "--method", "gptq"], tiny_onnx, "use an MX activation format"),
     }
     for name, (flags, src, message) in cases.items():
         assert main(["quantize", str(src), "-o", str(out), "--method", "rtn", *flags]) == 2, name
@@ -161,3 +163,70 @@ def test_usage_errors_are_one_line_pointing_at_help(capsys):
     assert main(["eval"]) == 2
     assert capsys.readouterr().err.strip() == ("mxonnx: the following arguments are required: model "
                                                "(see mxonnx eval --help)")
+
+
+def test_static_int8_activations_equal_torch_emulation(tiny_hf, tiny_onnx, tiny_text, tmp_path):
+    """The paper's fixed-point baseline: int8 per-channel weights, int8 activations with one static scale per linear
+    input, max|x| / 127 over the calibration tokens, here measured independently with torch hooks."""
+    from transformers import LlamaForCausalLM
+
+    from mxonnx.calibrate import calibration_windows, load_tokenizer
+
+    config = QuantizeConfig(weights="int8", acts="int8", method="rtn", calib_path=tiny_text, calib_samples=3,
+                            calib_seqlen=48, progress=False)
+    out = tmp_path / "q"
+    quantize_model(tiny_onnx, out, config)
+    graph = onnx.load(str(out / "model.onnx"))
+    quantizers = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantizers) == 4 * 2  # one per distinct linear input (qkv, o, gate_up, down) of each block
+
+    model = LlamaForCausalLM.from_pretrained(tiny_hf).eval()
+    linears = {}
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            linears[linear] = 0.0
+    recording = [True]
+
+    def observe(module, args):
+        if recording[0]:
+            linears[module] = max(linears[module], float(args[0].abs().max()))
+            return None
+        s = np.float32(linears[module] / 127)
+        x = args[0].numpy()
+        return (torch.from_numpy((np.clip(np.round(x / s), -128, 127) * s).astype(np.float32)),)
+
+    for linear in linears:
+        linear.register_forward_pre_hook(observe)
+    windows = calibration_windows(tiny_text, load_tokenizer(tiny_onnx), 3, 48, config.seed)
+    with torch.no_grad():
+        model(torch.from_numpy(windows))
+        recording[0] = False
+        float_logits = OrtCausalLM(tiny_onnx / "model.onnx").logits(IDS)
+        for linear in linears:
+            w = linear.weight.detach().numpy()
+            linear.weight.data = torch.from_numpy(formats.quantize_dequantize(w, "int8", axis=1))
+        emulated = model(torch.from_numpy(IDS)).logits.numpy()
+
+    scales = sorted(float(onnx.numpy_helper.to_array(next(t for t in graph.graph.initializer if t.name == n.input[1])))
+                    for n in quantizers)
+    np.testing.assert_allclose(scales, sorted({np.float32(v / 127).item() for v in linears.values()}), rtol=1e-5)
+    logits = OrtCausalLM(out / "model.onnx").logits(IDS)
+    np.testing.assert_allclose(logits, emulated, rtol=0, atol=2e-4)
+    assert np.abs(logits - float_logits).max() > 10 * 2e-4  # the quantizers do act
+
+
+def test_static_int8_activations_after_smoothquant(tiny_onnx, tiny_text, tmp_path):
+    def scales(method):
+        config = QuantizeConfig(weights="int8", acts="int8", method=method, calib_path=tiny_text, calib_samples=3,
+                                calib_seqlen=48, progress=False)
+        quantize_model(tiny_onnx, tmp_path / method, config)
+        graph = onnx.load(str(tmp_path / method / "model.onnx"))
+        init = {t.name: t for t in graph.graph.initializer}
+        return [float(onnx.numpy_helper.to_array(init[n.input[1]])) for n in graph.graph.node
+                if n.op_type == "QuantizeLinear"]
+
+    rtn, sq = scales("rtn"), scales("sq")
+    assert len(rtn) == len(sq) == 8
+    # SmoothQuant divides the norm outputs by s_j = max|x_j|^0.5 / max|w_j|^0.5: their ranges change, o/down do not
+    assert not np.allclose(rtn, sq, rtol=1e-3)

@@ -15,7 +15,7 @@ from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.ops import schema
 from mxonnx.passes.llama_structure import find_decoder_blocks
-from mxonnx.passes.mx_matmul import rewrite_mx_matmuls
+from mxonnx.passes.mx_matmul import rewrite_mx_matmuls, selected_linears
 from mxonnx.session import create_session
 
 LINEARS_PER_BLOCK = 7
@@ -111,6 +111,26 @@ def test_non_finite_weights_are_refused(tiny_onnx):
         rewrite_mx_matmuls(model, QuantizeConfig(weights="mxint4-32", acts="none", method="rtn"))
 
 
-def test_int_activations_are_refused(tiny_onnx):
-    with pytest.raises(InputError, match="activation format 'int8'"):
-        rewritten(tiny_onnx, weights="mxint4-32", acts="int8")
+def test_int_activations_other_than_static_int8_are_refused(tiny_onnx):
+    with pytest.raises(InputError, match="activation format 'int4' is not supported"):
+        rewritten(tiny_onnx, weights="mxint4-32", acts="int4")
+    with pytest.raises(InputError, match="calibrated scale .* layers.0.q_proj"):
+        rewritten(tiny_onnx, weights="mxint4-32", acts="int8")  # int8 activations without calibrated ranges
+
+
+def test_static_int8_activations_are_standard_qdq(tiny_onnx):
+    model = ir.load(tiny_onnx / "model.onnx")
+    linears = {lin.node: lin.name for lin in selected_linears(model)}
+    scales = {name: 0.01 * (i + 1) for i, name in enumerate(linears.values())}
+    rewrite_mx_matmuls(model, QuantizeConfig(method="rtn", weights="int4", acts="int8"), act_scales=scales)
+    counts = op_counts(model)
+    assert counts["", "QuantizeLinear"] == 4 * 2 and not model.functions  # q/k/v and gate/up share their input
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear":
+            scale, zero = (np.asarray(v.const_value.numpy()) for v in node.inputs[1:])
+            assert zero.dtype == np.int8 and zero == 0 and scale.shape == ()
+            dequantize = next(iter(node.outputs[0].uses())).node
+            assert dequantize.op_type == "DequantizeLinear" and dequantize.inputs[1:] == node.inputs[1:]
+            readers = [use.node for use in dequantize.outputs[0].uses()]
+            assert len(readers) in (1, 2, 3) and all(r in linears for r in readers)
+            assert {float(scale)} == {np.float32(scales[linears[r]]).item() for r in readers[:1]}
