@@ -128,7 +128,8 @@ def lower(model: ir.Model, target: str) -> tuple[ir.Model, dict]:
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if not any(n.domain == schema.DOMAIN for n in model.graph):
-        raise InputError(f"the model has no {schema.DOMAIN} ops to lower (quantize it first)")
+        raise InputError(f"the model has no {schema.DOMAIN} ops to lower (quantize it with MX formats first; "
+                         "int formats are standard ONNX already)")
     counts = {"dequantize_linear": 0, "matmulnbits": 0}
     if target == "qdq":
         for node in _mx_dequantize_nodes(model):

@@ -57,4 +57,4 @@ def test_matmulnbits_refuses_mxfp(tiny_onnx_nopast, tmp_path, capsys):
 
 def test_float_model_is_refused(tiny_onnx_nopast, tmp_path, capsys):
     assert main(["lower", str(tiny_onnx_nopast), "-o", str(tmp_path / "out"), "--target", "inline"]) == 2
-    assert "quantize it first" in capsys.readouterr().err
+    assert "quantize it with MX formats first" in capsys.readouterr().err

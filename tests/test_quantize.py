@@ -17,6 +17,7 @@ from mxonnx import formats
 from mxonnx.cli import main
 from mxonnx.config import QuantizeConfig
 from mxonnx.eval import OrtCausalLM, generate_text
+from mxonnx.inspect import inspect_model
 from mxonnx.ops.native import native_library_path
 from mxonnx.quantize import quantize_model
 from mxonnx.session import create_session
@@ -179,6 +180,7 @@ def test_static_int8_activations_equal_torch_emulation(tiny_hf, tiny_onnx, tiny_
     graph = onnx.load(str(out / "model.onnx"))
     quantizers = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
     assert len(quantizers) == 4 * 2  # one per distinct linear input (qkv, o, gate_up, down) of each block
+    assert inspect_model(out)["formats"] == {"weights": {"int8": 14}, "acts": {"int8": 8}}
 
     model = LlamaForCausalLM.from_pretrained(tiny_hf).eval()
     linears = {}
