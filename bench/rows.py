@@ -52,6 +52,9 @@ MXONNX_CONFIGS = (
     ("W4 MXINT4-128", "mxint4-128", "none", ("rtn", "gptq", "awq+gptq"), ()),
     ("W8A8 MXFP8E4M3-32", "mxfp8e4m3-32", "mxfp8e4m3-32", ("rtn",), ()),
     ("W4A8 MXFP4-32 / A MXFP8E4M3-32", "mxfp4-32", "mxfp8e4m3-32", ("rtn", "gptq", "awq+gptq"), ()),
+    # Quark's scope (block 32, no MXINT4 there): the same configurations side by side with its rows
+    ("W8A8 MXINT8-32", "mxint8-32", "mxint8-32", ("rtn", "sq"), ()),
+    ("W4A4 MXFP4-32", "mxfp4-32", "mxfp4-32", ("rtn", "sq"), ()),
     ("W8A8 INT8 per-channel", "int8", "int8", ("rtn", "sq"), ()),
     ("W4A8 INT4 per-channel", "int4", "int8", ("rtn", "gptq"), ()),
 )
