@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="new folder to write")
     p.add_argument("--weights", default="mxint4-128", help="weight format (default mxint4-128; see `mxonnx formats`)")
     p.add_argument("--acts", default="mxint8-128",
-                   help="activation format: MX, int8 (static per tensor, calibrated), or none (default mxint8-128)")
+                   help="activation format: MX, int8 (static per channel, calibrated), or none (default mxint8-128)")
     p.add_argument("--method", default="awq+gptq", choices=METHODS, help="default awq+gptq")
     p.add_argument("--alpha", type=_unit_float, default=None, help="SmoothQuant strength (default 0.5) or a fixed AWQ alpha (default: grid search)")
     p.add_argument("--calib", type=Path, default=None, help="calibration text (default: WikiText-2 validation)")

@@ -76,8 +76,8 @@ def inspect_model(path: Path) -> dict:
             act_formats[_format_attribute(node)] += 1
         if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx") and len(node.input) == 3:
             scale, zero = initializers.get(node.input[1]), initializers.get(node.input[2])
-            if scale is not None and zero is not None and not scale.dims and zero.data_type == onnx.TensorProto.INT8:
-                act_formats["int8"] += 1  # static per-tensor int8 (calibrated scale)
+            if scale is not None and zero is not None and zero.data_type == onnx.TensorProto.INT8:
+                act_formats["int8"] += 1  # static int8 (calibrated scales)
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
         producer = producers.get(node.input[1])

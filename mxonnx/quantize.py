@@ -4,7 +4,7 @@
     -> rewrite -> save
 
 Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding plugs in as the first bracketed stage;
-static ``int8`` activations (the paper's fixed-point baseline) calibrate their per-tensor ranges on the model as
+static ``int8`` activations (the paper's fixed-point baseline) calibrate their per-channel ranges on the model as
 folded (second stage). The GPTQ
 methods replace "weight provider -> rewrite" by ``mxonnx.gptq_pipeline.gptq_rewrite``, which calibrates and
 rewrites one decoder block at a time. OUT is written atomically (whole or absent); the input is only read.

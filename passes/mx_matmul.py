@@ -10,9 +10,10 @@ their formats independently:
   ``DequantizeLinear`` (per output channel via ``axis=1``, per group via the opset-21 ``block_size``);
 - MX activations: one ``MXQuantizeDequantize`` (axis -1) per distinct input, shared by the linears reading it
   (q/k/v, gate/up); ``none`` leaves the tensor float;
-- ``int8`` activations (the paper's fixed-point baseline): static, per tensor, symmetric, standard
-  ``QuantizeLinear`` + ``DequantizeLinear`` with ``scale = max|x| / 127`` over the calibration tokens
-  (``act_scales``, from :func:`static_activation_scales`), zero point 0, shared like the MX ones.
+- ``int8`` activations (the paper's fixed-point baseline, its Sec. 4 calibration): static, symmetric, one scale
+  per input channel ``j`` (the last axis), ``s_j = max_t |x_tj| / 127`` over the calibration tokens
+  (``act_scales``, from :func:`static_activation_scales`), standard ``QuantizeLinear`` + ``DequantizeLinear``
+  (axis -1, zero point 0), shared like the MX ones.
 
 Weights come from a *weight provider*, ``provider(name, w[K, N]) -> (codes, scales)`` in
 ``mxonnx.formats.quantize(w, fmt, axis=0)``'s layout: round to nearest here, GPTQ (``mxonnx.gptq``) plugs in the
@@ -64,25 +65,27 @@ def selected_linears(model: ir.Model, quantize_lm_head: bool = False) -> list[Li
     return linears + ([lm_head] if lm_head is not None else [])
 
 
-STATIC_ACTIVATIONS = "int8"  # the only fixed-point activation format: per tensor, calibrated range
+STATIC_ACTIVATIONS = "int8"  # the only fixed-point activation format: per channel, calibrated range
 
 
 def check_activation_format(acts: formats.MXFormat) -> None:
-    """MX formats, ``none`` and static per-tensor ``int8`` are the activation formats a rewrite supports."""
+    """MX formats, ``none`` and static per-channel ``int8`` are the activation formats a rewrite supports."""
     if acts.kind == "int" and acts.name != STATIC_ACTIVATIONS:
         raise InputError(f"activation format {acts.name!r} is not supported: fixed-point activations are "
-                         f"{STATIC_ACTIVATIONS!r} (per tensor, calibrated range); or use an MX format or none")
+                         f"{STATIC_ACTIVATIONS!r} (per channel, calibrated range); or use an MX format or none")
 
 
-def static_activation_scales(stats: Mapping[str, ActivationStats], blocks: list[DecoderBlock]) -> dict[str, float]:
-    """Per linear name, the int8 scale of its input: ``max_j max_t |x_tj| / 127`` from the calibration statistics
-    of its group (``mxonnx.calibrate.group_key``); an input that was zero on every token gets scale 1."""
+def static_activation_scales(stats: Mapping[str, ActivationStats],
+                             blocks: list[DecoderBlock]) -> dict[str, np.ndarray]:
+    """Per linear name, the int8 scales ``[K]`` of its input: ``s_j = max_t |x_tj| / 127`` from the calibration
+    statistics of its group (``mxonnx.calibrate.group_key``); a channel that was zero on every token gets 1."""
     scales = {}
     for block in blocks:
         for group, linears in block.groups().items():
-            peak = float(np.max(stats[group_key(block, group)].max_abs))
+            peak = stats[group_key(block, group)].max_abs.astype(np.float32)
+            s = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
             for linear in linears:
-                scales[linear.name] = np.float32(peak / 127.0 if peak > 0 else 1.0).item()
+                scales[linear.name] = s
     return scales
 
 
@@ -91,7 +94,7 @@ class MxMatMulPass(ir.passes.InPlacePass):
     (``int8`` activations: with the scale ``act_scales[linear.name]``)."""
 
     def __init__(self, linears: list[Linear], weights: str | formats.MXFormat, acts: str | formats.MXFormat,
-                 provider: WeightProvider, act_scales: Mapping[str, float] | None = None):
+                 provider: WeightProvider, act_scales: Mapping[str, np.ndarray] | None = None):
         super().__init__()
         self.linears = linears
         self.weights = formats.parse_format(weights)
@@ -183,14 +186,16 @@ def _insert_quantize_dequantize(graph: ir.Graph, x: ir.Value, fmt: formats.MXFor
     return node.outputs[0]
 
 
-def _insert_static_int8(graph: ir.Graph, x: ir.Value, scale: float) -> ir.Value:
-    """``DequantizeLinear(QuantizeLinear(x, scale, 0), scale, 0)`` with int8 codes, right after x's producer:
-    ``clip(round_half_even(x / scale), -128, 127) * scale``."""
-    scale_value = _initializer(graph, ir.tensor(np.array(scale, np.float32), name=f"{x.name}.act_scale"))
-    zero_value = _initializer(graph, ir.tensor(np.array(0, np.int8), name=f"{x.name}.act_zero_point"))
-    quantize = ir.node("QuantizeLinear", [x, scale_value, zero_value], name=f"{x.name}/QuantizeLinear")
+def _insert_static_int8(graph: ir.Graph, x: ir.Value, scales: np.ndarray) -> ir.Value:
+    """``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` along the last axis with int8 codes, right after x's
+    producer: ``clip(round_half_even(x_j / s_j), -128, 127) * s_j``."""
+    scales = np.asarray(scales, np.float32).reshape(-1)
+    scale_value = _initializer(graph, ir.tensor(scales, name=f"{x.name}.act_scales"))
+    zero_value = _initializer(graph, ir.tensor(np.zeros(scales.shape, np.int8), name=f"{x.name}.act_zero_points"))
+    quantize = ir.node("QuantizeLinear", [x, scale_value, zero_value], attributes={"axis": -1},
+                       name=f"{x.name}/QuantizeLinear")
     quantize.outputs[0].name = f"{x.name}_int8"
-    dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero_value],
+    dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale_value, zero_value], attributes={"axis": -1},
                          name=f"{x.name}/DequantizeLinear")
     dequantize.outputs[0].name = f"{x.name}_qdq"
     dequantize.outputs[0].shape, dequantize.outputs[0].type = x.shape, x.type
@@ -211,10 +216,10 @@ def _declare_opsets(model: ir.Model, with_domain: bool) -> None:
 
 
 def rewrite_mx_matmuls(model: ir.Model, config: QuantizeConfig, provider: WeightProvider | None = None,
-                       act_scales: Mapping[str, float] | None = None) -> ir.Model:
+                       act_scales: Mapping[str, np.ndarray] | None = None) -> ir.Model:
     """The pass ``model, config -> model``: quantize the linears ``config`` selects with ``config.weights`` and
     ``config.acts``; weights from ``provider`` (default round to nearest), int8 activation scales from
-    ``act_scales`` (linear name -> scale). Modifies ``model`` in place."""
+    ``act_scales`` (linear name -> scales [K]). Modifies ``model`` in place."""
     weights = formats.parse_format(config.weights)
     linears = selected_linears(model, config.quantize_lm_head)
     MxMatMulPass(linears, weights, config.acts, provider or RoundToNearest(weights), act_scales)(model)

@@ -167,8 +167,8 @@ def test_usage_errors_are_one_line_pointing_at_help(capsys):
 
 
 def test_static_int8_activations_equal_torch_emulation(tiny_hf, tiny_onnx, tiny_text, tmp_path):
-    """The paper's fixed-point baseline: int8 per-channel weights, int8 activations with one static scale per linear
-    input, max|x| / 127 over the calibration tokens, here measured independently with torch hooks."""
+    """The paper's fixed-point baseline: int8 per-channel weights, int8 activations with one static scale per input
+    channel, max_t |x_tj| / 127 over the calibration tokens, here measured independently with torch hooks."""
     from transformers import LlamaForCausalLM
 
     from mxonnx.calibrate import calibration_windows, load_tokenizer
@@ -183,39 +183,44 @@ def test_static_int8_activations_equal_torch_emulation(tiny_hf, tiny_onnx, tiny_
     assert inspect_model(out)["formats"] == {"weights": {"int8": 14}, "acts": {"int8": 8}}
 
     model = LlamaForCausalLM.from_pretrained(tiny_hf).eval()
-    linears = {}
+    peaks = {}
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            linears[linear] = 0.0
+            peaks[linear] = torch.zeros(linear.in_features)
     recording = [True]
 
     def observe(module, args):
         if recording[0]:
-            linears[module] = max(linears[module], float(args[0].abs().max()))
+            peaks[module] = torch.maximum(peaks[module], args[0].abs().amax(dim=(0, 1)))
             return None
-        s = np.float32(linears[module] / 127)
-        x = args[0].numpy()
-        return (torch.from_numpy((np.clip(np.round(x / s), -128, 127) * s).astype(np.float32)),)
+        s = (peaks[module].numpy() / np.float32(127)).astype(np.float32)
+        return (torch.from_numpy((np.clip(np.round(args[0].numpy() / s), -128, 127) * s).astype(np.float32)),)
 
-    for linear in linears:
+    for linear in peaks:
         linear.register_forward_pre_hook(observe)
     windows = calibration_windows(tiny_text, load_tokenizer(tiny_onnx), 3, 48, config.seed)
     with torch.no_grad():
         model(torch.from_numpy(windows))
         recording[0] = False
-        float_logits = OrtCausalLM(tiny_onnx / "model.onnx").logits(IDS)
-        for linear in linears:
+        for linear in peaks:
             w = linear.weight.detach().numpy()
             linear.weight.data = torch.from_numpy(formats.quantize_dequantize(w, "int8", axis=1))
         emulated = model(torch.from_numpy(IDS)).logits.numpy()
 
-    scales = sorted(float(onnx.numpy_helper.to_array(next(t for t in graph.graph.initializer if t.name == n.input[1])))
-                    for n in quantizers)
-    np.testing.assert_allclose(scales, sorted({np.float32(v / 127).item() for v in linears.values()}), rtol=1e-5)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    expected = [(p.numpy() / np.float32(127)).astype(np.float32) for p in peaks.values()]
+    for node in quantizers:
+        scales = init[node.input[1]]
+        assert scales.shape in {(e.shape) for e in expected} and (init[node.input[2]] == 0).all()
+        assert any(e.shape == scales.shape and np.allclose(scales, e, rtol=1e-5) for e in expected), node.name
     logits = OrtCausalLM(out / "model.onnx").logits(IDS)
-    np.testing.assert_allclose(logits, emulated, rtol=0, atol=2e-4)
-    assert np.abs(logits - float_logits).max() > 10 * 2e-4  # the quantizers do act
+    # onnxruntime and torch differ in the last float bit, so a rare x / s sitting on a rounding boundary may round
+    # the other way: at most a couple of token positions may differ, and then by about one int8 step
+    row_error = np.abs(logits - emulated).max(axis=-1)
+    assert (row_error > 2e-4).sum() <= 2 and row_error.max() < 1e-2, row_error.max()
+    float_error = np.abs(logits - OrtCausalLM(tiny_onnx / "model.onnx").logits(IDS)).max(axis=-1)
+    assert (float_error > 1e-2).mean() > 0.5  # the quantizers do act
 
 
 def test_static_int8_activations_after_smoothquant(tiny_onnx, tiny_text, tmp_path):
@@ -225,10 +230,11 @@ def test_static_int8_activations_after_smoothquant(tiny_onnx, tiny_text, tmp_pat
         quantize_model(tiny_onnx, tmp_path / method, config)
         graph = onnx.load(str(tmp_path / method / "model.onnx"))
         init = {t.name: t for t in graph.graph.initializer}
-        return [float(onnx.numpy_helper.to_array(init[n.input[1]])) for n in graph.graph.node
-                if n.op_type == "QuantizeLinear"]
+        return [onnx.numpy_helper.to_array(init[n.input[1]]) for n in graph.graph.node if n.op_type == "QuantizeLinear"]
 
     rtn, sq = scales("rtn"), scales("sq")
     assert len(rtn) == len(sq) == 8
-    # SmoothQuant divides the norm outputs by s_j = max|x_j|^0.5 / max|w_j|^0.5: their ranges change, o/down do not
-    assert not np.allclose(rtn, sq, rtol=1e-3)
+    # the ranges are calibrated after folding: SmoothQuant divides the norm outputs' channels by its scales, so the
+    # qkv and gate/up inputs' ranges change (o and down inputs are not smoothed here)
+    changed = [not np.allclose(a, b, rtol=1e-3) for a, b in zip(rtn, sq)]
+    assert sum(changed) >= 4
