@@ -5,9 +5,8 @@
 
 Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding plugs in as the first bracketed stage;
 static ``int8`` activations (the paper's fixed-point baseline) calibrate their per-channel ranges on the model as
-folded (second stage). The GPTQ
-methods replace "weight provider -> rewrite" by ``mxonnx.gptq_pipeline.gptq_rewrite``, which calibrates and
-rewrites one decoder block at a time. OUT is written atomically (whole or absent); the input is only read.
+folded (second stage). The GPTQ methods replace "weight provider -> rewrite" by
+``mxonnx.gptq_pipeline.gptq_rewrite``, which calibrates and rewrites one decoder block at a time. OUT is written atomically (whole or absent); the input is only read.
 
 Memory stays below twice the float model's size (SmolLM2-135M, ``awq+gptq``: 903 MB peak RSS for a 539 MB model):
 the input's weights stay in its memory-mapped external data file and are unmapped after each read; folded
@@ -25,12 +24,12 @@ from pathlib import Path
 import onnx_ir as ir
 
 from mxonnx import formats
+from mxonnx.calibrate import collect_statistics
 from mxonnx.config import METHODS, QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.gptq_pipeline import check_calibration_size, check_gptq_config, gptq_rewrite
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir, copy_model_assets, resolve_model
 from mxonnx.passes.llama_structure import find_decoder_blocks
-from mxonnx.calibrate import collect_statistics
 from mxonnx.passes.mx_matmul import (
     RoundToNearest, WeightProvider, check_activation_format, rewrite_mx_matmuls, static_activation_scales)
 from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics

@@ -33,10 +33,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from mxonnx import formats
+from mxonnx.calibrate import ActivationStats, group_key
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.ops import functions, packing, schema
-from mxonnx.calibrate import ActivationStats, group_key
 from mxonnx.passes.llama_structure import DecoderBlock, Linear, find_decoder_blocks, find_lm_head
 
 
@@ -91,7 +91,7 @@ def static_activation_scales(stats: Mapping[str, ActivationStats],
 
 class MxMatMulPass(ir.passes.InPlacePass):
     """Replace the weight of each of ``linears`` by its dequantized codes and quantize-dequantize its input
-    (``int8`` activations: with the scale ``act_scales[linear.name]``)."""
+    (``int8`` activations: with the scales ``act_scales[linear.name]``)."""
 
     def __init__(self, linears: list[Linear], weights: str | formats.MXFormat, acts: str | formats.MXFormat,
                  provider: WeightProvider, act_scales: Mapping[str, np.ndarray] | None = None):
