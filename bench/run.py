@@ -6,8 +6,9 @@ decode speed (``bench/speed.py``). Writes ``bench/results/<date>.json``, ``table
 (``--quick``: ``-quick`` suffixes) with every row of the table, whatever the filters, and prints the table.
 Resumable: each finished row is cached in ``bench/.work/rows/`` under a key of its recipe, the FP32 model's hash
 and the measurement settings, and rows already published in ``bench/results/*.json`` under the same FP32 hash and
-settings count as measured (so a fresh checkout resumes where the last machine stopped; ``--refresh`` measures again); a row that fails (a method not
-implemented yet, a peer that cannot install) is reported with its reason and retried next run.
+settings count as measured (so a fresh checkout resumes where the last machine stopped; ``--refresh`` measures
+again); a row that fails (a method not implemented yet, a peer that cannot install) is reported with its reason and
+retried next run.
 
     .venv/bin/python bench/run.py [--quick] [--full | --windows N] [--methods rtn gptq ...] [--tools mxonnx ...]
 """

@@ -6,7 +6,8 @@
 Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding plugs in as the first bracketed stage;
 static ``int8`` activations (the paper's fixed-point baseline) calibrate their per-channel ranges on the model as
 folded (second stage). The GPTQ methods replace "weight provider -> rewrite" by
-``mxonnx.gptq_pipeline.gptq_rewrite``, which calibrates and rewrites one decoder block at a time. OUT is written atomically (whole or absent); the input is only read.
+``mxonnx.gptq_pipeline.gptq_rewrite``, which calibrates and rewrites one decoder block at a time. OUT is written
+atomically (whole or absent); the input is only read.
 
 Memory stays below twice the float model's size (SmolLM2-135M, ``awq+gptq``: 903 MB peak RSS for a 539 MB model):
 the input's weights stay in its memory-mapped external data file and are unmapped after each read; folded

@@ -83,7 +83,7 @@ def static_activation_scales(stats: Mapping[str, ActivationStats],
     for block in blocks:
         for group, linears in block.groups().items():
             peak = stats[group_key(block, group)].max_abs.astype(np.float32)
-            s = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
+            s = np.where(peak > 0, peak / np.float32(127), np.float32(1))
             for linear in linears:
                 scales[linear.name] = s
     return scales
@@ -178,12 +178,17 @@ def _insert_quantize_dequantize(graph: ir.Graph, x: ir.Value, fmt: formats.MXFor
                    name=f"{x.name}/MXQuantizeDequantize")
     node.outputs[0].name = f"{x.name}_mxqdq"
     node.outputs[0].shape, node.outputs[0].type = x.shape, x.type
+    _insert_after_producer(graph, x, [node])
+    return node.outputs[0]
+
+
+def _insert_after_producer(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node]) -> None:
+    """Place ``nodes`` right after the node producing ``x`` (first in the graph for a graph input)."""
     producer = x.producer()
     if producer is None:
-        graph.insert_before(graph.node(0), node)
+        graph.insert_before(graph.node(0), nodes)
     else:
-        graph.insert_after(producer, node)
-    return node.outputs[0]
+        graph.insert_after(producer, nodes)
 
 
 def _insert_static_int8(graph: ir.Graph, x: ir.Value, scales: np.ndarray) -> ir.Value:
@@ -199,11 +204,7 @@ def _insert_static_int8(graph: ir.Graph, x: ir.Value, scales: np.ndarray) -> ir.
                          name=f"{x.name}/DequantizeLinear")
     dequantize.outputs[0].name = f"{x.name}_qdq"
     dequantize.outputs[0].shape, dequantize.outputs[0].type = x.shape, x.type
-    producer = x.producer()
-    if producer is None:
-        graph.insert_before(graph.node(0), [quantize, dequantize])
-    else:
-        graph.insert_after(producer, [quantize, dequantize])
+    _insert_after_producer(graph, x, [quantize, dequantize])
     return dequantize.outputs[0]
 
 
