@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -93,11 +93,15 @@ class BlockwiseRunner:
         self._pass(index, list(groups.values()), each, advance)
 
     def capture_grams(self, index: int, acts: formats.MXFormat, callback: Callable[[str, np.ndarray, int], None],
-                      advance: bool = False) -> None:
+                      advance: bool = False, act_scales: Mapping[str, np.ndarray] | None = None) -> None:
         """As :meth:`capture`, but ``callback(group, xtx, tokens)`` gets ``xtx = A^T A`` (float32 ``[K, K]``) of the
         window's ``A = Q_acts(x)`` (``x`` for ``acts`` none; ``Q_acts`` the ``com.mxonnx`` MXQuantizeDequantize
-        along K): both computed by onnxruntime in the block's run, so only K x K values per group come back."""
+        along K; for static ``int8`` acts, QuantizeLinear/DequantizeLinear with the per-channel scales
+        ``act_scales[group]``): both computed by onnxruntime in the block's run, so only K x K values per group
+        come back."""
         groups = self.group_inputs[index]
+        if acts.kind == "int" and not all(group in (act_scales or {}) for group in groups):
+            raise ValueError(f"{acts.name} activations need the scales of every group: {list(groups)}")
         tokens = self.windows.shape[1]
 
         def each(arrays: list[np.ndarray]) -> None:
@@ -105,7 +109,8 @@ class BlockwiseRunner:
                 callback(name, xtx, tokens)
 
         widths = {value.name: self.group_widths[index][group] for group, value in groups.items()}
-        self._pass(index, list(groups.values()), each, advance, head=gram_head(acts, widths))
+        scales = {value.name: act_scales[group] for group, value in groups.items()} if acts.kind == "int" else None
+        self._pass(index, list(groups.values()), each, advance, head=gram_head(acts, widths, scales))
 
     def advance(self, index: int) -> None:
         """Run block ``index`` on every window and store its outputs as the next block's inputs."""
@@ -364,9 +369,10 @@ def subgraph_proto(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value]
 Head = Callable[[onnx.ModelProto], None]
 
 
-def gram_head(acts: formats.MXFormat, widths: dict[str, int]) -> Head:
+def gram_head(acts: formats.MXFormat, widths: dict[str, int], scales: dict[str, np.ndarray] | None = None) -> Head:
     """A rewrite of a region's proto: each output ``x [..., K]`` named in ``widths`` (name -> K) becomes
-    ``x.xtx = A^T A`` with ``A = reshape(Q_acts(x), [-1, K])`` (Gemm, transA), in place in the output list."""
+    ``x.xtx = A^T A`` with ``A = reshape(Q_acts(x), [-1, K])`` (Gemm, transA), in place in the output list;
+    static ``int8`` acts quantize with ``scales[x]`` (per channel, zero point 0), as the rewritten graph will."""
 
     def rewrite(proto: onnx.ModelProto) -> None:
         graph = proto.graph
@@ -385,6 +391,8 @@ def gram_head(acts: formats.MXFormat, widths: dict[str, int]) -> Head:
                 qdq.overload = schema.overload(acts)
                 graph.node.append(qdq)
                 x = qdq.output[0]
+            elif acts.kind == "int":
+                x = _append_static_int8(graph, x, scales[x])
             graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, widths[out.name]], np.int64),
                                                                   f"{out.name}.rows_shape"))
             graph.node.extend([
@@ -394,6 +402,19 @@ def gram_head(acts: formats.MXFormat, widths: dict[str, int]) -> Head:
             graph.output.append(onnx.ValueInfoProto(name=f"{out.name}.xtx"))
 
     return rewrite
+
+
+def _append_static_int8(graph: onnx.GraphProto, x: str, scales: np.ndarray) -> str:
+    """Append ``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` (int8, last axis) to ``graph``; its output name."""
+    scales = np.asarray(scales, np.float32).reshape(-1)
+    graph.initializer.extend([onnx.numpy_helper.from_array(scales, f"{x}.act_scales"),
+                              onnx.numpy_helper.from_array(np.zeros(scales.shape, np.int8), f"{x}.act_zero_points")])
+    graph.node.extend([
+        onnx.helper.make_node("QuantizeLinear", [x, f"{x}.act_scales", f"{x}.act_zero_points"], [f"{x}.int8"], axis=-1),
+        onnx.helper.make_node("DequantizeLinear", [f"{x}.int8", f"{x}.act_scales", f"{x}.act_zero_points"],
+                              [f"{x}.qdq"], axis=-1),
+    ])
+    return f"{x}.qdq"
 
 
 def _declare_quantize_dequantize(proto: onnx.ModelProto, fmt: formats.MXFormat) -> None:

@@ -6,8 +6,9 @@ time through :class:`mxonnx.blockwise.BlockwiseRunner`, and rewrites every block
 
 1. capture the inputs ``x [tokens, K]`` of its four linear groups (``qkv``, ``o``, ``gate_up``, ``down``) and
    accumulate ``H = 2/n sum_t a_t^T a_t`` (paper Eq. 7) on the activations as the quantized MatMul will see them,
-   ``a = quantize_dequantize(x, acts, axis=-1)`` (``a = x`` for ``--acts none``); q/k/v share one Hessian, as do
-   gate/up;
+   ``a = quantize_dequantize(x, acts, axis=-1)`` (``a = x`` for ``--acts none``; for static ``int8`` acts, the
+   per-channel scales calibrated on the float model as folded, the same the rewritten graph holds); q/k/v share
+   one Hessian, as do gate/up;
 2. GPTQ-quantize its seven weights and rewrite the block.
 
 *Sequential* (the default, as in the GPTQ reference's ``llama_sequential``): block ``i``'s inputs come from blocks
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -67,22 +68,26 @@ def check_calibration_size(blocks: Sequence[DecoderBlock], config: QuantizeConfi
 
 
 def block_hessians(runner: BlockwiseRunner, block: DecoderBlock, acts: formats.MXFormat,
-                   advance: bool = False) -> dict[str, np.ndarray]:
+                   advance: bool = False, act_scales: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """``{group_key: 2/n A^T A}`` for the four linear groups of ``block``, over every calibration window, with
     ``A`` the group's input quantize-dequantized to ``acts`` (the activations the rewritten MatMul reads; both
     ``A`` and ``A^T A`` computed in onnxruntime, summed here in float64); ``advance``: the same run moves the runner
-    past the block (:meth:`BlockwiseRunner.capture`)."""
-    accumulators = {group: HessianAccumulator(linears[0].shape[0]) for group, linears in block.groups().items()}
+    past the block (:meth:`BlockwiseRunner.capture`); ``act_scales``: static int8 scales by linear name."""
+    groups = block.groups()
+    accumulators = {group: HessianAccumulator(linears[0].shape[0]) for group, linears in groups.items()}
+    group_scales = ({group: act_scales[linears[0].name] for group, linears in groups.items()}
+                    if acts.kind == "int" else None)
     runner.capture_grams(block.index, acts, lambda group, xtx, rows: accumulators[group].add_gram(xtx, rows),
-                         advance=advance)
+                         advance=advance, act_scales=group_scales)
     return {group_key(block, group): acc.hessian for group, acc in accumulators.items()}
 
 
 def gptq_rewrite(model: ir.Model, tokenizer_folder: str | os.PathLike | None, config: QuantizeConfig,
-                 threads: int | None = None) -> ir.Model:
+                 threads: int | None = None, act_scales: Mapping[str, np.ndarray] | None = None) -> ir.Model:
     """Rewrite every decoder block of ``model`` (in place; also returned) with GPTQ weights in ``config.weights``
     and activations in ``config.acts``, calibrated on ``config``'s windows (tokenized with the tokenizer of
-    ``tokenizer_folder``), sequentially or not as ``config.sequential`` says. ``threads``: onnxruntime threads.
+    ``tokenizer_folder``), sequentially or not as ``config.sequential`` says. ``threads``: onnxruntime threads;
+    ``act_scales``: for static ``int8`` activations, their scales by linear name (:func:`static_activation_scales`).
     Hessians that needed more dampening are reported by :class:`mxonnx.gptq.HessianDampingWarning` (one per group)."""
     from tqdm.auto import tqdm
 
@@ -97,11 +102,12 @@ def gptq_rewrite(model: ir.Model, tokenizer_folder: str | os.PathLike | None, co
     for block in tqdm(blocks, desc="gptq", unit="block", disable=not config.progress, leave=False):
         last = block.index == len(blocks) - 1
         # non-sequential: the same run gives the next block's inputs from this block in float
-        hessians = block_hessians(runner, block, acts, advance=not config.sequential and not last)
+        hessians = block_hessians(runner, block, acts, advance=not config.sequential and not last,
+                                  act_scales=act_scales)
         provider = GptqWeightProvider(hessians, weights, block_size=config.gptq_block,
                                       micro_block=config.gptq_micro_block, damp=config.damp,
                                       act_order=config.act_order)
-        MxMatMulPass(block.linears(), weights, acts, provider)(model)
+        MxMatMulPass(block.linears(), weights, acts, provider, act_scales)(model)
         if config.sequential and not last:
             runner.advance(block.index)  # the next block's inputs from this block quantized
     if lm_head is not None:

@@ -5,7 +5,7 @@
 
 Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding plugs in as the first bracketed stage;
 static ``int8`` activations (the paper's fixed-point baseline) calibrate their per-channel ranges on the model as
-folded (second stage). The GPTQ methods replace "weight provider -> rewrite" by
+folded, before any weight is quantized (second stage). The GPTQ methods replace "weight provider -> rewrite" by
 ``mxonnx.gptq_pipeline.gptq_rewrite``, which calibrates and rewrites one decoder block at a time. OUT is written
 atomically (whole or absent); the input is only read.
 
@@ -43,9 +43,6 @@ def check_config(config: QuantizeConfig) -> None:
     weights = formats.parse_format(config.weights)
     acts = formats.parse_format(config.acts)
     check_activation_format(acts)
-    if acts.kind == "int" and config.uses_gptq:
-        raise InputError(f"{config.method} with {acts.name} activations is not supported yet: GPTQ calibrates "
-                         "through MX activation quantizers; use an MX activation format or none")
     if acts.kind == "int" and config.quantize_lm_head:
         raise InputError(f"--quantize-lm-head with {acts.name} activations is not supported: only the decoder "
                          "linears' inputs are calibrated")
@@ -78,12 +75,12 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
             check_calibration_size(blocks, config)
         if smoothing:
             apply_smoothing(graph, blocks, smoothing_statistics(graph, blocks, paths.folder, config), config)
+        act_scales = None
+        if static_acts:  # ranges of the inputs as they are now, smoothing scales folded, weights still float
+            act_scales = static_activation_scales(collect_statistics(graph, blocks, paths.folder, config), blocks)
         if config.uses_gptq:
-            gptq_rewrite(graph, paths.folder, config)
+            gptq_rewrite(graph, paths.folder, config, act_scales=act_scales)
         else:
-            act_scales = None
-            if static_acts:  # ranges of the inputs as they are now, smoothing scales folded
-                act_scales = static_activation_scales(collect_statistics(graph, blocks, paths.folder, config), blocks)
             rewrite_mx_matmuls(graph, config, weight_provider(config), act_scales)
         ir.save(graph, tmp / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
         copy_model_assets(paths.folder, tmp)

@@ -191,7 +191,11 @@ def test_bad_windows_are_refused(tiny_onnx, bad):
         BlockwiseRunner(model, find_decoder_blocks(model), bad)
 
 
-@pytest.mark.parametrize("acts", ["mxint8-32", "mxfp8e4m3-16", "none"])
+def static_int8(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    return (np.clip(np.round(x / scales), -128, 127) * scales).astype(np.float32)
+
+
+@pytest.mark.parametrize("acts", ["mxint8-32", "mxfp8e4m3-16", "int8", "none"])
 def test_capture_grams_are_gram_matrices_of_quantized_inputs(tiny_onnx, windows, acts):
     model = ir.load(tiny_onnx / "model.onnx")
     blocks = find_decoder_blocks(model)
@@ -199,12 +203,19 @@ def test_capture_grams_are_gram_matrices_of_quantized_inputs(tiny_onnx, windows,
     inputs, grams = BlockwiseRunner(model, blocks, windows), BlockwiseRunner(model, blocks, windows)
     for block in blocks:
         seen = captured(inputs, block.index)
+        # static int8: scales from a quarter of each group's range, so that clipping is exercised too
+        scales = {group: (np.abs(np.concatenate(seen[group])).max(axis=0) / 4 / 127 + 1e-6).astype(np.float32)
+                  for group in GROUPS}
         got: dict[str, list[np.ndarray]] = {}
         grams.capture_grams(block.index, fmt, lambda group, xtx, n: got.setdefault(group, []).append((xtx, n)),
-                            advance=True)
+                            advance=True, act_scales=scales if fmt.kind == "int" else None)
         for group in GROUPS:
             for x, (xtx, tokens) in zip(seen[group], got[group]):
-                a = x if fmt.kind == "none" else formats.quantize_dequantize(x, fmt, axis=-1)
+                if fmt.kind == "int":
+                    a = static_int8(x, scales[group])
+                    assert not np.allclose(a, x, atol=1e-3)
+                else:
+                    a = x if fmt.kind == "none" else formats.quantize_dequantize(x, fmt, axis=-1)
                 assert tokens == x.shape[0] and xtx.shape == (x.shape[1], x.shape[1])
                 np.testing.assert_allclose(xtx, a.T.astype(np.float64) @ a, rtol=1e-4, atol=1e-4 * np.abs(xtx).max())
         inputs.advance(block.index)

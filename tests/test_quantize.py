@@ -137,7 +137,6 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_onnx, tmp_path, capsys):
         "no decoder": ([], _no_decoder_model(tmp_path / "plain"), "no Llama decoder block"),
         "nan weights": ([], _nan_weight_model(tiny_onnx, tmp_path / "nan"), "NaN or Inf"),
         "int4 activations": (["--acts", "int4"], tiny_onnx, "fixed-point activations are 'int8'"),
-        "gptq, int8 activations": (["--acts", "int8", "--method", "gptq"], tiny_onnx, "use an MX activation format"),
     }
     for name, (flags, src, message) in cases.items():
         assert main(["quantize", str(src), "-o", str(out), "--method", "rtn", *flags]) == 2, name
