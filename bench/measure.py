@@ -1,5 +1,5 @@
 """Measurements shared by every benchmark row: a child process's wall time and peak resident memory,
-the bytes and bits per weight of a model folder, and the machine the numbers were taken on."""
+the bytes and bits per weight of a model folder, the machine the numbers were taken on and how busy it was."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,40 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | Non
         out.seek(0)
         err.seek(0)
         return ChildRun(proc.returncode, out.read(), err.read(), seconds, peak_kib / 1024)
+
+
+class LoadSampler:
+    """The machine's 1-minute load average, sampled every ``interval`` seconds while the ``with`` block runs (and
+    once at its start and end): ``mean`` and ``peak``. A row's own job keeps it at or below the CPU count; well
+    above, other jobs shared the CPUs and the row's times are slow."""
+
+    def __init__(self, interval: float = 15.0):
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self.samples.append(os.getloadavg()[0])
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples)
+
+    @property
+    def peak(self) -> float:
+        return max(self.samples)
 
 
 def model_file_bytes(folder: Path) -> int:

@@ -12,7 +12,7 @@ from bench.rows import ALL_METHODS
 
 COLUMNS = ("tool", "config", "method", "PPL", "PPL / FP32", "bits/w stored", "bits/w format", "size MB",
            "size / FP32", "quantize s", "quantize peak RSS MB", "prefill ms (512)", "prefill speed-up",
-           "decode tok/s", "decode speed-up", "run peak RSS MB", "measured at commit")
+           "decode tok/s", "decode speed-up", "run peak RSS MB", "load avg", "measured at commit")
 
 
 def _fmt(value, digits: int) -> str:
@@ -43,7 +43,7 @@ def table_lines(results: list[dict]) -> list[str]:
             _fmt(_ratio(r["file_bytes"], base.get("file_bytes")), 2), _fmt(r["quantize_seconds"], 1),
             _fmt(r["quantize_peak_rss_mb"], 0), _fmt(r["prefill_ms"], 0), _fmt(prefill_up, 2),
             _fmt(r["decode_tokens_per_second"], 1), _fmt(decode_up, 2), _fmt(r["run_peak_rss_mb"], 0),
-            f"`{r['commit']}`" if r.get("commit") else "—",
+            _fmt(r.get("load_average_mean"), 1), f"`{r['commit']}`" if r.get("commit") else "—",
         ]
         lines.append("| " + " | ".join(head + cells) + " |")
     return lines
@@ -94,9 +94,11 @@ def render_markdown(results: list[dict], meta: dict) -> str:
         "Calibration: WikiText-2 *validation* (the paper uses the train split, not available here); "
         f"mxonnx uses its defaults, peers {meta['peer_calibration']}. "
         "The FP32 model is exported from a Q4_1 GGUF, so its linear weights already sit on a 4-bit grid.",
-        "Ratios are against the FP32 row of this table. Absolute times depend on the machine's load "
-        "(2 cores shared with other jobs while this ran). Rows may come from earlier runs: the last column gives the "
-        "commit each was measured at (`+dirty`: with uncommitted changes), the JSON file also its time.",
+        "Ratios are against the FP32 row of this table. Absolute times depend on the machine's load: load avg is "
+        "the 1-minute load average over the row's quantizing and measuring (the row's own job keeps it at or below "
+        f"the {m['nproc']} CPUs; well above: other jobs shared the CPUs and its times are slow; `—`: rows measured "
+        "before it was recorded). Rows may come from earlier runs: the last column gives the commit each was "
+        "measured at (`+dirty`: with uncommitted changes), the JSON file also its time.",
         cost_line(results),
         "",
     ]

@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.measure import git_commit, linear_weight_bits, machine, model_file_bytes, run_child  # noqa: E402
+from bench.measure import (  # noqa: E402
+    LoadSampler, git_commit, linear_weight_bits, machine, model_file_bytes, run_child)
 from bench.plot import plot_ppl_vs_bits  # noqa: E402
 from bench.produce import (  # noqa: E402
     PEER_CALIB_SAMPLES, PEER_CALIB_SEQLEN, REPO, Produced, RowUnavailable, child_env, produce, run_for)
@@ -146,11 +147,13 @@ def row_result(row: Row, args: argparse.Namespace, windows: int | None, fp32: Pa
     if args.report_only:
         return {**base, "status": "not measured", "reason": "not measured yet on this machine", "cached": False}
     try:
-        produced = produce(row, fp32, args.work)
-        numbers = measure(produced, args, windows)
+        with LoadSampler() as load:
+            produced = produce(row, fp32, args.work)
+            numbers = measure(produced, args, windows)
     except RowUnavailable as exc:
         return {**base, "status": "unavailable", "reason": str(exc)}
-    result = {**base, "status": "ok", **numbers, "commit": git_commit(REPO),
+    result = {**base, "status": "ok", **numbers, "load_average_mean": load.mean, "load_average_peak": load.peak,
+              "commit": git_commit(REPO),
               "measured_at": datetime.datetime.now().isoformat(timespec="seconds")}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import report, run  # noqa: E402
 from bench.rows import ALL_METHODS, select_rows  # noqa: E402
-from bench.measure import linear_weight_bits, run_child  # noqa: E402
+from bench.measure import LoadSampler, linear_weight_bits, run_child  # noqa: E402
 from bench.speed import measure_speed  # noqa: E402
 
 
@@ -47,6 +48,14 @@ def test_speed_of_a_model_with_kv_cache(tiny_onnx):
     assert speed["prefill_ms"] > 0 and speed["decode_tokens"] == 4 and speed["decode_tokens_per_second"] > 0
 
 
+def test_load_sampler_samples_the_load_average_while_the_block_runs():
+    with LoadSampler(interval=0.02) as load:
+        time.sleep(0.15)
+    assert len(load.samples) >= 4  # start, end and the samples in between
+    assert all(x >= 0 for x in load.samples) and load.peak == max(load.samples)
+    assert min(load.samples) <= load.mean <= load.peak
+
+
 def test_table_ratios_are_against_the_fp32_row():
     common = {"bits_stored": 32.0, "format_bits": 32.0, "quantize_seconds": None, "quantize_peak_rss_mb": None,
               "run_peak_rss_mb": 100.0}
@@ -63,6 +72,9 @@ def test_table_ratios_are_against_the_fp32_row():
     assert cells[9] == "0.25"  # size / FP32
     assert cells[13] == "2.00" and cells[15] == "1.50"  # prefill and decode speed-ups
     assert "not available yet: x" in lines[4]
+    assert cells[17] == "—"  # load average: not recorded for this row
+    rows[1]["load_average_mean"] = 3.46
+    assert [c.strip() for c in report.table_lines(rows)[3].split("|")][17] == "3.5"
     rows[0]["eval_seconds"], rows[1]["eval_seconds"], rows[1]["quantize_seconds"] = 3000.0, 1500.0, 1140.0
     assert report.cost_line(rows) == ("Measuring the 2 rows with figures took 1 h 34 min (quantize + perplexity, "
                                       "summed); 1 row(s) have none yet.")
@@ -86,6 +98,7 @@ def test_resumable_run_on_the_tiny_model(tiny_onnx, tiny_text, tmp_path, monkeyp
     assert [(r["tool"], r["status"]) for r in rows] == [("fp32", "ok"), ("ort-nbits", "ok"), ("ort-nbits", "ok")]
     assert {r["status"] for r in everything if r not in rows} == {"not measured"}
     assert rows[0]["bits_stored"] == 32.0 and rows[1]["bits_stored"] == pytest.approx(5.0)
+    assert all(0 <= r["load_average_mean"] <= r["load_average_peak"] for r in rows)
     table = (tmp_path / "results" / "table.md").read_text()
     assert table.count("| ort-nbits |") == 3 and table.count("| ort-nbits | W4 INT4-g128 | gptq | *not measured") == 1
     assert (tmp_path / "results" / "ppl_vs_bits.png").stat().st_size > 0
