@@ -4,10 +4,12 @@ and with its peak RSS taken by ``measure.run_child``; the record is saved beside
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.calib_tokens import write_calibration_windows
@@ -65,6 +67,21 @@ def _quantize_cmd(row: Row, fp32: Path, out: Path, work: Path) -> list[str]:
     return cmd
 
 
+@contextlib.contextmanager
+def peer_input(fp32: Path, folder: Path) -> Iterator[Path]:
+    """A copy of the FP32 model folder, given to a peer instead of the folder itself: some peers write next to their
+    input (Intel Neural Compressor's calibration saves ``model.onnx_augment.onnx`` and its weights there), and the
+    FP32 folder must stay as it is. (onnx refuses external data behind a symbolic link, and a hard link would share
+    the weights file with a peer that rewrote it in place.) Made before the peer's timed run; removed afterwards,
+    with whatever the peer left."""
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        shutil.copytree(fp32, folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def produce(row: Row, fp32: Path, work: Path) -> Produced:
     """The model of ``row`` under ``work/models/<key>``, quantizing it unless a finished one is there."""
     if row.tool == "fp32":
@@ -80,8 +97,8 @@ def produce(row: Row, fp32: Path, work: Path) -> Produced:
         run = run_child(_quantize_cmd(row, fp32, out, work), env=child_env(), cwd=work)
         custom_ops: tuple[str, ...] = ()
     else:
-        with atomic_output_dir(out) as tmp:
-            run = run_child(_quantize_cmd(row, fp32, tmp, work), env=child_env(), cwd=work)
+        with atomic_output_dir(out) as tmp, peer_input(fp32, work / "peer_inputs" / row.key) as source:
+            run = run_child(_quantize_cmd(row, source, tmp, work), env=child_env(), cwd=work)
             if run.returncode != 0:
                 raise RowUnavailable(f"{row.tool} quantize failed: {run.failure()}")
             copy_model_assets(fp32, tmp)

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import onnx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.measure import (  # noqa: E402
@@ -79,13 +81,17 @@ def ensure_fp32(folder: Path) -> Path:
 
 
 def fingerprint(folder: Path) -> str:
-    """sha256 of the FP32 model's graph and weight files (part of every row's cache key)."""
+    """sha256 of the FP32 model's graph file and the external data files its initializers name, in name order (part
+    of every row's cache key); other files in the folder do not count."""
+    graph = resolve_model(folder).onnx
+    proto = onnx.load(str(graph), load_external_data=False)
+    names = {graph.name} | {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
+                            if entry.key == "location"}
     digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.name.endswith((".onnx", ".onnx_data", ".onnx.data")):
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(chunk)
+    for path in sorted(graph.parent / name for name in names):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
     return digest.hexdigest()[:16]
 
 

@@ -48,6 +48,20 @@ def test_speed_of_a_model_with_kv_cache(tiny_onnx):
     assert speed["prefill_ms"] > 0 and speed["decode_tokens"] == 4 and speed["decode_tokens_per_second"] > 0
 
 
+def test_fingerprint_covers_the_model_files_only(tiny_onnx, tmp_path):
+    copy = tmp_path / "fp32"
+    shutil.copytree(tiny_onnx, copy)
+    reference = run.fingerprint(copy)
+    (copy / "model.onnx_augment.onnx").write_bytes(b"left by a peer")  # other files do not count
+    assert run.fingerprint(copy) == reference
+    data = next(p for p in copy.iterdir() if p.name.endswith(("_data", ".data")))
+    with open(data, "r+b") as f:  # the weights do
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1]))
+    assert run.fingerprint(copy) != reference
+
+
 def test_load_sampler_samples_the_load_average_while_the_block_runs():
     with LoadSampler(interval=0.02) as load:
         time.sleep(0.15)
@@ -89,7 +103,9 @@ def test_resumable_run_on_the_tiny_model(tiny_onnx, tiny_text, tmp_path, monkeyp
     argv = ["--fp32", str(tiny_onnx), "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
             "--tools", "ort-nbits", "--methods", "rtn", "--windows", "1", "--seqlen", "64", "--prompt", "16",
             "--decode", "4"]
+    before = sorted(p.name for p in tiny_onnx.iterdir())
     run.main(argv)
+    assert sorted(p.name for p in tiny_onnx.iterdir()) == before  # peers ran on a copy of it
     result_files = list((tmp_path / "results").glob("*.json"))
     assert len(result_files) == 1
     everything = json.loads(result_files[0].read_text())["rows"]  # the whole table, unselected rows unmeasured
