@@ -74,9 +74,8 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | Non
 
 
 class LoadSampler:
-    """The machine's 1-minute load average, sampled every ``interval`` seconds while the ``with`` block runs (and
-    once at its start and end): ``mean`` and ``peak``. A row's own job keeps it at or below the CPU count; well
-    above, other jobs shared the CPUs and the row's times are slow."""
+    """The machine's 1-minute load average, sampled every ``interval`` seconds while the ``with`` block runs and
+    once at its end: ``mean`` and ``peak``. Far above the CPU count, other jobs were sharing the CPUs."""
 
     def __init__(self, interval: float = 15.0):
         self.interval = interval
@@ -89,7 +88,6 @@ class LoadSampler:
             self.samples.append(os.getloadavg()[0])
 
     def __enter__(self) -> LoadSampler:
-        self.samples.append(os.getloadavg()[0])
         self._thread.start()
         return self
 

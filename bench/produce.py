@@ -9,6 +9,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,15 +69,19 @@ def _quantize_cmd(row: Row, fp32: Path, out: Path, work: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def peer_input(fp32: Path, folder: Path) -> Iterator[Path]:
-    """A copy of the FP32 model folder, given to a peer instead of the folder itself: some peers write next to their
-    input (Intel Neural Compressor's calibration saves ``model.onnx_augment.onnx`` and its weights there), and the
-    FP32 folder must stay as it is. (onnx refuses external data behind a symbolic link, and a hard link would share
-    the weights file with a peer that rewrote it in place.) Made before the peer's timed run; removed afterwards,
-    with whatever the peer left."""
-    shutil.rmtree(folder, ignore_errors=True)
+def peer_input(fp32: Path, parent: Path, prefix: str) -> Iterator[Path]:
+    """A copy of the FP32 model folder (a new folder under ``parent``), given to a peer instead of the folder itself:
+    some peers write next to their input (Intel Neural Compressor's calibration saves ``model.onnx_augment.onnx``
+    and its weights there), and the FP32 folder must stay as it is. (onnx refuses external data behind a symbolic
+    link, and a hard link would share the weights file with a peer that rewrote it in place.) Made before the peer's
+    timed run; removed afterwards, with whatever the peer left."""
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=parent))
     try:
-        shutil.copytree(fp32, folder)
+        try:
+            shutil.copytree(fp32, folder, dirs_exist_ok=True)
+        except OSError as exc:
+            raise RowUnavailable(f"cannot copy the FP32 model for the peer: {exc}") from None
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -97,7 +102,7 @@ def produce(row: Row, fp32: Path, work: Path) -> Produced:
         run = run_child(_quantize_cmd(row, fp32, out, work), env=child_env(), cwd=work)
         custom_ops: tuple[str, ...] = ()
     else:
-        with atomic_output_dir(out) as tmp, peer_input(fp32, work / "peer_inputs" / row.key) as source:
+        with atomic_output_dir(out) as tmp, peer_input(fp32, work / "peer_inputs", row.key) as source:
             run = run_child(_quantize_cmd(row, source, tmp, work), env=child_env(), cwd=work)
             if run.returncode != 0:
                 raise RowUnavailable(f"{row.tool} quantize failed: {run.failure()}")

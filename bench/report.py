@@ -95,10 +95,10 @@ def render_markdown(results: list[dict], meta: dict) -> str:
         f"mxonnx uses its defaults, peers {meta['peer_calibration']}. "
         "The FP32 model is exported from a Q4_1 GGUF, so its linear weights already sit on a 4-bit grid.",
         "Ratios are against the FP32 row of this table. Absolute times depend on the machine's load: load avg is "
-        "the 1-minute load average over the row's quantizing and measuring (the row's own job keeps it at or below "
-        f"the {m['nproc']} CPUs; well above: other jobs shared the CPUs and its times are slow; `—`: rows measured "
-        "before it was recorded). Rows may come from earlier runs: the last column gives the commit each was "
-        "measured at (`+dirty`: with uncommitted changes), the JSON file also its time.",
+        "the mean 1-minute load average while the row was produced and measured (far above the "
+        f"{m['nproc']} CPUs: other jobs were sharing them and the row's times are slow; `—`: rows measured before "
+        "it was recorded). Rows may come from earlier runs: the last column gives the commit each was measured at "
+        "(`+dirty`: with uncommitted changes), the JSON file also its time.",
         cost_line(results),
         "",
     ]

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import onnx
+import onnx.external_data_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -81,14 +82,15 @@ def ensure_fp32(folder: Path) -> Path:
 
 
 def fingerprint(folder: Path) -> str:
-    """sha256 of the FP32 model's graph file and the external data files its initializers name, in name order (part
-    of every row's cache key); other files in the folder do not count."""
+    """sha256 of the FP32 model's graph file and the external data files its tensors name, in name order (part of
+    every row's cache key); other files in the folder do not count."""
     graph = resolve_model(folder).onnx
     proto = onnx.load(str(graph), load_external_data=False)
-    names = {graph.name} | {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
-                            if entry.key == "location"}
+    files = {graph.resolve()} | {(graph.parent / entry.value).resolve()
+                                 for tensor in onnx.external_data_helper._get_all_tensors(proto)
+                                 for entry in tensor.external_data if entry.key == "location"}
     digest = hashlib.sha256()
-    for path in sorted(graph.parent / name for name in names):
+    for path in sorted(files, key=lambda f: f.name):
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 digest.update(chunk)

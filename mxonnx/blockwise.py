@@ -93,14 +93,14 @@ class BlockwiseRunner:
         self._pass(index, list(groups.values()), each, advance)
 
     def capture_grams(self, index: int, acts: formats.MXFormat, callback: Callable[[str, np.ndarray, int], None],
-                      advance: bool = False, act_scales: Mapping[str, np.ndarray] | None = None) -> None:
+                      advance: bool = False, group_scales: Mapping[str, np.ndarray] | None = None) -> None:
         """As :meth:`capture`, but ``callback(group, xtx, tokens)`` gets ``xtx = A^T A`` (float32 ``[K, K]``) of the
         window's ``A = Q_acts(x)`` (``x`` for ``acts`` none; ``Q_acts`` the ``com.mxonnx`` MXQuantizeDequantize
         along K; for static ``int8`` acts, QuantizeLinear/DequantizeLinear with the per-channel scales
-        ``act_scales[group]``): both computed by onnxruntime in the block's run, so only K x K values per group
+        ``group_scales[group]``): both computed by onnxruntime in the block's run, so only K x K values per group
         come back."""
         groups = self.group_inputs[index]
-        if acts.kind == "int" and not all(group in (act_scales or {}) for group in groups):
+        if acts.kind == "int" and not all(group in (group_scales or {}) for group in groups):
             raise ValueError(f"{acts.name} activations need the scales of every group: {list(groups)}")
         tokens = self.windows.shape[1]
 
@@ -109,7 +109,7 @@ class BlockwiseRunner:
                 callback(name, xtx, tokens)
 
         widths = {value.name: self.group_widths[index][group] for group, value in groups.items()}
-        scales = {value.name: act_scales[group] for group, value in groups.items()} if acts.kind == "int" else None
+        scales = {value.name: group_scales[group] for group, value in groups.items()} if acts.kind == "int" else None
         self._pass(index, list(groups.values()), each, advance, head=gram_head(acts, widths, scales))
 
     def advance(self, index: int) -> None:
@@ -405,7 +405,8 @@ def gram_head(acts: formats.MXFormat, widths: dict[str, int], scales: dict[str, 
 
 
 def _append_static_int8(graph: onnx.GraphProto, x: str, scales: np.ndarray) -> str:
-    """Append ``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` (int8, last axis) to ``graph``; its output name."""
+    """Append ``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` (int8, last axis) to ``graph``; its output name.
+    The proto twin of ``passes.mx_matmul._insert_static_int8``, which puts the same pair in the rewritten graph."""
     scales = np.asarray(scales, np.float32).reshape(-1)
     graph.initializer.extend([onnx.numpy_helper.from_array(scales, f"{x}.act_scales"),
                               onnx.numpy_helper.from_array(np.zeros(scales.shape, np.int8), f"{x}.act_zero_points")])

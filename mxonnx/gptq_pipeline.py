@@ -78,7 +78,7 @@ def block_hessians(runner: BlockwiseRunner, block: DecoderBlock, acts: formats.M
     group_scales = ({group: act_scales[linears[0].name] for group, linears in groups.items()}
                     if acts.kind == "int" else None)
     runner.capture_grams(block.index, acts, lambda group, xtx, rows: accumulators[group].add_gram(xtx, rows),
-                         advance=advance, act_scales=group_scales)
+                         advance=advance, group_scales=group_scales)
     return {group_key(block, group): acc.hessian for group, acc in accumulators.items()}
 
 
@@ -94,6 +94,10 @@ def gptq_rewrite(model: ir.Model, tokenizer_folder: str | os.PathLike | None, co
     check_gptq_config(config)
     weights, acts = formats.parse_format(config.weights), formats.parse_format(config.acts)
     blocks = find_decoder_blocks(model)
+    missing = [lin.name for b in blocks for lin in b.linears() if lin.name not in (act_scales or {})]
+    if acts.kind == "int" and missing:
+        raise InputError(f"{acts.name} activations need a calibrated scale for every linear input; none for "
+                         f"{missing[0]}")
     check_calibration_size(blocks, config)
     lm_head = find_lm_head(model, blocks) if config.quantize_lm_head else None
     windows = calibration_windows(config.calib_path or default_calib_text(), load_tokenizer(tokenizer_folder),

@@ -193,7 +193,8 @@ def _insert_after_producer(graph: ir.Graph, x: ir.Value, nodes: list[ir.Node]) -
 
 def _insert_static_int8(graph: ir.Graph, x: ir.Value, scales: np.ndarray) -> ir.Value:
     """``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` along the last axis with int8 codes, right after x's
-    producer: ``clip(round_half_even(x_j / s_j), -128, 127) * s_j``."""
+    producer: ``clip(round_half_even(x_j / s_j), -128, 127) * s_j`` (GPTQ's Hessians see the same pair:
+    ``mxonnx.blockwise._append_static_int8``)."""
     scales = np.asarray(scales, np.float32).reshape(-1)
     scale_value = _initializer(graph, ir.tensor(scales, name=f"{x.name}.act_scales"))
     zero_value = _initializer(graph, ir.tensor(np.zeros(scales.shape, np.int8), name=f"{x.name}.act_zero_points"))

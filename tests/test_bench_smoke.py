@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -13,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench import report, run  # noqa: E402
+from bench import measure, produce, report, run  # noqa: E402
 from bench.rows import ALL_METHODS, select_rows  # noqa: E402
 from bench.measure import LoadSampler, linear_weight_bits, run_child  # noqa: E402
 from bench.speed import measure_speed  # noqa: E402
@@ -52,6 +53,11 @@ def test_fingerprint_covers_the_model_files_only(tiny_onnx, tmp_path):
     copy = tmp_path / "fp32"
     shutil.copytree(tiny_onnx, copy)
     reference = run.fingerprint(copy)
+    # the graph file, then its weights file: the value rows published before this rule were keyed by
+    data_files = [p for p in copy.iterdir() if p.name.endswith(("_data", ".data"))]
+    assert len(data_files) == 1
+    expected = hashlib.sha256((copy / "model.onnx").read_bytes() + data_files[0].read_bytes()).hexdigest()[:16]
+    assert reference == expected
     (copy / "model.onnx_augment.onnx").write_bytes(b"left by a peer")  # other files do not count
     assert run.fingerprint(copy) == reference
     data = next(p for p in copy.iterdir() if p.name.endswith(("_data", ".data")))
@@ -62,12 +68,27 @@ def test_fingerprint_covers_the_model_files_only(tiny_onnx, tmp_path):
     assert run.fingerprint(copy) != reference
 
 
-def test_load_sampler_samples_the_load_average_while_the_block_runs():
+def test_peers_get_a_copy_of_the_fp32_folder_removed_afterwards(tiny_onnx, tmp_path):
+    before = {p.name: p.read_bytes() for p in tiny_onnx.iterdir()}
+    with pytest.raises(RuntimeError, match="peer failed"):
+        with produce.peer_input(tiny_onnx, tmp_path / "inputs", "row") as source:
+            assert source.parent == tmp_path / "inputs" and source.resolve() != tiny_onnx.resolve()
+            assert {p.name for p in source.iterdir()} == set(before)
+            (source / "model.onnx_augment.onnx").write_bytes(b"left by the peer")
+            (source / "model.onnx").write_bytes(b"overwritten by the peer")
+            raise RuntimeError("peer failed")
+    assert not list((tmp_path / "inputs").iterdir())  # removed, with what the peer wrote
+    assert {p.name: p.read_bytes() for p in tiny_onnx.iterdir()} == before
+
+
+def test_load_sampler_samples_the_load_average_while_the_block_runs(monkeypatch):
+    readings = iter([1.0, 3.0, 2.0] + [2.0] * 100)
+    monkeypatch.setattr(measure.os, "getloadavg", lambda: (next(readings), 0.0, 0.0))
     with LoadSampler(interval=0.02) as load:
-        time.sleep(0.15)
-    assert len(load.samples) >= 4  # start, end and the samples in between
-    assert all(x >= 0 for x in load.samples) and load.peak == max(load.samples)
-    assert min(load.samples) <= load.mean <= load.peak
+        while len(load.samples) < 3:
+            time.sleep(0.01)
+    assert load.samples[:3] == [1.0, 3.0, 2.0] and load.samples[3:] == [2.0] * (len(load.samples) - 3)
+    assert load.peak == 3.0 and load.mean == pytest.approx(sum(load.samples) / len(load.samples))
 
 
 def test_table_ratios_are_against_the_fp32_row():

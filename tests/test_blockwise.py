@@ -208,12 +208,12 @@ def test_capture_grams_are_gram_matrices_of_quantized_inputs(tiny_onnx, windows,
                   for group in GROUPS}
         got: dict[str, list[np.ndarray]] = {}
         grams.capture_grams(block.index, fmt, lambda group, xtx, n: got.setdefault(group, []).append((xtx, n)),
-                            advance=True, act_scales=scales if fmt.kind == "int" else None)
+                            advance=True, group_scales=scales if fmt.kind == "int" else None)
         for group in GROUPS:
             for x, (xtx, tokens) in zip(seen[group], got[group]):
                 if fmt.kind == "int":
                     a = static_int8(x, scales[group])
-                    assert not np.allclose(a, x, atol=1e-3)
+                    assert (np.abs(x) > 127.5 * scales[group]).any()  # some values are clipped
                 else:
                     a = x if fmt.kind == "none" else formats.quantize_dequantize(x, fmt, axis=-1)
                 assert tokens == x.shape[0] and xtx.shape == (x.shape[1], x.shape[1])

@@ -21,7 +21,9 @@ from mxonnx import formats
 from mxonnx.calibrate import calibration_windows, load_tokenizer
 from mxonnx.cli import main
 from mxonnx.config import QuantizeConfig
+from mxonnx.errors import InputError
 from mxonnx.eval import OrtCausalLM
+from mxonnx.gptq_pipeline import gptq_rewrite
 from mxonnx.ops import schema
 from mxonnx.passes.llama_structure import find_decoder_blocks, find_lm_head
 from mxonnx.quantize import AVAILABLE_METHODS, quantize_model
@@ -131,6 +133,9 @@ def test_gptq_with_static_int8_activations(tiny_onnx, tiny_text, tmp_path):
     windows = held_out_windows(tiny_onnx, tmp_path)
     reference = logits(tiny_onnx, windows)
     assert logits_mse(gptq, reference, windows) < 0.8 * logits_mse(rtn, reference, windows)
+    config = QuantizeConfig(method="gptq", weights="int4", acts="int8", calib_path=tiny_text, progress=False, **CALIB)
+    with pytest.raises(InputError, match="int8 activations need a calibrated scale"):
+        gptq_rewrite(ir.load(tiny_onnx / "model.onnx"), tiny_onnx, config)
 
 
 @pytest.mark.parametrize("smoothing", ["sq", "awq"])
