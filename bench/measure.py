@@ -193,10 +193,12 @@ def machine() -> dict:
 
 
 def git_commit(repo: Path) -> str:
-    """``HEAD`` of ``repo`` with ``+dirty`` when the work tree has changes; ``unknown`` outside git."""
+    """``HEAD`` of ``repo`` with ``+dirty`` when the work tree has changes outside ``bench/results`` (the benchmark's
+    own output); ``unknown`` outside git."""
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0:
         return "unknown"
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":(exclude)bench/results"],
                            capture_output=True, text=True).stdout.strip()
     return head.stdout.strip() + ("+dirty" if dirty else "")

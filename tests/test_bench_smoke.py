@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -192,3 +193,24 @@ def test_grid_in_the_papers_layout():
     assert report.grid_lines(results, list(ALL_METHODS)) == [
         "| method | W8A8 MXINT8-128 | W4A8 MXINT4-128 |", "|---|---:|---:|",
         "| rtn | 10.500 | 14.000 |", "| awq+gptq | — | 12.250 |"]
+
+
+def test_commit_is_dirty_only_for_changes_outside_the_results(tmp_path):
+    from bench.measure import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "table.md").write_text("old")
+    (tmp_path / "code.py").write_text("old")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    clean = git_commit(tmp_path)
+    assert not clean.endswith("+dirty")
+    (tmp_path / "bench" / "results" / "table.md").write_text("new")  # the benchmark's own output
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("new")
+    assert git_commit(tmp_path) == clean + "+dirty"
