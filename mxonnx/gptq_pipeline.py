@@ -40,7 +40,7 @@ from mxonnx.config import QuantizeConfig, default_calib_text
 from mxonnx.errors import InputError
 from mxonnx.gptq import GptqWeightProvider, HessianAccumulator, check_blocks
 from mxonnx.passes.llama_structure import DecoderBlock, find_decoder_blocks, find_lm_head
-from mxonnx.passes.mx_matmul import MxMatMulPass, RoundToNearest
+from mxonnx.passes.mx_matmul import MxMatMulPass, RoundToNearest, require_static_scales
 
 
 def check_gptq_config(config: QuantizeConfig) -> None:
@@ -94,10 +94,7 @@ def gptq_rewrite(model: ir.Model, tokenizer_folder: str | os.PathLike | None, co
     check_gptq_config(config)
     weights, acts = formats.parse_format(config.weights), formats.parse_format(config.acts)
     blocks = find_decoder_blocks(model)
-    missing = [lin.name for b in blocks for lin in b.linears() if lin.name not in (act_scales or {})]
-    if acts.kind == "int" and missing:
-        raise InputError(f"{acts.name} activations need a calibrated scale for every linear input; none for "
-                         f"{missing[0]}")
+    require_static_scales(acts, [linear for block in blocks for linear in block.linears()], act_scales)
     check_calibration_size(blocks, config)
     lm_head = find_lm_head(model, blocks) if config.quantize_lm_head else None
     windows = calibration_windows(config.calib_path or default_calib_text(), load_tokenizer(tokenizer_folder),

@@ -69,7 +69,8 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
     with atomic_output_dir(out, paths.folder or paths.onnx) as tmp:
         graph = ir.load(paths.onnx)
         smoothing = config.uses_smoothquant or config.uses_awq
-        static_acts = formats.parse_format(config.acts).kind == "int"
+        acts = formats.parse_format(config.acts)
+        static_acts = acts.kind == "int"
         blocks = find_decoder_blocks(graph) if smoothing or static_acts or config.uses_gptq else []
         if config.uses_gptq:  # before any calibration pass: a too small set fails at once
             check_calibration_size(blocks, config)
@@ -88,7 +89,7 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
         "output": str(out),
         "method": config.method,
         "weights": formats.parse_format(config.weights).name,
-        "acts": formats.parse_format(config.acts).name,
+        "acts": acts.name,
         "seconds": time.perf_counter() - start,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -75,6 +75,15 @@ def check_activation_format(acts: formats.MXFormat) -> None:
                          f"{STATIC_ACTIVATIONS!r} (per channel, calibrated range); or use an MX format or none")
 
 
+def require_static_scales(acts: formats.MXFormat, linears: list[Linear],
+                          act_scales: Mapping[str, np.ndarray] | None) -> None:
+    """For static ``int8`` activations, refuse linears without a calibrated input scale in ``act_scales``."""
+    missing = [linear.name for linear in linears if linear.name not in (act_scales or {})]
+    if acts.kind == "int" and missing:
+        raise InputError(f"{acts.name} activations need a calibrated scale for every linear input; none for "
+                         f"{missing[0]}")
+
+
 def static_activation_scales(stats: Mapping[str, ActivationStats],
                              blocks: list[DecoderBlock]) -> dict[str, np.ndarray]:
     """Per linear name, the int8 scales ``[K]`` of its input: ``s_j = max_t |x_tj| / 127`` from the calibration
@@ -100,11 +109,7 @@ class MxMatMulPass(ir.passes.InPlacePass):
         self.weights = formats.parse_format(weights)
         self.acts = formats.parse_format(acts)
         check_activation_format(self.acts)
-        if self.acts.kind == "int":
-            missing = [lin.name for lin in linears if lin.name not in (act_scales or {})]
-            if missing:
-                raise InputError(f"int8 activations need a calibrated scale for every linear input; none for "
-                                 f"{missing[0]}")
+        require_static_scales(self.acts, linears, act_scales)
         self.act_scales = act_scales or {}
         self.provider = provider
 
