@@ -4,8 +4,9 @@
     -> rewrite -> save
 
 Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding plugs in as the first bracketed stage;
-static ``int8`` activations (the paper's fixed-point baseline) calibrate their per-channel ranges on the model as
-folded, before any weight is quantized (second stage). The GPTQ methods replace "weight provider -> rewrite" by
+static ``int8`` activations (the paper's fixed-point baseline) take their per-channel ranges from the float model
+before any weight is quantized (second stage): from the smoothing calibration divided by the folded scales, or
+from a calibration pass of their own without smoothing. The GPTQ methods replace "weight provider -> rewrite" by
 ``mxonnx.gptq_pipeline.gptq_rewrite``, which calibrates and rewrites one decoder block at a time. OUT is written
 atomically (whole or absent); the input is only read.
 
@@ -74,10 +75,14 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
         blocks = find_decoder_blocks(graph) if smoothing or static_acts or config.uses_gptq else []
         if config.uses_gptq:  # before any calibration pass: a too small set fails at once
             check_calibration_size(blocks, config)
-        if smoothing:
-            apply_smoothing(graph, blocks, smoothing_statistics(graph, blocks, paths.folder, config), config)
         act_scales = None
-        if static_acts:  # ranges of the inputs as they are now, smoothing scales folded, weights still float
+        if smoothing:
+            stats = smoothing_statistics(graph, blocks, paths.folder, config)
+            folded = apply_smoothing(graph, blocks, stats, config)
+            if static_acts:  # the float model's input ranges divided by the scales folded since
+                act_scales = static_activation_scales(stats, blocks, folded)
+            del stats  # frees the calibration runner's hidden states before GPTQ makes its own
+        elif static_acts:
             act_scales = static_activation_scales(collect_statistics(graph, blocks, paths.folder, config), blocks)
         if config.uses_gptq:
             gptq_rewrite(graph, paths.folder, config, act_scales=act_scales)

@@ -84,14 +84,22 @@ def require_static_scales(acts: formats.MXFormat, linears: list[Linear],
                          f"{missing[0]}")
 
 
-def static_activation_scales(stats: Mapping[str, ActivationStats],
-                             blocks: list[DecoderBlock]) -> dict[str, np.ndarray]:
+def static_activation_scales(stats: Mapping[str, ActivationStats], blocks: list[DecoderBlock],
+                             folded: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per linear name, the int8 scales ``[K]`` of its input: ``s_j = max_t |x_tj| / 127`` from the calibration
-    statistics of its group (``mxonnx.calibrate.group_key``); a channel that was zero on every token gets 1."""
+    statistics of its group (``mxonnx.calibrate.group_key``); a channel that was zero on every token gets 1.
+
+    ``folded``: smoothing row scales ``r`` folded into the model after ``stats`` were taken (``apply_smoothing``);
+    the group's input is then ``x / r``, so its peak is ``max_t |x_tj| / r_j``."""
+    folded = folded or {}
     scales = {}
     for block in blocks:
         for group, linears in block.groups().items():
-            peak = stats[group_key(block, group)].max_abs.astype(np.float32)
+            key = group_key(block, group)
+            peak = stats[key].max_abs.astype(np.float64)
+            if key in folded:
+                peak = peak / folded[key]
+            peak = peak.astype(np.float32)
             s = np.where(peak > 0, peak / np.float32(127), np.float32(1))
             for linear in linears:
                 scales[linear.name] = s

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from mxonnx.calibrate import group_key
 from mxonnx.passes.llama_structure import DecoderBlock, Linear, RMSNorm, constant_array, constant_reader, constant_shape
 
 SCALE_MIN, SCALE_MAX = 1e-5, 1e5
@@ -140,26 +141,33 @@ def scale_norm(graph: ir.Graph, norm: RMSNorm, s: np.ndarray) -> None:
     norm.weight = write_input(graph, norm.node, index, gamma * s, _dtype(norm.weight))
 
 
-def fold_group(graph: ir.Graph, block: DecoderBlock, group: str, s: np.ndarray) -> None:
-    """Fold one group's scales (see the module docstring) into its weights and its input's producer."""
+def fold_group(graph: ir.Graph, block: DecoderBlock, group: str, s: np.ndarray) -> np.ndarray:
+    """Fold one group's scales (see the module docstring) into its weights and its input's producer. Returns the
+    row scales ``r`` [K] folded: the group's input is now ``x / r``."""
     s = sane_scales(s)
+    rows = row_scales(group, s, block)
     for linear in block.groups()[group]:
-        scale_rows(graph, linear, row_scales(group, s, block))
+        scale_rows(graph, linear, rows)
     producer = {"qkv": block.attn_norm, "o": block.v, "gate_up": block.mlp_norm, "down": block.up}[group]
     if isinstance(producer, RMSNorm):
         scale_norm(graph, producer, 1.0 / s)
     else:
         scale_columns(graph, producer, 1.0 / s)
+    return rows
 
 
 class SmoothingPass(ir.passes.InPlacePass):
     """Fold ``scales(block, group)`` (an array, or None to leave the group alone) into the model's weights, group
     by group in ``FOLD_ORDER``; each call sees the weights as folded so far. The graph's nodes stay as they are
-    (bar Identity/Transpose nodes left unused by giving a shared norm weight its own initializer)."""
+    (bar Identity/Transpose nodes left unused by giving a shared norm weight its own initializer).
+
+    ``folded`` collects, per ``group_key``, the row scales ``r`` folded into the group: its input is now ``x / r``
+    (so calibrated input statistics of the float model carry over to the folded one without a second pass)."""
 
     def __init__(self, blocks: Sequence[DecoderBlock], scales: ScaleFunction):
         super().__init__()
         self.blocks, self.scales = blocks, scales
+        self.folded: dict[str, np.ndarray] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
@@ -167,6 +175,6 @@ class SmoothingPass(ir.passes.InPlacePass):
             for group in FOLD_ORDER:
                 s = self.scales(block, group)
                 if s is not None:
-                    fold_group(model.graph, block, group, s)
+                    self.folded[group_key(block, group)] = fold_group(model.graph, block, group, s)
                     modified = True
         return ir.passes.PassResult(model, modified=modified)

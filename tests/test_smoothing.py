@@ -18,7 +18,7 @@ from mxonnx.errors import InputError
 from mxonnx.formats import quantize_dequantize
 from mxonnx.passes.awq import awq, awq_scales
 from mxonnx.passes.llama_structure import find_decoder_blocks
-from mxonnx.passes.mx_matmul import rewrite_mx_matmuls
+from mxonnx.passes.mx_matmul import rewrite_mx_matmuls, static_activation_scales
 from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics
 from mxonnx.passes.smoothing import SmoothingPass, per_kv_channel, sane_scales, to_o_inputs
 from mxonnx.passes.smoothquant import smoothquant_scale, weight_row_max
@@ -194,6 +194,25 @@ def test_shared_norm_weight_gets_its_own_initializer(tiny_onnx, tiny_text):
     assert shared.name not in model.graph.initializers
     assert all(b.attn_norm.weight.is_initializer() and b.attn_norm.weight in b.attn_norm.node.inputs for b in blocks)
     assert np.abs(_logits(model) - before).max() <= 1e-5 * np.abs(before).max()
+
+
+@pytest.mark.parametrize("method", ["sq", "awq"])
+def test_folded_scales_carry_input_ranges_over(method, tiny_onnx, tiny_text):
+    """Static int8 ranges taken from the float model's statistics divided by the folded row scales equal those of
+    a calibration pass over the folded model (what quantize ran before it reused the smoothing statistics)."""
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    config = _config(tiny_text, method=method, **({"alpha": 0.7} if method == "awq" else {}))
+    stats = smoothing_statistics(model, blocks, tiny_onnx, config)
+    folded = apply_smoothing(model, blocks, stats, config)
+    assert sorted(folded) == sorted(f"layers.{b.index}.{g}" for b in blocks for g in GROUPS)
+    derived = static_activation_scales(stats, blocks, folded)
+    measured = static_activation_scales(collect_statistics(model, blocks, tiny_onnx, config), blocks)
+    unfolded = static_activation_scales(stats, blocks)
+    assert derived.keys() == measured.keys()
+    for name in measured:
+        np.testing.assert_allclose(derived[name], measured[name], rtol=1e-5, err_msg=name)
+    assert sum(not np.allclose(unfolded[n], measured[n], rtol=1e-3) for n in measured) >= len(measured) // 2
 
 
 def test_scales_are_sane():
