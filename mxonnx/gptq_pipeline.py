@@ -7,7 +7,7 @@ time through :class:`mxonnx.blockwise.BlockwiseRunner`, and rewrites every block
 1. capture the inputs ``x [tokens, K]`` of its four linear groups (``qkv``, ``o``, ``gate_up``, ``down``) and
    accumulate ``H = 2/n sum_t a_t^T a_t`` (paper Eq. 7) on the activations as the quantized MatMul will see them,
    ``a = quantize_dequantize(x, acts, axis=-1)`` (``a = x`` for ``--acts none``; for static ``int8`` acts, the
-   per-channel scales calibrated on the float model as folded, the same the rewritten graph holds); q/k/v share
+   per-channel scales of the float model's inputs as folded, the same the rewritten graph holds); q/k/v share
    one Hessian, as do gate/up;
 2. GPTQ-quantize its seven weights and rewrite the block.
 

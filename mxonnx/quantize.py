@@ -35,6 +35,7 @@ from mxonnx.passes.llama_structure import find_decoder_blocks
 from mxonnx.passes.mx_matmul import (
     RoundToNearest, WeightProvider, check_activation_format, rewrite_mx_matmuls, static_activation_scales)
 from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics
+from mxonnx.passes.smoothing import folded_row_scales
 
 AVAILABLE_METHODS = METHODS
 
@@ -78,9 +79,9 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
         act_scales = None
         if smoothing:
             stats = smoothing_statistics(graph, blocks, paths.folder, config)
-            folded = apply_smoothing(graph, blocks, stats, config)
+            apply_smoothing(graph, blocks, stats, config)
             if static_acts:  # the float model's input ranges divided by the scales folded since
-                act_scales = static_activation_scales(stats, blocks, folded)
+                act_scales = static_activation_scales(stats, blocks, folded_row_scales(graph))
             del stats  # frees the calibration runner's hidden states before GPTQ makes its own
         elif static_acts:
             act_scales = static_activation_scales(collect_statistics(graph, blocks, paths.folder, config), blocks)

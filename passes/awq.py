@@ -76,12 +76,11 @@ def search_group(block: DecoderBlock, group: str, stats: ActivationStats, alphas
 
 
 def awq(model: ir.Model, blocks: Sequence[DecoderBlock], stats: Mapping[str, ActivationStats],
-        config: QuantizeConfig, alphas: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+        config: QuantizeConfig, alphas: Sequence[float] | None = None) -> ir.Model:
     """Fold AWQ scales into the norms and weights of ``blocks``. alpha: ``config.alpha`` if set, else the best
     of ``alphas`` (default: ``GRID_POINTS`` points from 0 to 1) per group, searched on the weights as folded so far
     (``FOLD_ORDER``). The chosen alphas are recorded in the model's metadata (``mxonnx.awq_alpha``: JSON, per
-    block ``{group: alpha}``). Folds in place; returns the row scales folded per group key
-    (``SmoothingPass.folded``)."""
+    block ``{group: alpha}``)."""
     grid = [config.alpha] if config.alpha is not None else list(default_grid() if alphas is None else alphas)
     weights_fmt, acts_fmt = parse_format(config.weights), parse_format(config.acts)
     chosen: dict[int, dict[str, float]] = {}
@@ -91,7 +90,6 @@ def awq(model: ir.Model, blocks: Sequence[DecoderBlock], stats: Mapping[str, Act
         chosen.setdefault(block.index, {})[group] = round(alpha, 4)
         return s
 
-    smoothing = SmoothingPass(blocks, scale)
-    smoothing(model)
+    SmoothingPass(blocks, scale)(model)
     model.metadata_props["mxonnx.awq_alpha"] = json.dumps([chosen[block.index] for block in blocks])
-    return smoothing.folded
+    return model

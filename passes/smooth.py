@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
-import numpy as np
 import onnx_ir as ir
 
 from mxonnx.calibrate import ActivationStats, StreamedStatistics
@@ -26,11 +25,10 @@ def smoothing_statistics(model: ir.Model, blocks: list[DecoderBlock], tokenizer_
 
 
 def apply_smoothing(model: ir.Model, blocks: Sequence[DecoderBlock], stats: Mapping[str, ActivationStats],
-                    config: QuantizeConfig) -> dict[str, np.ndarray]:
-    """Fold the scales of ``config.method`` into ``model`` (in place). Returns the row scales ``r`` folded per
-    group key: that group's input is now ``x / r`` (empty for methods without smoothing)."""
+                    config: QuantizeConfig) -> ir.Model:
+    """Fold the scales of ``config.method`` into ``model`` (in place; also returned)."""
     if config.uses_smoothquant:
         return smoothquant(model, blocks, stats, config)
     if config.uses_awq:
         return awq(model, blocks, stats, config)
-    return {}
+    return model

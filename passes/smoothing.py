@@ -30,6 +30,7 @@ SCALE_MIN, SCALE_MAX = 1e-5, 1e5
 # v_proj's and up_proj's columns are scaled (o, down) before their rows (qkv, gate_up), so the scales of the
 # norm-side groups are computed on the weights they will really have
 FOLD_ORDER = ("o", "down", "qkv", "gate_up")
+FOLDED_ROW_SCALES = "mxonnx.smoothing.folded_row_scales"  # model.meta key
 ScaleFunction = Callable[[DecoderBlock, str], "np.ndarray | None"]
 
 
@@ -161,20 +162,28 @@ class SmoothingPass(ir.passes.InPlacePass):
     by group in ``FOLD_ORDER``; each call sees the weights as folded so far. The graph's nodes stay as they are
     (bar Identity/Transpose nodes left unused by giving a shared norm weight its own initializer).
 
-    ``folded`` collects, per ``group_key``, the row scales ``r`` folded into the group: its input is now ``x / r``
-    (so calibrated input statistics of the float model carry over to the folded one without a second pass)."""
+    The row scales folded are recorded in ``model.meta`` (see :func:`folded_row_scales`)."""
 
     def __init__(self, blocks: Sequence[DecoderBlock], scales: ScaleFunction):
         super().__init__()
         self.blocks, self.scales = blocks, scales
-        self.folded: dict[str, np.ndarray] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
+        folded = dict(folded_row_scales(model))
         for block in self.blocks:
             for group in FOLD_ORDER:
                 s = self.scales(block, group)
                 if s is not None:
-                    self.folded[group_key(block, group)] = fold_group(model.graph, block, group, s)
+                    key, rows = group_key(block, group), fold_group(model.graph, block, group, s)
+                    folded[key] = folded[key] * rows if key in folded else rows
                     modified = True
+        model.meta[FOLDED_ROW_SCALES] = folded
         return ir.passes.PassResult(model, modified=modified)
+
+
+def folded_row_scales(model: ir.Model) -> dict[str, np.ndarray]:
+    """Per ``group_key``, the product ``r`` [K] of the row scales :class:`SmoothingPass` has folded into ``model``
+    so far: the group's input is now ``x / r``, so input statistics taken before folding carry over without a
+    second calibration pass (empty for a model never smoothed; kept in ``model.meta``, not saved)."""
+    return model.meta.get(FOLDED_ROW_SCALES, {})

@@ -41,11 +41,12 @@ def smoothquant_scale(block: DecoderBlock, group: str, stats: ActivationStats, a
 
 
 def smoothquant(model: ir.Model, blocks: Sequence[DecoderBlock], stats: Mapping[str, ActivationStats],
-                config: QuantizeConfig) -> dict[str, np.ndarray]:
-    """Fold SmoothQuant scales (alpha ``config.alpha``, default 0.5) into the norms and weights of ``blocks`` (in
-    place). Returns the row scales folded per group key (``SmoothingPass.folded``)."""
+                config: QuantizeConfig) -> ir.Model:
+    """Fold SmoothQuant scales (alpha ``config.alpha``, default 0.5) into the norms and weights of ``blocks``."""
     alpha = DEFAULT_ALPHA if config.alpha is None else config.alpha
-    smoothing = SmoothingPass(blocks, lambda block, group: smoothquant_scale(block, group, stats[group_key(block, group)],
-                                                                          alpha))
-    smoothing(model)
-    return smoothing.folded
+
+    def scale(block: DecoderBlock, group: str) -> np.ndarray:
+        return smoothquant_scale(block, group, stats[group_key(block, group)], alpha)
+
+    SmoothingPass(blocks, scale)(model)
+    return model

@@ -214,3 +214,32 @@ def test_commit_is_dirty_only_for_changes_outside_the_results(tmp_path):
     assert git_commit(tmp_path) == clean
     (tmp_path / "code.py").write_text("new")
     assert git_commit(tmp_path) == clean + "+dirty"
+
+
+@pytest.mark.parametrize("mode", ["mul-group-kv", "mul-group", "mul-linear", "fold", "fold-unfolded-scales"])
+def test_smoothquant_placements(mode, tiny_onnx, tiny_text, tmp_path):
+    """Each placement of SmoothQuant's scales computes the float model's function (formats ``none``: the ``Mul``
+    modes add one Mul per linear) and quantizes (MXINT8-32: logits stay near the float model's)."""
+    import numpy as np
+    import onnx
+
+    from bench.smoothquant_placement import smoothed_model
+    from mxonnx.config import QuantizeConfig
+    from mxonnx.eval import OrtCausalLM
+
+    ids = np.random.default_rng(0).integers(3, 96, (2, 40))
+    reference = OrtCausalLM(tiny_onnx / "model.onnx").logits(ids)
+    config = QuantizeConfig(calib_path=tiny_text, calib_samples=3, calib_seqlen=48, progress=False)
+    muls = sum(n.op_type == "Mul" for n in onnx.load(str(tiny_onnx / "model.onnx"), load_external_data=False).graph.node)
+    if mode.startswith("mul"):
+        smoothed_model(tiny_onnx, tmp_path / "float", mode, QuantizeConfig(**{**vars(config), "weights": "none",
+                                                                             "acts": "none"}))
+        graph = onnx.load(str(tmp_path / "float" / "model.onnx"), load_external_data=False).graph
+        assert sum(n.op_type == "Mul" for n in graph.node) == muls + 7 * 2  # 7 linears in each of 2 blocks
+        logits = OrtCausalLM(tmp_path / "float" / "model.onnx").logits(ids)
+        assert np.abs(logits - reference).max() <= 1e-4 * np.abs(reference).max()
+    config = QuantizeConfig(**{**vars(config), "weights": "mxint8-32", "acts": "mxint8-32"})
+    smoothed_model(tiny_onnx, tmp_path / "q", mode, config)
+    logits = OrtCausalLM(tmp_path / "q" / "model.onnx").logits(ids)
+    error = np.abs(logits - reference).max() / np.abs(reference).max()
+    assert 0 < error < 0.05

@@ -20,7 +20,7 @@ from mxonnx.passes.awq import awq, awq_scales
 from mxonnx.passes.llama_structure import find_decoder_blocks
 from mxonnx.passes.mx_matmul import rewrite_mx_matmuls, static_activation_scales
 from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics
-from mxonnx.passes.smoothing import SmoothingPass, per_kv_channel, sane_scales, to_o_inputs
+from mxonnx.passes.smoothing import SmoothingPass, folded_row_scales, per_kv_channel, sane_scales, to_o_inputs
 from mxonnx.passes.smoothquant import smoothquant_scale, weight_row_max
 from mxonnx.session import create_session
 
@@ -100,6 +100,12 @@ def test_folded_weights_are_computed_when_read(tiny_onnx):
     mapped = [v.name for v in model.graph.initializers.values()
               if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.raw is not None]
     assert not mapped
+    # the row scales folded are recorded per group (o: repeated over the query heads) and compose over passes
+    folded = folded_row_scales(model)
+    assert sorted(folded) == ["layers.0.o", "layers.0.qkv"]
+    np.testing.assert_array_equal(folded["layers.0.o"], to_o_inputs(scales["o"], block))
+    SmoothingPass(blocks, lambda b, group: scales.get(group) if (b.index, group) == (0, "qkv") else None)(model)
+    np.testing.assert_allclose(folded_row_scales(model)["layers.0.qkv"], scales["qkv"] ** 2)
 
 
 def test_kv_channel_reduction_layout(tiny_onnx):
@@ -204,7 +210,11 @@ def test_folded_scales_carry_input_ranges_over(method, tiny_onnx, tiny_text):
     blocks = find_decoder_blocks(model)
     config = _config(tiny_text, method=method, **({"alpha": 0.7} if method == "awq" else {}))
     stats = smoothing_statistics(model, blocks, tiny_onnx, config)
-    folded = apply_smoothing(model, blocks, stats, config)
+    assert folded_row_scales(model) == {}
+    with pytest.raises(ValueError, match="layers.0.qkv were not taken before"):  # would be read from the folded model
+        static_activation_scales(stats, blocks, {"layers.0.qkv": np.ones(64)})
+    apply_smoothing(model, blocks, stats, config)
+    folded = folded_row_scales(model)
     assert sorted(folded) == sorted(f"layers.{b.index}.{g}" for b in blocks for g in GROUPS)
     derived = static_activation_scales(stats, blocks, folded)
     measured = static_activation_scales(collect_statistics(model, blocks, tiny_onnx, config), blocks)
