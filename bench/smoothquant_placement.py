@@ -1,62 +1,95 @@
 """Where SmoothQuant's scales go, and what that costs at W4A4 (why AMD Quark's SmoothQuant beats ours there).
 
-SmoothQuant (paper Eq. 3, alpha 0.5) with the same calibration statistics, applied five ways, then the same
-round-to-nearest MX rewrite of weights and activations, scored by ``mxonnx eval``:
+SmoothQuant (paper Eq. 3: ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``) from one set of calibration
+statistics, placed in different ways, then the same round-to-nearest MX rewrite of weights and activations,
+scored by ``mxonnx eval``. Folding puts ``1/s`` into the weights that exist (RMSNorm weight for q/k/v and gate/up,
+v_proj/up_proj columns for o/down, so o gets one scale per KV channel under GQA); a ``Mul`` puts ``1/s`` into a
+new float node before the linear, as Quark does. The float function is the same; what is quantized differs.
 
-- ``fold``: ``mxonnx quantize --method sq``: one scale per linear group folded into the weights that exist
-  (RMSNorm weight for q/k/v and gate/up, v_proj/up_proj columns for o/down; o per KV channel), groups folded in
-  ``passes.smoothing.FOLD_ORDER`` (the norm-side groups' scales see v/up as already folded);
-- ``fold-unfolded-scales``: the same fold with every scale computed on the unfolded weights;
-- ``mul-group-kv``: those same scales, applied by a float ``Mul`` before each linear instead of folded (v_proj and
-  up_proj keep their columns);
+- ``fold``: the product (``mxonnx quantize --method sq``): group scales folded in ``FOLD_ORDER`` (q/k/v's and
+  gate/up's scales see v/up as already folded);
+- ``fold-unfolded-scales``: group scales all computed on the unfolded weights, then folded;
+- ``fold-pow2-columns``: as ``fold-unfolded-scales`` with o's and down's scales rounded to powers of two;
+- ``mul-group-kv`` / ``mul-group-kv-pow2-columns``: the scales of the two modes above applied by ``Mul`` nodes
+  instead (v_proj and up_proj keep their columns);
 - ``mul-group``: as ``mul-group-kv`` with o's scales per o input channel (a ``Mul`` needs no GQA constraint);
 - ``mul-linear``: Quark's placement: a ``Mul`` before each linear with a scale fitted to that linear's own weight
-  rows (``max|W_j|`` of that linear only).
+  rows (``max|W_j|`` of that linear alone).
 
+MX quantization along K is exact under power-of-two scaling of a column, so ``fold-pow2-columns`` and
+``mul-group-kv-pow2-columns`` quantize the same numbers (up to float rounding of ``gamma/s`` against ``x * 1/s``).
 The ``mul-*`` graphs have nodes the design of mxonnx forbids; they exist only for this comparison.
 
     python bench/smoothquant_placement.py [--weights mxfp4-32] [--acts mxfp4-32] [--windows 10]
-        [--modes fold mul-linear ...] [--json]
+        [--modes fold mul-linear ...] [--json] [--results FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MODES = ("fold", "fold-unfolded-scales", "mul-group-kv", "mul-group", "mul-linear")
+MODES = ("fold", "fold-unfolded-scales", "fold-pow2-columns", "mul-group-kv", "mul-group-kv-pow2-columns",
+         "mul-group", "mul-linear")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cache" / "smollm2-135m-fp32"
 ALPHA = 0.5
+COLUMN_GROUPS = ("o", "down")  # groups whose scales fold into the columns of v_proj / up_proj
 
 
-def smoothquant_by_mul(model, blocks, stats, mode: str) -> None:
-    """Multiply each linear's weight rows by ``s`` and put a float ``Mul(x, 1/s)`` before it (``mul-*`` modes)."""
-    import numpy as np
-    import onnx_ir as ir
+def power_of_two(s: np.ndarray) -> np.ndarray:
+    """``2^round(log2 s)``: the nearest power of two (in log scale)."""
+    return np.exp2(np.round(np.log2(s)))
 
+
+def unfolded_scales(blocks, stats, mode: str) -> dict[tuple[int, str], np.ndarray]:
+    """Per (block index, linear name), the scales of ``mode`` computed on the unfolded weights: o's per KV channel
+    ``[H_kv*d]`` for the ``*-kv`` and ``fold*`` modes, else per input channel ``[K]``."""
     from mxonnx.calibrate import group_key
-    from mxonnx.passes.smoothing import per_kv_channel, sane_scales, scale_rows, to_o_inputs
+    from mxonnx.passes.smoothing import per_kv_channel, sane_scales
     from mxonnx.passes.smoothquant import weight_row_max
 
+    table = {}
     for block in blocks:
         for group, linears in block.groups().items():
             x_max = stats[group_key(block, group)].max_abs.astype(np.float64)
-            group_w = weight_row_max(block, group).astype(np.float64)
             for linear in linears:
                 if mode == "mul-linear":
                     w_max = np.abs(linear.weight_array).max(axis=1).astype(np.float64)
                 else:
-                    w_max = group_w
-                if mode == "mul-group-kv" and group == "o":
-                    kv = per_kv_channel(x_max, block) ** ALPHA / per_kv_channel(w_max, block) ** (1 - ALPHA)
-                    s = to_o_inputs(sane_scales(kv), block)
-                else:
-                    s = sane_scales(x_max**ALPHA / w_max ** (1 - ALPHA))
+                    w_max = weight_row_max(block, group).astype(np.float64)
+                x, w = x_max, w_max
+                if group == "o" and mode not in ("mul-group", "mul-linear"):
+                    x, w = per_kv_channel(x, block), per_kv_channel(w, block)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    s = sane_scales(x**ALPHA / w ** (1 - ALPHA))
+                if mode.endswith("pow2-columns") and group in COLUMN_GROUPS:
+                    s = power_of_two(s)
+                table[block.index, linear.name] = s
+    return table
+
+
+def place_by_mul(model, blocks, table) -> None:
+    """``W <- diag(s) W`` and a float ``Mul(x, 1/s)`` before each linear (``s`` per input channel)."""
+    import onnx_ir as ir
+
+    from mxonnx.passes.smoothing import scale_rows, to_o_inputs
+
+    for block in blocks:
+        for group, linears in block.groups().items():
+            for linear in linears:
+                s = table[block.index, linear.name]
+                if group == "o" and s.shape[0] != linear.shape[0]:
+                    s = to_o_inputs(s, block)
                 scale_rows(model.graph, linear, s)
                 inverse = ir.Value(name=f"{linear.name}.smooth_inverse",
                                    const_value=ir.tensor((1.0 / s).astype(np.float32)))
@@ -68,31 +101,27 @@ def smoothquant_by_mul(model, blocks, stats, mode: str) -> None:
 
 def smoothed_model(src: Path, out: Path, mode: str, config) -> None:
     """Write the SmoothQuant + RTN model of ``mode`` (formats and calibration of the ``QuantizeConfig``
-    ``config``; its method and alpha are ignored) to the new folder ``out``."""
-    import dataclasses
-
+    ``config``; alpha ``ALPHA``) to the new folder ``out``."""
     import onnx_ir as ir
 
-    import mxonnx.passes.smoothing as smoothing
     from mxonnx.calibrate import collect_statistics
     from mxonnx.modelio import copy_model_assets
     from mxonnx.passes.llama_structure import find_decoder_blocks
     from mxonnx.passes.mx_matmul import MxMatMulPass, RoundToNearest
-    from mxonnx.quantize import quantize_model
+    from mxonnx.passes.smoothing import SmoothingPass
+    from mxonnx.passes.smoothquant import smoothquant
 
     config = dataclasses.replace(config, method="sq", alpha=ALPHA)
-    if mode.startswith("fold"):
-        order = smoothing.FOLD_ORDER
-        if mode == "fold-unfolded-scales":  # rows before columns: every scale sees the unfolded weights
-            smoothing.FOLD_ORDER = ("qkv", "gate_up", "o", "down")
-        try:
-            quantize_model(src, out, config)
-        finally:
-            smoothing.FOLD_ORDER = order
-        return
     model = ir.load(src / "model.onnx")
     blocks = find_decoder_blocks(model)
-    smoothquant_by_mul(model, blocks, collect_statistics(model, blocks, src, config), mode)
+    stats = collect_statistics(model, blocks, src, config)
+    if mode == "fold":
+        smoothquant(model, blocks, stats, config)
+    elif mode.startswith("fold"):
+        table = unfolded_scales(blocks, stats, mode)
+        SmoothingPass(blocks, lambda block, group: table[block.index, block.groups()[group][0].name])(model)
+    else:
+        place_by_mul(model, blocks, unfolded_scales(blocks, stats, mode))
     linears = [linear for block in blocks for linear in block.linears()]
     MxMatMulPass(linears, config.weights, config.acts, RoundToNearest(config.weights))(model)
     out.mkdir(parents=True)
@@ -108,21 +137,27 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10, help="first N windows of 2048 tokens")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--results", type=Path, help="also write the JSON object to this file")
     args = parser.parse_args()
     from mxonnx.config import QuantizeConfig
     from mxonnx.eval import evaluate_perplexity
 
     results = {}
+    start = time.time()
     with tempfile.TemporaryDirectory(prefix="sq-placement-") as tmp:
         for mode in args.modes:
             out = Path(tmp) / mode
-            smoothed_model(args.model, out, mode, QuantizeConfig(weights=args.weights, acts=args.acts))
-            results[mode] = evaluate_perplexity(out, max_windows=args.windows)["perplexity"]
+            smoothed_model(args.model, out, mode, QuantizeConfig(weights=args.weights, acts=args.acts, progress=False))
+            results[mode] = evaluate_perplexity(out, max_windows=args.windows, progress=False)["perplexity"]
             if not args.json:
-                print(f"{mode:22s} {results[mode]:.3f}", flush=True)
+                print(f"{mode:26s} {results[mode]:.3f}", flush=True)
+    report = {"weights": args.weights, "acts": args.acts, "alpha": ALPHA, "windows": args.windows,
+              "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or ''}".strip(", "),
+              "minutes": round((time.time() - start) / 60, 1), "perplexity": results}
     if args.json:
-        print(json.dumps({"weights": args.weights, "acts": args.acts, "windows": args.windows, "alpha": ALPHA,
-                          "perplexity": results}))
+        print(json.dumps(report))
+    if args.results:
+        args.results.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,30 +218,40 @@ def test_commit_is_dirty_only_for_changes_outside_the_results(tmp_path):
     assert git_commit(tmp_path) == clean + "+dirty"
 
 
-@pytest.mark.parametrize("mode", ["mul-group-kv", "mul-group", "mul-linear", "fold", "fold-unfolded-scales"])
-def test_smoothquant_placements(mode, tiny_onnx, tiny_text, tmp_path):
-    """Each placement of SmoothQuant's scales computes the float model's function (formats ``none``: the ``Mul``
-    modes add one Mul per linear) and quantizes (MXINT8-32: logits stay near the float model's)."""
-    import numpy as np
-    import onnx
 
+def _placement_logits(mode, folder, config, out):
     from bench.smoothquant_placement import smoothed_model
+    from mxonnx.eval import OrtCausalLM
+
+    smoothed_model(folder, out, mode, config)
+    return OrtCausalLM(out / "model.onnx").logits(np.random.default_rng(0).integers(3, 96, (2, 40)))
+
+
+def test_smoothquant_placements(tiny_onnx, tiny_text, tmp_path):
+    """Every placement of SmoothQuant's scales computes the float model's function (formats ``none``; the ``Mul``
+    placements add one Mul per linear); quantized (W4A4 MXFP4-32), folding and ``Mul`` differ, except where the
+    column-folded scales are powers of two: then both quantize the same numbers."""
+    import dataclasses
+
+    from bench.smoothquant_placement import MODES
     from mxonnx.config import QuantizeConfig
     from mxonnx.eval import OrtCausalLM
 
-    ids = np.random.default_rng(0).integers(3, 96, (2, 40))
-    reference = OrtCausalLM(tiny_onnx / "model.onnx").logits(ids)
-    config = QuantizeConfig(calib_path=tiny_text, calib_samples=3, calib_seqlen=48, progress=False)
+    reference = OrtCausalLM(tiny_onnx / "model.onnx").logits(np.random.default_rng(0).integers(3, 96, (2, 40)))
+    config = QuantizeConfig(calib_path=tiny_text, calib_samples=3, calib_seqlen=48, progress=False,
+                            weights="none", acts="none")
     muls = sum(n.op_type == "Mul" for n in onnx.load(str(tiny_onnx / "model.onnx"), load_external_data=False).graph.node)
-    if mode.startswith("mul"):
-        smoothed_model(tiny_onnx, tmp_path / "float", mode, QuantizeConfig(**{**vars(config), "weights": "none",
-                                                                             "acts": "none"}))
-        graph = onnx.load(str(tmp_path / "float" / "model.onnx"), load_external_data=False).graph
-        assert sum(n.op_type == "Mul" for n in graph.node) == muls + 7 * 2  # 7 linears in each of 2 blocks
-        logits = OrtCausalLM(tmp_path / "float" / "model.onnx").logits(ids)
-        assert np.abs(logits - reference).max() <= 1e-4 * np.abs(reference).max()
-    config = QuantizeConfig(**{**vars(config), "weights": "mxint8-32", "acts": "mxint8-32"})
-    smoothed_model(tiny_onnx, tmp_path / "q", mode, config)
-    logits = OrtCausalLM(tmp_path / "q" / "model.onnx").logits(ids)
-    error = np.abs(logits - reference).max() / np.abs(reference).max()
-    assert 0 < error < 0.05
+    for mode in MODES:
+        logits = _placement_logits(mode, tiny_onnx, config, tmp_path / f"float-{mode}")
+        assert np.abs(logits - reference).max() <= 1e-4 * np.abs(reference).max(), mode
+        graph = onnx.load(str(tmp_path / f"float-{mode}" / "model.onnx"), load_external_data=False).graph
+        added = sum(n.op_type == "Mul" for n in graph.node) - muls
+        assert added == (7 * 2 if mode.startswith("mul") else 0), mode  # 7 linears in each of 2 blocks
+    w4a4 = dataclasses.replace(config, weights="mxfp4-32", acts="mxfp4-32")
+    q = {mode: _placement_logits(mode, tiny_onnx, w4a4, tmp_path / mode) for mode in
+         ("fold", "fold-unfolded-scales", "mul-group-kv", "fold-pow2-columns", "mul-group-kv-pow2-columns")}
+    assert 0 < np.abs(q["fold"] - reference).max() < 0.5 * np.abs(reference).max()
+    assert not np.allclose(q["fold"], q["fold-unfolded-scales"])  # scales seen on folded vs unfolded weights
+    apart = np.abs(q["fold-unfolded-scales"] - q["mul-group-kv"]).mean()
+    pow2_apart = np.abs(q["fold-pow2-columns"] - q["mul-group-kv-pow2-columns"]).mean()
+    assert pow2_apart < 0.1 * apart, (pow2_apart, apart)
