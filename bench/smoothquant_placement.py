@@ -37,11 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 MODES = ("fold", "fold-unfolded-scales", "fold-pow2-columns", "mul-group-kv", "mul-group-kv-pow2-columns",
          "mul-group", "mul-linear")
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cache" / "smollm2-135m-fp32"
+DEFAULT_MODEL = REPO / "models" / "cache" / "smollm2-135m-fp32"
 ALPHA = 0.5
 COLUMN_GROUPS = ("o", "down")  # groups whose scales fold into the columns of v_proj / up_proj
 
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--results", type=Path, help="also write the JSON object to this file")
     args = parser.parse_args()
+    from bench.measure import git_commit
     from mxonnx.config import QuantizeConfig
     from mxonnx.eval import evaluate_perplexity
 
@@ -152,7 +154,7 @@ def main() -> None:
             if not args.json:
                 print(f"{mode:26s} {results[mode]:.3f}", flush=True)
     report = {"weights": args.weights, "acts": args.acts, "alpha": ALPHA, "windows": args.windows,
-              "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or ''}".strip(", "),
+              "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "commit": git_commit(REPO),
               "minutes": round((time.time() - start) / 60, 1), "perplexity": results}
     if args.json:
         print(json.dumps(report))
