@@ -52,30 +52,37 @@ def power_of_two(s: np.ndarray) -> np.ndarray:
     return np.exp2(np.round(np.log2(s)))
 
 
+def per_channel_scale(x_max: np.ndarray, w_max: np.ndarray) -> np.ndarray:
+    """Eq. 3 for every input channel on its own (what a ``Mul`` allows: o_proj without the GQA constraint)."""
+    from mxonnx.passes.smoothing import sane_scales
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return sane_scales(x_max.astype(np.float64) ** ALPHA / w_max.astype(np.float64) ** (1 - ALPHA))
+
+
 def unfolded_scales(blocks, stats, mode: str) -> dict[tuple[int, str], np.ndarray]:
     """Per (block index, linear name), the scales of ``mode`` computed on the unfolded weights: o's per KV channel
-    ``[H_kv*d]`` for the ``*-kv`` and ``fold*`` modes, else per input channel ``[K]``."""
+    ``[H_kv*d]`` for the ``*-kv`` and ``fold*`` modes (the product's ``smoothquant_scale``), else per input channel
+    ``[K]``."""
     from mxonnx.calibrate import group_key
-    from mxonnx.passes.smoothing import per_kv_channel, sane_scales
-    from mxonnx.passes.smoothquant import weight_row_max
+    from mxonnx.passes.smoothquant import smoothquant_scale, weight_row_max
 
     table = {}
     for block in blocks:
         for group, linears in block.groups().items():
-            x_max = stats[group_key(block, group)].max_abs.astype(np.float64)
-            for linear in linears:
-                if mode == "mul-linear":
-                    w_max = np.abs(linear.weight_array).max(axis=1).astype(np.float64)
-                else:
-                    w_max = weight_row_max(block, group).astype(np.float64)
-                x, w = x_max, w_max
-                if group == "o" and mode not in ("mul-group", "mul-linear"):
-                    x, w = per_kv_channel(x, block), per_kv_channel(w, block)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    s = sane_scales(x**ALPHA / w ** (1 - ALPHA))
-                if mode.endswith("pow2-columns") and group in COLUMN_GROUPS:
-                    s = power_of_two(s)
-                table[block.index, linear.name] = s
+            group_stats = stats[group_key(block, group)]
+            if mode == "mul-linear":
+                for linear in linears:
+                    w_max = np.abs(linear.weight_array).max(axis=1)
+                    table[block.index, linear.name] = per_channel_scale(group_stats.max_abs, w_max)
+                continue
+            if mode == "mul-group" and group == "o":
+                s = per_channel_scale(group_stats.max_abs, weight_row_max(block, group))
+            else:
+                s = smoothquant_scale(block, group, group_stats, ALPHA)
+            if mode.endswith("pow2-columns") and group in COLUMN_GROUPS:
+                s = power_of_two(s)
+            table.update({(block.index, linear.name): s for linear in linears})
     return table
 
 
