@@ -78,8 +78,10 @@ def check_activation_format(acts: formats.MXFormat) -> None:
 def require_static_scales(acts: formats.MXFormat, linears: list[Linear],
                           act_scales: Mapping[str, np.ndarray] | None) -> None:
     """For static ``int8`` activations, refuse linears without a calibrated input scale in ``act_scales``."""
+    if acts.kind != "int":
+        return
     missing = [linear.name for linear in linears if linear.name not in (act_scales or {})]
-    if acts.kind == "int" and missing:
+    if missing:
         raise InputError(f"{acts.name} activations need a calibrated scale for every linear input; none for "
                          f"{missing[0]}")
 
