@@ -43,11 +43,11 @@ def time_part(args: argparse.Namespace) -> dict:
     import onnx_ir as ir
 
     from mxonnx.blockwise import decoder_feed
-    from mxonnx.calibrate import calibration_windows, load_tokenizer
+    from mxonnx.calibrate import calibration_windows, collect_statistics, load_tokenizer
     from mxonnx.config import QuantizeConfig, default_calib_text
     from mxonnx.modelio import resolve_model
+    from mxonnx.passes.awq import SAMPLE_TOKENS
     from mxonnx.passes.llama_structure import find_decoder_blocks
-    from mxonnx.passes.smooth import smoothing_statistics
     from mxonnx.session import create_session
 
     paths = resolve_model(args.model)
@@ -63,9 +63,8 @@ def time_part(args: argparse.Namespace) -> dict:
         for ids in windows:
             session.run(["logits"], decoder_feed(inputs, ids[None], blocks[0].num_kv_heads, blocks[0].head_dim))
     else:  # what `mxonnx quantize --method sq|awq` computes before folding
-        stats = smoothing_statistics(model, blocks, paths.folder, config, threads=args.threads)
-        for key in stats:
-            stats[key]
+        sample = SAMPLE_TOKENS if config.uses_awq else 0  # AWQ's search keeps sampled rows
+        collect_statistics(model, blocks, paths.folder, config, sample_tokens=sample, threads=args.threads)
     return {"part": args.part, "seconds": time.perf_counter() - start}
 
 

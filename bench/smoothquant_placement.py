@@ -64,8 +64,8 @@ def unfolded_scales(blocks, stats, mode: str) -> dict[tuple[int, str], np.ndarra
     """Per (block index, linear name), the scales of ``mode`` computed on the unfolded weights: o's per KV channel
     ``[H_kv*d]`` for the ``*-kv`` and ``fold*`` modes (the product's ``smoothquant_scale``), else per input channel
     ``[K]``."""
-    from mxonnx.calibrate import group_key
     from mxonnx.passes.smoothquant import smoothquant_scale, weight_row_max
+    from mxonnx.stats import group_key
 
     table = {}
     for block in blocks:
@@ -77,7 +77,7 @@ def unfolded_scales(blocks, stats, mode: str) -> dict[tuple[int, str], np.ndarra
                     table[block.index, linear.name] = per_channel_scale(group_stats.max_abs, w_max)
                 continue
             if mode == "mul-group" and group == "o":
-                s = per_channel_scale(group_stats.max_abs, weight_row_max(block, group))
+                s = per_channel_scale(group_stats.max_abs, weight_row_max([lin.weight_array for lin in linears]))
             else:
                 s = smoothquant_scale(block, group, group_stats, ALPHA)
             if mode.endswith("pow2-columns") and group in COLUMN_GROUPS:

@@ -73,6 +73,17 @@ class BlockwiseRunner:
     def num_blocks(self) -> int:
         return len(self.boundaries) - 1
 
+    def restore(self, position: int, hidden_states: Sequence[np.ndarray]) -> None:
+        """Take ``hidden_states`` (one ``[1, seqlen, hidden]`` array per window, e.g. saved by an interrupted run) as
+        the inputs of block ``position``."""
+        if not 0 <= position <= self.num_blocks or len(hidden_states) != len(self.windows):
+            raise ValueError(f"cannot restore {len(hidden_states)} hidden states at block {position}")
+        expected, expected_dtype = self.hidden_states[0].shape, self.hidden_states[0].dtype
+        if any(h.shape != expected for h in hidden_states):
+            raise ValueError(f"restored hidden states are not shaped {expected}")
+        self.hidden_states = [np.array(h, expected_dtype) for h in hidden_states]
+        self.position = position
+
     def block_inputs(self, index: int) -> Iterator[dict[str, np.ndarray]]:
         """Per window, the feeds of block ``index`` (its hidden state, prefix values and graph inputs it reads)."""
         self._check_position(index)

@@ -64,13 +64,9 @@ def _same_or_inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents or a in b.parents
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *inputs: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block succeeds.
-
-    Refuses an ``out`` that is (or contains, or lies inside) one of ``inputs``, an ``out`` that already
-    exists, and a parent folder that cannot be written.
-    """
+def check_output(out: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """Refuse an ``out`` that is (or contains, or lies inside) one of ``inputs``, an ``out`` that already exists,
+    and a parent folder that cannot be written (created when missing). Returns the parent folder."""
     out = Path(out)
     for src in inputs:
         if _same_or_inside(out, Path(src)):
@@ -84,14 +80,28 @@ def atomic_output_dir(out: str | os.PathLike, *inputs: str | os.PathLike) -> Ite
         raise InputError(f"cannot create {parent}: {exc.strerror}") from None
     if not os.access(parent, os.W_OK):
         raise InputError(f"cannot write to {parent}: permission denied")
+    return parent
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Give the finished folder ``tmp`` the usual permissions (mkdtemp makes 0700) and rename it to ``out``."""
+    os.chmod(tmp, 0o777 & ~current_umask())
+    os.rename(tmp, out)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, *inputs: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block succeeds (the checks of
+    :func:`check_output` first)."""
+    out = Path(out)
+    parent = check_output(out, *inputs)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as exc:  # e.g. a read-only file system, which os.access does not see for root
         raise InputError(f"cannot write to {parent}: {exc.strerror}") from None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; OUT gets the usual permissions
-        os.rename(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,43 +1,70 @@
-"""``mxonnx quantize``: an ONNX Llama folder -> an MX-quantized ONNX folder, as a sequence of stages
+"""``mxonnx quantize``: an ONNX Llama folder -> an MX-quantized ONNX folder, one decoder block at a time.
 
-    check formats -> load -> [calibrate -> fold smoothing scales] -> [activation ranges] -> weight provider
-    -> rewrite -> save
+The driver, for every method, in the spirit of the GPTQ reference's sequential loop. For block ``i``:
 
-Round to nearest (``rtn``) needs no calibration; SmoothQuant/AWQ folding plugs in as the first bracketed stage;
-static ``int8`` activations (the paper's fixed-point baseline) take their per-channel ranges from the float model
-before any weight is quantized (second stage): from the smoothing calibration divided by the folded scales, or
-from a calibration pass of their own without smoothing. The GPTQ methods replace "weight provider -> rewrite" by
-``mxonnx.gptq_pipeline.gptq_rewrite``, which calibrates and rewrites one decoder block at a time. OUT is written
-atomically (whole or absent); the input is only read.
+1. **statistics** (``sq``, ``awq`` and their ``+gptq``, static ``int8`` acts): one run of block ``i`` over the
+   calibration windows on its inputs, the outputs of blocks ``0..i-1`` as already quantized
+   (:func:`mxonnx.calibrate.block_statistics`);
+2. **smoothing**: SmoothQuant (Eq. 3) or AWQ (Eq. 5, alpha searched) scales chosen as plain data and folded into
+   block ``i``'s RMSNorm weights and v_proj/up_proj columns (:mod:`mxonnx.passes.smoothing`);
+3. **activation ranges** for static ``int8``: the statistics' peaks divided by the row scales just folded;
+4. **weights**: GPTQ (``*gptq``; Hessians from a second run of block ``i``, now folded, with its activations
+   quantized as the rewritten graph will: :func:`mxonnx.calibrate.block_hessians`; paper Algorithm 1) or round
+   to nearest;
+5. **rewrite** block ``i``'s seven MatMuls (``MxMatMulPass``), then **persist** its new tensors to the work folder
+   (:mod:`mxonnx.workdir`): they leave memory, and the block counts as finished;
+6. **advance** the calibration hidden states through the quantized block.
 
-Memory stays below twice the float model's size (SmolLM2-135M, ``awq+gptq``: 903 MB peak RSS for a 539 MB model):
-the input's weights stay in its memory-mapped external data file and are unmapped after each read; folded
-smoothing scales make lazy tensors (source x scales, computed when read) instead of copies; onnxruntime reads a
-block's float weights from the file itself; only one set of calibration hidden states and the packed quantized
-weights are held.
+``--no-sequential`` takes every block's statistics and Hessians on the float model's inputs instead (the runner
+advances through block ``i`` before it is rewritten). Round to nearest with MX or no activations needs no
+calibration. lm_head, on request, is rounded to nearest at the end. Memory holds one block's float weights,
+statistics and Hessians, one set of hidden states (``calib_samples x calib_seqlen x hidden`` float32) and the
+model's graph, whatever the depth. OUT is written whole or not at all; a killed run continues with ``--resume``
+from its last finished block and gives the same bytes; the input is only read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
 import resource
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from mxonnx import formats
-from mxonnx.calibrate import collect_statistics
-from mxonnx.config import METHODS, QuantizeConfig
+from mxonnx.blockwise import BlockwiseRunner
+from mxonnx.calibrate import block_hessians, block_statistics, config_windows, sample_rows
+from mxonnx.config import METHODS, QuantizeConfig, default_calib_text
 from mxonnx.errors import InputError
-from mxonnx.gptq_pipeline import check_calibration_size, check_gptq_config, gptq_rewrite
-from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir, copy_model_assets, resolve_model
-from mxonnx.passes.llama_structure import find_decoder_blocks
+from mxonnx.gptq import GptqWeightProvider, check_blocks
+from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, ModelPaths, copy_model_assets, resolve_model
+from mxonnx.passes.awq import SAMPLE_TOKENS, awq_block_scales, record_alphas
+from mxonnx.passes.llama_structure import DecoderBlock, find_decoder_blocks, find_lm_head
 from mxonnx.passes.mx_matmul import (
-    RoundToNearest, WeightProvider, check_activation_format, rewrite_mx_matmuls, static_activation_scales)
-from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics
-from mxonnx.passes.smoothing import folded_row_scales
+    MxMatMulPass, RoundToNearest, WeightProvider, check_activation_format, static_activation_scales)
+from mxonnx.passes.smoothing import BlockScales, fold_smoothing_scales, folded_rows
+from mxonnx.passes.smoothquant import smoothquant_scales
+from mxonnx.stats import ActivationStats
+from mxonnx.workdir import WorkFolder, resumable_output_dir
 
 AVAILABLE_METHODS = METHODS
+
+
+def check_gptq_config(config: QuantizeConfig) -> None:
+    """Refuse GPTQ settings that cannot work, before anything is loaded: weights ``none``, a micro-block that is not
+    a multiple of the weight format's block, a bad block size or dampening."""
+    weights = formats.parse_format(config.weights)
+    if weights.kind == "none":
+        raise InputError(f"method {config.method} quantizes weights with GPTQ; --weights none leaves nothing to do")
+    check_blocks(weights, config.gptq_block, config.gptq_micro_block)
+    if not (math.isfinite(config.damp) and config.damp >= 0):
+        raise InputError(f"GPTQ dampening must be a finite number >= 0, got {config.damp}")
 
 
 def check_config(config: QuantizeConfig) -> None:
@@ -56,46 +83,194 @@ def check_config(config: QuantizeConfig) -> None:
         check_gptq_config(config)
 
 
+def min_calibration_tokens(blocks: Sequence[DecoderBlock]) -> int:
+    """The fewest calibration tokens GPTQ accepts: the largest input width K of the blocks' linears (with fewer,
+    ``X^T X`` has rank below K and GPTQ would fit its corrections to fewer directions than the weight has)."""
+    return max(linear.shape[0] for block in blocks for linear in block.linears())
+
+
+def check_calibration_size(blocks: Sequence[DecoderBlock], config: QuantizeConfig) -> None:
+    """Refuse ``calib_samples x calib_seqlen`` below :func:`min_calibration_tokens` (a rank-deficient Hessian)."""
+    tokens, needed = config.calib_samples * config.calib_seqlen, min_calibration_tokens(blocks)
+    if tokens < needed:
+        raise InputError(f"GPTQ needs at least {needed} calibration tokens (the widest linear input), got "
+                         f"{config.calib_samples} x {config.calib_seqlen} = {tokens}; raise --calib-samples or --calib-seqlen")
+
+
 def weight_provider(config: QuantizeConfig) -> WeightProvider:
-    """The weight provider of ``config.method`` (round to nearest for ``rtn``)."""
+    """The weight provider of the methods without GPTQ: round to nearest."""
     return RoundToNearest(config.weights)
 
 
-def quantize_model(model: Path, out: Path, config: QuantizeConfig) -> dict:
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """What the driver does to every block under ``config``."""
+
+    config: QuantizeConfig
+    weights: formats.MXFormat
+    acts: formats.MXFormat
+
+    @classmethod
+    def of(cls, config: QuantizeConfig) -> BlockPlan:
+        return cls(config, formats.parse_format(config.weights), formats.parse_format(config.acts))
+
+    @property
+    def static_acts(self) -> bool:
+        return self.acts.kind == "int"
+
+    @property
+    def smoothing(self) -> bool:
+        return self.config.uses_smoothquant or self.config.uses_awq
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.smoothing or self.static_acts
+
+    @property
+    def calibrates(self) -> bool:
+        return self.needs_statistics or self.config.uses_gptq
+
+    @property
+    def awq_search(self) -> bool:
+        return self.config.uses_awq and self.config.alpha is None
+
+
+@dataclasses.dataclass
+class BlockResult:
+    """What quantizing one block decided, as plain data: the smoothing scales folded, AWQ's alphas."""
+
+    scales: BlockScales
+    alphas: dict[str, float] | None = None
+
+
+def smoothing_scales(plan: BlockPlan, block: DecoderBlock,
+                     stats: Mapping[str, ActivationStats]) -> tuple[BlockScales, dict[str, float] | None]:
+    """The block's SmoothQuant or AWQ scales (and AWQ's alphas), or none."""
+    if plan.config.uses_smoothquant:
+        return smoothquant_scales(block, stats, plan.config), None
+    if plan.config.uses_awq:
+        return awq_block_scales(block, stats, plan.config)
+    return {}, None
+
+
+def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner | None, plan: BlockPlan,
+                   rows: list[np.ndarray] | None, last: bool) -> BlockResult:
+    """Steps 1-4 and the rewrite of the module docstring for one block (in place). Leaves the runner at the next
+    block's inputs unless ``last``."""
+    config = plan.config
+    advance_float = not config.sequential and not last  # non-sequential: the next inputs come from this block in float
+    stats = None
+    if plan.needs_statistics:
+        stats = block_statistics(runner, block, rows=rows, advance=advance_float and not config.uses_gptq)
+    scales, alphas = smoothing_scales(plan, block, stats) if plan.smoothing else ({}, None)
+    if scales:
+        fold_smoothing_scales(model, [block], {block.index: scales})
+    act_scales = static_activation_scales(stats, [block], folded_rows(block, scales)) if plan.static_acts else None
+    del stats
+    if config.uses_gptq:
+        hessians = block_hessians(runner, block, plan.acts, advance=advance_float, act_scales=act_scales)
+        provider = GptqWeightProvider(hessians, plan.weights, block_size=config.gptq_block,
+                                      micro_block=config.gptq_micro_block, damp=config.damp,
+                                      act_order=config.act_order)
+    else:
+        provider = weight_provider(config)
+    MxMatMulPass(block.linears(), plan.weights, plan.acts, provider, act_scales)(model)
+    if runner is not None and config.sequential and not last:
+        runner.advance(block.index)  # the next block's inputs from this block quantized
+    return BlockResult(scales, alphas)
+
+
+class PlaceholderWeights:
+    """A weight provider giving all-zero codes of the right layout: replaying a finished block's rewrite only needs
+    the graph it makes, its tensors are then read from the work folder."""
+
+    def __init__(self, fmt: formats.MXFormat):
+        self.fmt = fmt
+
+    def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return formats.quantize(np.zeros_like(w), self.fmt, axis=0)
+
+
+def replay_block(model: ir.Model, block: DecoderBlock, plan: BlockPlan, work: WorkFolder,
+                 persisted: dict[int, object]) -> BlockResult:
+    """Rebuild a block finished by an interrupted run: fold its stored scales, rewrite it with placeholder tensors
+    and read its stored tensors in their place (the same graph and bytes as when it was quantized)."""
+    record = work.records[block.index]
+    scales = work.block_scales(block.index)
+    if scales:
+        fold_smoothing_scales(model, [block], {block.index: scales})
+    act_scales = ({linear.name: np.ones(linear.shape[0], np.float32) for linear in block.linears()}
+                  if plan.static_acts else None)
+    weights = PlaceholderWeights(plan.weights)
+    MxMatMulPass(block.linears(), plan.weights, plan.acts, weights, act_scales)(model)
+    work.adopt_block(model, block.index, persisted)
+    return BlockResult(scales, record.get("alphas"))
+
+
+def run_fingerprint(paths: ModelPaths, config: QuantizeConfig) -> str:
+    """What a resumed run must share with the interrupted one: every setting but progress bars, the input graph's
+    bytes and the size and modification time of its folder's files and of the calibration text."""
+    digest = hashlib.sha256()
+    settings = {k: str(v) for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(paths.onnx.read_bytes())
+    files = sorted(p for p in paths.onnx.parent.iterdir() if p.is_file())
+    calib = Path(config.calib_path or default_calib_text())
+    for path in [*files, *([calib] if calib.is_file() else [])]:
+        st = path.stat()
+        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool = False) -> dict:
     """Quantize the ONNX Llama at ``model`` (folder or .onnx) into the new folder ``out`` (``model.onnx`` with
-    its weights in ``model.onnx_data``, plus the config/tokenizer files). Returns ``{output, method, weights, acts,
-    seconds, peak_rss_mb}``."""
+    its weights in ``model.onnx_data``, plus the config/tokenizer files); ``resume`` continues an interrupted run
+    of the same settings. Returns ``{output, method, weights, acts, seconds, peak_rss_mb, resumed_blocks}``."""
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
     check_config(config)
+    plan = BlockPlan.of(config)
     paths = resolve_model(model)
-    with atomic_output_dir(out, paths.folder or paths.onnx) as tmp:
-        graph = ir.load(paths.onnx)
-        smoothing = config.uses_smoothquant or config.uses_awq
-        acts = formats.parse_format(config.acts)
-        static_acts = acts.kind == "int"
-        blocks = find_decoder_blocks(graph) if smoothing or static_acts or config.uses_gptq else []
-        if config.uses_gptq:  # before any calibration pass: a too small set fails at once
-            check_calibration_size(blocks, config)
-        act_scales = None
-        if smoothing:
-            stats = smoothing_statistics(graph, blocks, paths.folder, config)
-            apply_smoothing(graph, blocks, stats, config)
-            if static_acts:  # the float model's input ranges divided by the scales folded since
-                act_scales = static_activation_scales(stats, blocks, folded_row_scales(graph))
-            del stats  # frees the calibration runner's hidden states before GPTQ makes its own
-        elif static_acts:
-            act_scales = static_activation_scales(collect_statistics(graph, blocks, paths.folder, config), blocks)
-        if config.uses_gptq:
-            gptq_rewrite(graph, paths.folder, config, act_scales=act_scales)
-        else:
-            rewrite_mx_matmuls(graph, config, weight_provider(config), act_scales)
-        ir.save(graph, tmp / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
-        copy_model_assets(paths.folder, tmp)
+    onnx_model = ir.load(paths.onnx)
+    blocks = find_decoder_blocks(onnx_model)
+    if config.uses_gptq:  # before any calibration pass: a too small set fails at once
+        check_calibration_size(blocks, config)
+    if plan.calibrates and (paths.folder is None or not paths.folder.is_dir()):
+        raise InputError("calibration needs the model folder with its tokenizer, not a bare .onnx file")
+    lm_head = find_lm_head(onnx_model, blocks) if config.quantize_lm_head else None
+    with resumable_output_dir(out, run_fingerprint(paths, config), resume, paths.folder or paths.onnx) as work:
+        persisted = {id(v.const_value): v.const_value for v in onnx_model.graph.initializers.values()}
+        resumed = work.finished
+        runner = rows = None
+        if plan.calibrates and resumed < len(blocks):  # on the float graph: the runner reads every block's shapes
+            windows = config_windows(paths.folder, config)
+            rows = sample_rows(*windows.shape, SAMPLE_TOKENS, config.seed) if plan.awq_search else None
+            runner = BlockwiseRunner(onnx_model, blocks, windows, progress=config.progress)
+        results = [replay_block(onnx_model, block, plan, work, persisted) for block in blocks[:resumed]]
+        if runner is not None and resumed:
+            runner.restore(resumed, work.hidden_states())
+        for block in tqdm(blocks[resumed:], desc=config.method, unit="block", disable=not config.progress,
+                          leave=False, initial=resumed, total=len(blocks)):
+            last = block.index == len(blocks) - 1
+            result = quantize_block(onnx_model, block, runner, plan, rows, last)
+            hidden = runner.hidden_states if runner is not None and not last else None
+            work.persist_block(onnx_model, block.index, persisted, result.scales,
+                               {"alphas": result.alphas} if result.alphas else None, hidden)
+            results.append(result)
+        del runner
+        if config.uses_awq:
+            record_alphas(onnx_model, [r.alphas or {} for r in results])
+        if lm_head is not None:
+            MxMatMulPass([lm_head], plan.weights, plan.acts, RoundToNearest(plan.weights))(onnx_model)
+        ir.save(onnx_model, work.path / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
+        copy_model_assets(paths.folder, work.path)
     return {
         "output": str(out),
         "method": config.method,
-        "weights": formats.parse_format(config.weights).name,
-        "acts": acts.name,
+        "weights": plan.weights.name,
+        "acts": plan.acts.name,
         "seconds": time.perf_counter() - start,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "resumed_blocks": resumed,
     }

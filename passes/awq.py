@@ -21,16 +21,17 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from mxonnx.calibrate import ActivationStats, group_key
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.formats import parse_format, quantize_dequantize
 from mxonnx.passes.llama_structure import DecoderBlock
-from mxonnx.passes.smoothing import SmoothingPass, per_kv_channel, row_scales
+from mxonnx.passes.smoothing import BlockScales, choose_block_scales, fold_smoothing_scales, per_kv_channel, row_scales
+from mxonnx.stats import ActivationStats, group_key
 
 GRID_POINTS = 20
 SAMPLE_TOKENS = 512  # calibration input rows kept per group for the search
 MEAN_FLOOR = 1e-5  # mean|X| is floored at this fraction of its largest channel before the power
+ALPHA_METADATA = "mxonnx.awq_alpha"
 
 
 def default_grid() -> np.ndarray:
@@ -59,14 +60,17 @@ def group_error(x: np.ndarray, weights: Sequence[np.ndarray], rows: np.ndarray, 
 
 
 def search_group(block: DecoderBlock, group: str, stats: ActivationStats, alphas: Sequence[float],
-                 weights_fmt, acts_fmt) -> tuple[np.ndarray, float]:
-    """(scales, alpha) minimising ``group_error`` over ``alphas`` (o_proj: scales per KV channel)."""
+                 weights_fmt, acts_fmt, weights: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+    """(scales, alpha) minimising ``group_error`` over ``alphas`` (o_proj: scales per KV channel), on ``weights``
+    (default: the group's current weights)."""
     mean_abs = per_kv_channel(stats.mean_abs, block, np.mean) if group == "o" else stats.mean_abs
     if len(alphas) == 1:
         return awq_scales(mean_abs, alphas[0]), float(alphas[0])
     if stats.sample is None or not len(stats.sample):
-        raise InputError("the AWQ search needs sampled calibration inputs (collect_statistics(sample_tokens=...))")
-    weights = [linear.weight_array.astype(np.float32) for linear in block.groups()[group]]
+        raise InputError("the AWQ search needs sampled calibration inputs (block_statistics(rows=...))")
+    if weights is None:
+        weights = [linear.weight_array for linear in block.groups()[group]]
+    weights = [np.asarray(w, np.float32) for w in weights]
     x = stats.sample.astype(np.float32)
     references = [x @ w for w in weights]
     errors = [group_error(x, weights, row_scales(group, awq_scales(mean_abs, a), block), weights_fmt, acts_fmt,
@@ -75,21 +79,39 @@ def search_group(block: DecoderBlock, group: str, stats: ActivationStats, alphas
     return awq_scales(mean_abs, best), best
 
 
-def awq(model: ir.Model, blocks: Sequence[DecoderBlock], stats: Mapping[str, ActivationStats],
-        config: QuantizeConfig, alphas: Sequence[float] | None = None) -> ir.Model:
-    """Fold AWQ scales into the norms and weights of ``blocks``. alpha: ``config.alpha`` if set, else the best
-    of ``alphas`` (default: ``GRID_POINTS`` points from 0 to 1) per group, searched on the weights as folded so far
-    (``FOLD_ORDER``). The chosen alphas are recorded in the model's metadata (``mxonnx.awq_alpha``: JSON, per
-    block ``{group: alpha}``)."""
-    grid = [config.alpha] if config.alpha is not None else list(default_grid() if alphas is None else alphas)
-    weights_fmt, acts_fmt = parse_format(config.weights), parse_format(config.acts)
-    chosen: dict[int, dict[str, float]] = {}
+def alpha_grid(config: QuantizeConfig, alphas: Sequence[float] | None = None) -> list[float]:
+    """``[config.alpha]`` when fixed, else ``alphas`` (default: ``GRID_POINTS`` points from 0 to 1)."""
+    return [config.alpha] if config.alpha is not None else list(default_grid() if alphas is None else alphas)
 
-    def scale(block: DecoderBlock, group: str) -> np.ndarray:
-        s, alpha = search_group(block, group, stats[group_key(block, group)], grid, weights_fmt, acts_fmt)
-        chosen.setdefault(block.index, {})[group] = round(alpha, 4)
+
+def awq_block_scales(block: DecoderBlock, stats: Mapping[str, ActivationStats], config: QuantizeConfig,
+                     alphas: Sequence[float] | None = None) -> tuple[BlockScales, dict[str, float]]:
+    """AWQ's scales of every group of ``block`` and the alpha chosen for each (:func:`alpha_grid`), each searched
+    on the weights the group has once the groups before it in ``FOLD_ORDER`` are folded; plain data, the model
+    is not changed."""
+    grid = alpha_grid(config, alphas)
+    weights_fmt, acts_fmt = parse_format(config.weights), parse_format(config.acts)
+    chosen: dict[str, float] = {}
+
+    def choose(group: str, weights) -> np.ndarray:
+        s, alpha = search_group(block, group, stats[group_key(block, group)], grid, weights_fmt, acts_fmt,
+                                weights(group))
+        chosen[group] = round(alpha, 4)
         return s
 
-    SmoothingPass(blocks, scale)(model)
-    model.metadata_props["mxonnx.awq_alpha"] = json.dumps([chosen[block.index] for block in blocks])
+    return choose_block_scales(block, choose), chosen
+
+
+def record_alphas(model: ir.Model, alphas: Sequence[Mapping[str, float]]) -> None:
+    """The alphas chosen per block (``[{group: alpha}, ...]``) as the model metadata ``mxonnx.awq_alpha`` (JSON)."""
+    model.metadata_props[ALPHA_METADATA] = json.dumps([dict(a) for a in alphas])
+
+
+def awq(model: ir.Model, blocks: Sequence[DecoderBlock], stats: Mapping[str, ActivationStats],
+        config: QuantizeConfig, alphas: Sequence[float] | None = None) -> ir.Model:
+    """The pass: fold :func:`awq_block_scales` into the norms and weights of ``blocks`` and record the chosen
+    alphas (:func:`record_alphas`)."""
+    found = {block.index: awq_block_scales(block, stats, config, alphas) for block in blocks}
+    fold_smoothing_scales(model, blocks, {index: scales for index, (scales, _) in found.items()})
+    record_alphas(model, [found[block.index][1] for block in blocks])
     return model

@@ -33,11 +33,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from mxonnx import formats
-from mxonnx.calibrate import ActivationStats, StreamedStatistics, group_key
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.ops import functions, packing, schema
 from mxonnx.passes.llama_structure import DecoderBlock, Linear, find_decoder_blocks, find_lm_head
+from mxonnx.stats import ActivationStats, group_key
 
 
 class WeightProvider(Protocol):
@@ -91,13 +91,9 @@ def static_activation_scales(stats: Mapping[str, ActivationStats], blocks: list[
     """Per linear name, the int8 scales ``[K]`` of its input: ``s_j = max_t |x_tj| / 127`` from the calibration
     statistics of its group (``mxonnx.calibrate.group_key``); a channel that was zero on every token gets 1.
 
-    ``folded``: smoothing row scales ``r`` folded into the model after ``stats`` were taken
-    (``passes.smoothing.folded_row_scales``); the group's input is then ``x / r``, so its peak is
-    ``max_t |x_tj| / r_j``. Statistics still to be streamed would come from the folded model: refused."""
+    ``folded``: smoothing row scales ``r`` folded into the model after ``stats`` were taken (per group key,
+    ``passes.smoothing.folded_rows``); the group's input is then ``x / r``, so its peak is ``max_t |x_tj| / r_j``."""
     folded = folded or {}
-    pending = [key for key in folded if isinstance(stats, StreamedStatistics) and key not in stats.stats]
-    if pending:
-        raise ValueError(f"statistics of {pending[0]} were not taken before its smoothing scales were folded")
     scales = {}
     for block in blocks:
         for group, linears in block.groups().items():

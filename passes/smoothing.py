@@ -23,15 +23,14 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from mxonnx.calibrate import group_key
 from mxonnx.passes.llama_structure import DecoderBlock, Linear, RMSNorm, constant_array, constant_reader, constant_shape
 
 SCALE_MIN, SCALE_MAX = 1e-5, 1e5
 # v_proj's and up_proj's columns are scaled (o, down) before their rows (qkv, gate_up), so the scales of the
 # norm-side groups are computed on the weights they will really have
 FOLD_ORDER = ("o", "down", "qkv", "gate_up")
-FOLDED_ROW_SCALES = "mxonnx.smoothing.folded_row_scales"  # model.meta key
 ScaleFunction = Callable[[DecoderBlock, str], "np.ndarray | None"]
+BlockScales = dict  # {group: s} of one block, the scales of Eq. 1/4 before sane_scales
 
 
 def sane_scales(s: np.ndarray) -> np.ndarray:
@@ -142,6 +141,10 @@ def scale_norm(graph: ir.Graph, norm: RMSNorm, s: np.ndarray) -> None:
     norm.weight = write_input(graph, norm.node, index, gamma * s, _dtype(norm.weight))
 
 
+def _producer(block: DecoderBlock, group: str) -> RMSNorm | Linear:
+    return {"qkv": block.attn_norm, "o": block.v, "gate_up": block.mlp_norm, "down": block.up}[group]
+
+
 def fold_group(graph: ir.Graph, block: DecoderBlock, group: str, s: np.ndarray) -> np.ndarray:
     """Fold one group's scales (see the module docstring) into its weights and its input's producer. Returns the
     row scales ``r`` [K] folded: the group's input is now ``x / r``."""
@@ -149,7 +152,7 @@ def fold_group(graph: ir.Graph, block: DecoderBlock, group: str, s: np.ndarray) 
     rows = row_scales(group, s, block)
     for linear in block.groups()[group]:
         scale_rows(graph, linear, rows)
-    producer = {"qkv": block.attn_norm, "o": block.v, "gate_up": block.mlp_norm, "down": block.up}[group]
+    producer = _producer(block, group)
     if isinstance(producer, RMSNorm):
         scale_norm(graph, producer, 1.0 / s)
     else:
@@ -157,12 +160,57 @@ def fold_group(graph: ir.Graph, block: DecoderBlock, group: str, s: np.ndarray) 
     return rows
 
 
+GroupWeights = Callable[[str], "list[np.ndarray]"]
+
+
+def choose_block_scales(block: DecoderBlock, choose: Callable[[str, GroupWeights], "np.ndarray | None"]) -> BlockScales:
+    """The scales of one block, group by group in ``FOLD_ORDER``, as plain data (nothing in the model changes).
+
+    ``choose(group, weights)`` gives a group's scales (or None: left alone); ``weights(group)`` returns the group's
+    weights ``[K, N]`` as they will be when the groups chosen before it are folded: o's scales divide v_proj's
+    columns and down's divide up_proj's (computed as :func:`scaled_tensor` will, in float64 stored in W's dtype), so
+    every group's scales are taken on the weights it really gets."""
+    column_factors: dict[str, np.ndarray] = {}  # role -> 1/s folded into that linear's columns
+
+    def weights(group: str) -> list[np.ndarray]:
+        arrays = []
+        for linear in block.groups()[group]:
+            w = linear.weight_array
+            if linear.role in column_factors:
+                stored = _dtype(linear.weight).numpy()
+                w = (w.astype(np.float64) * column_factors[linear.role][None, :]).astype(stored).astype(w.dtype)
+            arrays.append(w)
+        return arrays
+
+    chosen: BlockScales = {}
+    for group in FOLD_ORDER:
+        s = choose(group, weights)
+        if s is not None:
+            chosen[group] = np.asarray(s, np.float64)
+            producer = _producer(block, group)
+            if isinstance(producer, Linear):
+                column_factors[producer.role] = 1.0 / sane_scales(s)
+    return chosen
+
+
+def folded_rows(block: DecoderBlock, scales: BlockScales) -> dict[str, np.ndarray]:
+    """Per ``layers.{i}.{group}`` key, the row scales ``r`` [K] that folding ``scales`` gives the group: its input
+    becomes ``x / r`` (so statistics of ``x`` taken before folding carry over)."""
+    return {f"layers.{block.index}.{group}": row_scales(group, sane_scales(s), block) for group, s in scales.items()}
+
+
+def fold_smoothing_scales(model: ir.Model, blocks: Sequence[DecoderBlock],
+                          scales: "dict[int, BlockScales]") -> ir.Model:
+    """The pass: fold ``scales[block.index]`` (from :func:`choose_block_scales`) into each of ``blocks``, group by
+    group in ``FOLD_ORDER`` (in place; also returned). Blocks without an entry are left alone."""
+    SmoothingPass(blocks, lambda block, group: scales.get(block.index, {}).get(group))(model)
+    return model
+
+
 class SmoothingPass(ir.passes.InPlacePass):
     """Fold ``scales(block, group)`` (an array, or None to leave the group alone) into the model's weights, group
     by group in ``FOLD_ORDER``; each call sees the weights as folded so far. The graph's nodes stay as they are
-    (bar Identity/Transpose nodes left unused by giving a shared norm weight its own initializer).
-
-    The row scales folded are recorded in ``model.meta`` (see :func:`folded_row_scales`)."""
+    (bar Identity/Transpose nodes left unused by giving a shared norm weight its own initializer)."""
 
     def __init__(self, blocks: Sequence[DecoderBlock], scales: ScaleFunction):
         super().__init__()
@@ -170,20 +218,10 @@ class SmoothingPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        folded = dict(folded_row_scales(model))
         for block in self.blocks:
             for group in FOLD_ORDER:
                 s = self.scales(block, group)
                 if s is not None:
-                    key, rows = group_key(block, group), fold_group(model.graph, block, group, s)
-                    folded[key] = folded[key] * rows if key in folded else rows
+                    fold_group(model.graph, block, group, s)
                     modified = True
-        model.meta[FOLDED_ROW_SCALES] = folded
         return ir.passes.PassResult(model, modified=modified)
-
-
-def folded_row_scales(model: ir.Model) -> dict[str, np.ndarray]:
-    """Per ``group_key``, the product ``r`` [K] of the row scales :class:`SmoothingPass` has folded into ``model``
-    so far: the group's input is now ``x / r``, so input statistics taken before folding carry over without a
-    second calibration pass (empty for a model never smoothed; kept in ``model.meta``, not saved)."""
-    return model.meta.get(FOLDED_ROW_SCALES, {})

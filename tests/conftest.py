@@ -99,3 +99,9 @@ def tiny_onnx_nopast(tiny_hf, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory) -> Path:
     return make_text(tmp_path_factory.mktemp("text") / "text.txt")
+
+
+def visible_lines(err: str) -> list[str]:
+    """The non-blank lines a terminal shows for ``err``: a carriage return (a progress bar redrawn or cleared)
+    overwrites the line."""
+    return [shown for line in err.split("\n") if (shown := line.split("\r")[-1].strip())]

@@ -7,7 +7,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from mxonnx.calibrate import StreamedStatistics, calibration_windows, collect_statistics, load_tokenizer
+from mxonnx.blockwise import BlockwiseRunner
+from mxonnx.calibrate import (
+    block_statistics, calibration_windows, collect_statistics, config_windows, load_tokenizer, sample_rows)
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.passes.llama_structure import find_decoder_blocks
@@ -130,17 +132,24 @@ def test_tokenizer_json_encodes_like_auto_tokenizer(tiny_onnx, tiny_text):
     assert load_tokenizer(tiny_onnx)(text) == AutoTokenizer.from_pretrained(tiny_onnx)(text)["input_ids"]
 
 
-def test_streamed_statistics_run_blocks_on_demand_and_drop_old_samples(tiny_onnx, tiny_text):
+def test_block_statistics_measure_one_block_and_advance_on_request(tiny_onnx, tiny_text):
+    """One block's statistics are plain data of that block's four inputs; the runner stays at the block unless
+    asked to advance, and the next block's statistics then match one pass over the whole model."""
     model = ir.load(tiny_onnx / "model.onnx")
-    stream = StreamedStatistics(model, find_decoder_blocks(model), tiny_onnx, _config(tiny_text), sample_tokens=20,
-                                keep_samples=False)
-    first = stream["layers.0.o"]
-    assert stream.calibrated == 1 and first.sample.shape == (20, first.max_abs.shape[0])
-    last = stream["layers.1.down"]
-    assert stream.calibrated == 2 and last.sample.shape[0] == 20
-    assert stream["layers.0.o"].sample is None  # dropped once block 1 was calibrated
-    np.testing.assert_array_equal(stream["layers.0.o"].max_abs, first.max_abs)
-    assert sorted(stream) == sorted(f"layers.{i}.{g}" for i in (0, 1) for g in ("qkv", "o", "gate_up", "down"))
+    blocks = find_decoder_blocks(model)
+    config = _config(tiny_text)
+    windows = config_windows(tiny_onnx, config)
+    runner = BlockwiseRunner(model, blocks, windows)
+    rows = sample_rows(*windows.shape, 20, config.seed)
+    first = block_statistics(runner, blocks[0], rows=rows)
+    assert sorted(first) == [f"layers.0.{g}" for g in ("down", "gate_up", "o", "qkv")] and runner.position == 0
+    assert first["layers.0.o"].sample.shape == (20, first["layers.0.o"].max_abs.shape[0])
+    again = block_statistics(runner, blocks[0], advance=True)
+    assert runner.position == 1 and again["layers.0.o"].sample is None
+    np.testing.assert_array_equal(again["layers.0.o"].max_abs, first["layers.0.o"].max_abs)
+    second = block_statistics(runner, blocks[1])
+    whole = collect_statistics(model, blocks, tiny_onnx, config, groups=["layers.1.down"])
+    np.testing.assert_array_equal(second["layers.1.down"].mean_abs, whole["layers.1.down"].mean_abs)
 
 
 def test_calibration_windows_do_not_load_transformers(tiny_onnx, tiny_text):

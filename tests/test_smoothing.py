@@ -16,12 +16,12 @@ from mxonnx.calibrate import collect_statistics
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.formats import quantize_dequantize
-from mxonnx.passes.awq import awq, awq_scales
+from mxonnx.passes.awq import SAMPLE_TOKENS, awq, awq_block_scales, awq_scales
 from mxonnx.passes.llama_structure import find_decoder_blocks
 from mxonnx.passes.mx_matmul import rewrite_mx_matmuls, static_activation_scales
-from mxonnx.passes.smooth import apply_smoothing, smoothing_statistics
-from mxonnx.passes.smoothing import SmoothingPass, folded_row_scales, per_kv_channel, sane_scales, to_o_inputs
-from mxonnx.passes.smoothquant import smoothquant_scale, weight_row_max
+from mxonnx.passes.smoothing import (
+    SmoothingPass, choose_block_scales, fold_smoothing_scales, folded_rows, per_kv_channel, sane_scales, to_o_inputs)
+from mxonnx.passes.smoothquant import smoothquant, smoothquant_scale, smoothquant_scales, weight_row_max
 from mxonnx.session import create_session
 
 
@@ -47,6 +47,20 @@ def _linear_weights(model: ir.Model) -> list[np.ndarray]:
     return [lin.weight_array for b in find_decoder_blocks(model) for lin in b.linears()]
 
 
+def _group_weights(block, group: str) -> list[np.ndarray]:
+    return [lin.weight_array for lin in block.groups()[group]]
+
+
+def _statistics(model, blocks, folder, config):
+    """The statistics the method needs, on the model as it is (AWQ's search: with sampled rows)."""
+    search = config.uses_awq and config.alpha is None
+    return collect_statistics(model, blocks, folder, config, sample_tokens=SAMPLE_TOKENS if search else 0)
+
+
+def _smooth(model, blocks, stats, config):
+    return (smoothquant if config.uses_smoothquant else awq)(model, blocks, stats, config)
+
+
 @pytest.mark.parametrize("fixture", ["tiny_onnx", "tiny_onnx_nopast"])
 @pytest.mark.parametrize("method", ["sq", "awq"])
 def test_folding_keeps_logits_and_nodes(method, fixture, request, tiny_text):
@@ -55,7 +69,7 @@ def test_folding_keeps_logits_and_nodes(method, fixture, request, tiny_text):
     blocks = find_decoder_blocks(model)
     before, ops, count, weights = _logits(model), _ops(model), len(model.graph), _linear_weights(model)
     config = _config(tiny_text, method=method)
-    apply_smoothing(model, blocks, smoothing_statistics(model, blocks, folder, config), config)
+    _smooth(model, blocks, _statistics(model, blocks, folder, config), config)
     assert len(model.graph) == count and _ops(model) == ops
     moved = [not np.array_equal(a, b) for a, b in zip(weights, _linear_weights(model))]
     assert all(moved) if method == "sq" else any(moved)  # AWQ may choose alpha 0 (no change) for some groups
@@ -100,12 +114,35 @@ def test_folded_weights_are_computed_when_read(tiny_onnx):
     mapped = [v.name for v in model.graph.initializers.values()
               if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.raw is not None]
     assert not mapped
-    # the row scales folded are recorded per group (o: repeated over the query heads) and compose over passes
-    folded = folded_row_scales(model)
+    # the row scales folded, per group (o: repeated over the query heads)
+    folded = folded_rows(block, scales)
     assert sorted(folded) == ["layers.0.o", "layers.0.qkv"]
     np.testing.assert_array_equal(folded["layers.0.o"], to_o_inputs(scales["o"], block))
-    SmoothingPass(blocks, lambda b, group: scales.get(group) if (b.index, group) == (0, "qkv") else None)(model)
-    np.testing.assert_allclose(folded_row_scales(model)["layers.0.qkv"], scales["qkv"] ** 2)
+
+
+def test_chosen_scales_see_the_weights_folding_gives(tiny_onnx):
+    """``choose_block_scales`` hands each group its weights as folding the groups before it (FOLD_ORDER) makes
+    them: v_proj divided by o's scales, up_proj by down's, bit for bit what the folded model then holds."""
+    model = ir.load(tiny_onnx / "model.onnx")
+    block = find_decoder_blocks(model)[1]
+    rng = np.random.default_rng(2)
+    proposed = {"o": rng.uniform(0.25, 4.0, 32), "down": rng.uniform(0.25, 4.0, 128),
+                "qkv": rng.uniform(0.25, 4.0, 64), "gate_up": rng.uniform(0.25, 4.0, 64)}
+    seen = {}
+
+    def choose(group, weights):
+        seen[group] = weights(group)
+        return proposed[group]
+
+    scales = choose_block_scales(block, choose)
+    assert list(seen) == ["o", "down", "qkv", "gate_up"] and scales.keys() == proposed.keys()
+    unfolded = {g: _group_weights(block, g) for g in proposed}
+    fold_smoothing_scales(model, [block], {block.index: {"o": scales["o"], "down": scales["down"]}})
+    v, up = seen["qkv"][2], seen["gate_up"][1]
+    np.testing.assert_array_equal(v, block.v.weight_array)
+    np.testing.assert_array_equal(up, block.up.weight_array)
+    assert not np.array_equal(v, unfolded["qkv"][2]) and not np.array_equal(up, unfolded["gate_up"][1])
+    np.testing.assert_array_equal(seen["qkv"][0], unfolded["qkv"][0])
 
 
 def test_kv_channel_reduction_layout(tiny_onnx):
@@ -122,23 +159,23 @@ def test_smoothquant_balances_activation_and_weight_maxima(tiny_onnx, tiny_text)
     blocks = find_decoder_blocks(model)
     config = _config(tiny_text, method="sq")
     stats = collect_statistics(model, blocks, tiny_onnx, config)
-    x, w = stats["layers.1.down"].max_abs, weight_row_max(blocks[1], "down")
+    x, w = stats["layers.1.down"].max_abs, weight_row_max(_group_weights(blocks[1], "down"))
     np.testing.assert_allclose(smoothquant_scale(blocks[1], "down", stats["layers.1.down"], 0.5), np.sqrt(x / w), rtol=1e-6)
-    apply_smoothing(model, blocks, stats, config)
+    smoothquant(model, blocks, stats, config)
     smoothed = collect_statistics(model, blocks, tiny_onnx, config)
     for block in blocks:
         for group in ("qkv", "gate_up", "down"):
             np.testing.assert_allclose(smoothed[f"layers.{block.index}.{group}"].max_abs,
-                                       weight_row_max(block, group), rtol=1e-4)
+                                       weight_row_max(_group_weights(block, group)), rtol=1e-4)
         np.testing.assert_allclose(per_kv_channel(smoothed[f"layers.{block.index}.o"].max_abs, block),
-                                   per_kv_channel(weight_row_max(block, "o"), block), rtol=1e-4)
+                                   per_kv_channel(weight_row_max(_group_weights(block, "o")), block), rtol=1e-4)
 
 
 def test_awq_alpha_zero_is_rtn_bit_for_bit(tiny_onnx, tiny_text):
     model = ir.load(tiny_onnx / "model.onnx")
     blocks = find_decoder_blocks(model)
     config = _config(tiny_text, method="awq")
-    stats = smoothing_statistics(model, blocks, tiny_onnx, config)
+    stats = _statistics(model, blocks, tiny_onnx, config)
     initializers = {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items()}
     rtn = [quantize_dequantize(w, "mxint4-32", axis=0) for w in _linear_weights(model)]
     awq(model, blocks, stats, config, alphas=[0.0])
@@ -162,7 +199,7 @@ def test_awq_search_picks_the_grid_minimum(tiny_onnx, tiny_text):
     model = ir.load(tiny_onnx / "model.onnx")
     blocks = find_decoder_blocks(model)
     config = _config(tiny_text, method="awq")
-    stats = smoothing_statistics(model, blocks, tiny_onnx, config)
+    stats = _statistics(model, blocks, tiny_onnx, config)
     block, group = blocks[0], "down"
     grid = np.linspace(0, 1, 5)
     s, alpha = search_group(block, group, stats["layers.0.down"], grid, "mxint4-32", "mxint8-32")
@@ -172,7 +209,7 @@ def test_awq_search_picks_the_grid_minimum(tiny_onnx, tiny_text):
                           "mxint4-32", "mxint8-32") for a in grid]
     assert alpha == grid[int(np.argmin(errors))]
     np.testing.assert_array_equal(s, awq_scales(stats["layers.0.down"].mean_abs, alpha))
-    fixed = smoothing_statistics(model, blocks, tiny_onnx, _config(tiny_text, method="awq", alpha=0.3))
+    fixed = _statistics(model, blocks, tiny_onnx, _config(tiny_text, method="awq", alpha=0.3))
     assert fixed["layers.0.down"].sample is None  # no search: no samples collected
     awq(model, blocks, fixed, _config(tiny_text, method="awq", alpha=0.3))
     assert json.loads(model.metadata_props["mxonnx.awq_alpha"]) == [dict.fromkeys(GROUPS, 0.3)] * 2
@@ -195,7 +232,7 @@ def test_shared_norm_weight_gets_its_own_initializer(tiny_onnx, tiny_text):
             model.graph.initializers.pop(old.name)
     before, count = _logits(model), len(model.graph)
     config = _config(tiny_text, method="sq")
-    apply_smoothing(model, blocks, collect_statistics(model, blocks, tiny_onnx, config), config)
+    smoothquant(model, blocks, collect_statistics(model, blocks, tiny_onnx, config), config)
     assert len(model.graph) == count - 2 and not any(n.name.startswith("shared_norm") for n in model.graph)
     assert shared.name not in model.graph.initializers
     assert all(b.attn_norm.weight.is_initializer() and b.attn_norm.weight in b.attn_norm.node.inputs for b in blocks)
@@ -204,17 +241,16 @@ def test_shared_norm_weight_gets_its_own_initializer(tiny_onnx, tiny_text):
 
 @pytest.mark.parametrize("method", ["sq", "awq"])
 def test_folded_scales_carry_input_ranges_over(method, tiny_onnx, tiny_text):
-    """Static int8 ranges taken from the float model's statistics divided by the folded row scales equal those of
-    a calibration pass over the folded model (what quantize ran before it reused the smoothing statistics)."""
+    """Static int8 ranges taken from the statistics before folding divided by the folded row scales equal those of
+    a calibration pass over the folded model (what the driver does instead of a second pass)."""
     model = ir.load(tiny_onnx / "model.onnx")
     blocks = find_decoder_blocks(model)
     config = _config(tiny_text, method=method, **({"alpha": 0.7} if method == "awq" else {}))
-    stats = smoothing_statistics(model, blocks, tiny_onnx, config)
-    assert folded_row_scales(model) == {}
-    with pytest.raises(ValueError, match="layers.0.qkv were not taken before"):  # would be read from the folded model
-        static_activation_scales(stats, blocks, {"layers.0.qkv": np.ones(64)})
-    apply_smoothing(model, blocks, stats, config)
-    folded = folded_row_scales(model)
+    stats = _statistics(model, blocks, tiny_onnx, config)
+    choose = smoothquant_scales if method == "sq" else (lambda b, st, c: awq_block_scales(b, st, c)[0])
+    scales = {b.index: choose(b, stats, config) for b in blocks}
+    fold_smoothing_scales(model, blocks, scales)
+    folded = {key: rows for b in blocks for key, rows in folded_rows(b, scales[b.index]).items()}
     assert sorted(folded) == sorted(f"layers.{b.index}.{g}" for b in blocks for g in GROUPS)
     derived = static_activation_scales(stats, blocks, folded)
     measured = static_activation_scales(collect_statistics(model, blocks, tiny_onnx, config), blocks)
