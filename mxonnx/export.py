@@ -1,14 +1,28 @@
-"""Hugging Face folder or GGUF file -> ONNX model folder through optimum's exporter.
+"""Hugging Face folder or GGUF file -> ONNX model folder, built from optimum's export of a small copy of the model.
 
 OUT holds ``model.onnx`` with its weights in ``model.onnx_data`` (always external, whatever the model's size: the
-quantizer then memory-maps them instead of parsing them into memory), config.json,
-generation_config.json and the tokenizer, and loads in optimum's ``ORTModelForCausalLM``. After the export
-the ONNX logits are checked against the torch logits on a short input.
+quantizer then memory-maps them instead of parsing them into memory), config.json, generation_config.json and the
+tokenizer, and loads in optimum's ``ORTModelForCausalLM``. The graph is optimum's (``mxonnx.export_stream``: a
+2-layer copy of the model with a small vocabulary and MLP is exported by optimum and its last decoder block copied
+L-2 times); the weights are then written one checkpoint tensor at a time (``mxonnx.checkpoint``), stored in
+``--dtype`` (float16/bfloat16 weights are read through ``Cast`` nodes: compute stays float32).
+
+Memory: for a Hugging Face folder with safetensors weights the peak grows with one decoder block (the template's
+two blocks, one checkpoint tensor, and the logits check below), not with the number of layers. GGUF files (dequantized
+by transformers) and ``pytorch_model.bin`` folders are loaded whole into memory first, then follow the same route.
+
+Logits check: ONNX logits (onnxruntime) against torch logits on ``CHECK_TOKENS`` tokens, the torch model's weights
+rounded to the export dtype (so the check is as strict at every dtype). Models of up to ``FULL_CHECK_BYTES`` of
+float32 weights are checked whole; larger ones on their first ``CHECK_LAYERS`` decoder layers with the final norm and
+lm_head (a second graph over the same ``model.onnx_data``, removed afterwards): that covers the embedding, the head,
+the template's blocks and one copied block, with memory independent of the depth.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import io
 import logging
 import sys
@@ -20,12 +34,16 @@ from typing import Iterator
 import numpy as np
 
 from mxonnx.errors import InputError
+from mxonnx.export_stream import DTYPES
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _LIBRARY_LOGGERS = ("transformers", "optimum", "torch", "accelerate")
 CHECK_TOKENS = 12  # length of the input on which ONNX and torch logits are compared
 CHECK_RTOL = 1e-4  # allowed |onnx - torch| relative to max(1, max |torch logits|)
+FULL_CHECK_BYTES = 2 << 30  # float32 weight bytes up to which the logits check runs the whole model
+CHECK_LAYERS = 3  # decoder layers of the reduced check of larger models
+CHECK_GRAPH_NAME = "check.onnx"  # the reduced check's graph, beside model.onnx_data while it runs
 
 
 @contextlib.contextmanager
@@ -138,26 +156,158 @@ def load_causal_lm(src: Path):
     return _load_checked(src)
 
 
-def _check_logits(model, onnx_path: Path) -> float:
-    """Max |ONNX - torch| logits on a short fixed input; raise when above ``CHECK_RTOL`` (relative)."""
+def _generation_config(src: Path, config):
+    """The folder's generation_config.json, else the one transformers derives from the model config."""
+    from transformers import GenerationConfig
+
+    if (src / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(src)
+    return GenerationConfig.from_model_config(config)
+
+
+def _open_source(src: Path):
+    """``(config, generation_config, tokenizer, tensors)`` of a source that passed ``check_source``; ``tensors`` is a
+    ``mxonnx.checkpoint.TensorSource`` (safetensors read tensor by tensor, else the model loaded whole)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from mxonnx.checkpoint import SafetensorsSource, StateDictSource, has_safetensors
+
+    if not src.is_dir():
+        model, tokenizer = _load_gguf(src)
+        return model.config, model.generation_config, tokenizer, StateDictSource(model, str(src))
+    config = AutoConfig.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    if has_safetensors(src):
+        tensors = SafetensorsSource(src, tied=bool(config.tie_word_embeddings))
+    else:
+        tensors = StateDictSource(LlamaForCausalLM.from_pretrained(src, dtype=torch.float32), str(src))
+    return config, _generation_config(src, config), tokenizer, tensors
+
+
+def _parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of ``LlamaForCausalLM(config)`` (built on the meta device: no memory)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _save_assets(folder: Path, config, generation, tokenizer, past: bool) -> None:
+    """config.json, generation_config.json and the tokenizer as optimum's export writes them (generation parameters
+    set in the model config move to the generation config)."""
     import torch
 
-    from mxonnx.eval import OrtCausalLM
+    config = copy.deepcopy(config)
+    config.use_cache = past
+    config.dtype = torch.float32  # the graph's inputs, outputs and compute
+    generation = copy.deepcopy(generation)
+    for name, value in config._get_non_default_generation_parameters().items():
+        setattr(generation, name, value)
+        setattr(config, name, None)
+    config.save_pretrained(folder)
+    try:
+        generation.save_pretrained(folder)
+    except ValueError:  # transformers refuses to save a generation config it finds invalid; optimum skips it too
+        pass
+    tokenizer.save_pretrained(folder)
 
-    ids = (np.arange(CHECK_TOKENS, dtype=np.int64) * 7919 + 3) % model.config.vocab_size
+
+def _reference_logits(config, tensors, layers: int, dtype: str, ids: np.ndarray) -> np.ndarray:
+    """Torch logits of the first ``layers`` decoder layers of the checkpoint (with the final norm and lm_head), its
+    weights rounded to ``dtype`` and computed in float32. The model is built on the meta device and each module
+    (embedding, decoder layer, norm, head) gets its weights from ``tensors`` just before it runs and drops them after,
+    so at most one decoder layer's weights are in memory."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers, cfg.use_cache = layers, False
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).eval()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its inv_freq buffer is computed, not loaded
+    stored = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def swap(module, load: bool) -> None:
+        for name, p in list(module.named_parameters(remove_duplicate=False)):
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            value = (tensors.read(f"{names[id(module)]}.{name}").to(stored).to(torch.float32) if load
+                     else torch.empty_like(p, device="meta"))
+            owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+    for module in [model.model.embed_tokens, *model.model.layers, model.model.norm, model.lm_head]:
+        module.register_forward_pre_hook(lambda m, _: swap(m, True))
+        module.register_forward_hook(lambda m, _, __: swap(m, False))
     with torch.no_grad():
-        expected = model(torch.from_numpy(ids[None])).logits.numpy()
-    actual = OrtCausalLM(onnx_path, config=model.config).logits(ids[None])
+        logits = model(torch.from_numpy(ids[None])).logits.numpy()
+    del model
+    gc.collect()
+    return logits
+
+
+def _onnx_logits(onnx_path: Path, config, ids: np.ndarray) -> np.ndarray:
+    """onnxruntime logits of ``ids`` (empty KV cache) from a session that keeps memory low: no graph optimization
+    (16-bit weights are cast when used, not folded into float32 copies at load), no prepacked weight copies, no arena
+    (each cast weight is freed after use); onnxruntime maps the external data file."""
+    import onnxruntime as ort
+
+    from mxonnx.session import session_options
+
+    options = session_options(optimize=False)
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    feed = {"input_ids": ids[None]}
+    for name in (i.name for i in session.get_inputs()):
+        if name == "attention_mask":
+            feed[name] = np.ones((1, len(ids)), np.int64)
+        elif name == "position_ids":
+            feed[name] = np.arange(len(ids), dtype=np.int64)[None]
+        elif name.startswith("past_key_values."):
+            feed[name] = np.zeros((1, config.num_key_value_heads, 0, head_dim), np.float32)
+    logits = session.run(["logits"], feed)[0]
+    del session
+    gc.collect()
+    return logits
+
+
+def _check_logits(folder: Path, template, config, tensors, shapes, dtype: str) -> tuple[float, int]:
+    """Max |ONNX - torch| logits on a short fixed input and the number of decoder layers checked; raise when above
+    ``CHECK_RTOL`` (relative). Large models are checked on their first ``CHECK_LAYERS`` layers (module docstring)."""
+    import onnx
+
+    from mxonnx.export_stream import build_model, point_like
+
+    layers = config.num_hidden_layers
+    if 4 * sum(int(np.prod(s)) for s in shapes.values()) > FULL_CHECK_BYTES:
+        layers = min(layers, CHECK_LAYERS)
+    ids = (np.arange(CHECK_TOKENS, dtype=np.int64) * 7919 + 3) % config.vocab_size
+    expected = _reference_logits(config, tensors, layers, dtype, ids)
+    onnx_path = folder / ONNX_NAME
+    if layers < config.num_hidden_layers:
+        check, _ = build_model(template, layers, shapes, config.vocab_size, dtype)
+        point_like(check.graph, onnx.load(str(onnx_path), load_external_data=False).graph)
+        onnx_path = folder / CHECK_GRAPH_NAME
+        onnx_path.write_bytes(check.SerializeToString())
+    try:
+        actual = _onnx_logits(onnx_path, config, ids)
+    finally:
+        if onnx_path.name == CHECK_GRAPH_NAME:
+            onnx_path.unlink()
     diff = float(np.abs(actual - expected).max())
     tolerance = CHECK_RTOL * max(1.0, float(np.abs(expected).max()))
     if not diff <= tolerance:
         raise RuntimeError(f"exported ONNX logits differ from torch by {diff:.3g} (tolerance {tolerance:.3g})")
-    return diff
+    return diff, layers
 
 
 def store_weights_externally(onnx_path: Path) -> None:
-    """Move the weights of a single-file ONNX model into ``model.onnx_data`` beside it (no-op when optimum has
-    done so already, as it does above 2 GB)."""
+    """Move the weights of a single-file ONNX model into ``model.onnx_data`` beside it (no-op when they are there)."""
     import onnx_ir as ir
 
     if (onnx_path.parent / EXTERNAL_DATA_NAME).exists():
@@ -166,34 +316,45 @@ def store_weights_externally(onnx_path: Path) -> None:
     ir.save(model, onnx_path, external_data=EXTERNAL_DATA_NAME)
 
 
-def export_model(src: Path, out: Path, past: bool = True, progress: bool = True) -> dict:
+def export_model(src: Path, out: Path, past: bool = True, progress: bool = True, dtype: str = "float32") -> dict:
     """Export ``src`` (HF folder or .gguf) to the ONNX folder ``out``; ``out`` is whole or absent afterwards.
 
     ``past=True`` exports optimum's ``text-generation-with-past`` graph (KV-cache inputs/outputs), else
-    ``text-generation``. Returns ``{output, seconds, past, logits_max_abs_diff}`` (the last from the check of
-    ONNX against torch logits on ``CHECK_TOKENS`` tokens).
+    ``text-generation``; weights are stored in ``dtype`` (float32, float16 or bfloat16). Returns ``{output, seconds,
+    past, dtype, logits_max_abs_diff, logits_check_layers}`` (the check of ONNX against torch logits on
+    ``CHECK_TOKENS`` tokens, over that many decoder layers).
     """
-    from optimum.exporters.onnx import onnx_export_from_model
     from tqdm.auto import tqdm
 
+    from mxonnx.export_stream import build_model, export_template, write_weights
+
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     src, out = Path(src), Path(out)
     start = time.perf_counter()
     check_source(src)
     with atomic_output_dir(out, src) as tmp:
-        steps = tqdm(total=3, desc="export", unit="step", disable=not progress, file=sys.stderr)
+        steps = tqdm(total=4, desc="export", unit="step", disable=not progress, file=sys.stderr)
         with steps, quiet_libraries():
             steps.set_postfix_str("load")
-            model, tokenizer = _load_checked(src)
-            model.config.use_cache = past
+            config, generation, tokenizer, tensors = _open_source(src)
+            if config.num_hidden_layers < 1:
+                raise InputError(f"{src}: the model has no decoder layer")
+            shapes = _parameter_shapes(config)
+            tensors.check(shapes)  # a missing or misshapen tensor fails here, before anything is exported
             steps.update()
-            steps.set_postfix_str("optimum export")
-            # A model already in memory goes to the function main_export ends in: GGUF needs no HF copy on disk.
-            onnx_export_from_model(model, tmp, task="text-generation-with-past" if past else "text-generation",
-                                   do_validation=False)
-            tokenizer.save_pretrained(tmp)
-            store_weights_externally(tmp / ONNX_NAME)
+            steps.set_postfix_str("optimum export of the template")
+            template = export_template(config, past, tmp / ".template")
+            model, weights = build_model(template, config.num_hidden_layers, shapes, config.vocab_size, dtype)
+            steps.update()
+            steps.set_postfix_str("weights")
+            write_weights(model.graph, weights, tensors, tmp / EXTERNAL_DATA_NAME)
+            (tmp / ONNX_NAME).write_bytes(model.SerializeToString())
+            del model
+            _save_assets(tmp, config, generation, tokenizer, past)
             steps.update()
             steps.set_postfix_str("check logits")
-            diff = _check_logits(model, tmp / ONNX_NAME)
+            diff, checked = _check_logits(tmp, template, config, tensors, shapes, dtype)
             steps.update()
-    return {"output": str(out), "seconds": time.perf_counter() - start, "past": past, "logits_max_abs_diff": diff}
+    return {"output": str(out), "seconds": time.perf_counter() - start, "past": past, "dtype": dtype,
+            "logits_max_abs_diff": diff, "logits_check_layers": checked}

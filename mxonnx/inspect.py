@@ -1,7 +1,8 @@
 """``mxonnx inspect``: what a model folder holds, read from the graph without loading weight data.
 
 A *quantized* MatMul reads its weight from ``com.mxonnx.MXDequantize`` or a standard ``DequantizeLinear`` of
-initializers; a *float* MatMul reads a float initializer (also through Identity/Transpose, e.g. a tied lm_head).
+initializers; a *float* MatMul reads a float initializer (also through Identity/Transpose, e.g. a tied lm_head, and
+Cast, e.g. a weight stored in float16 or bfloat16 by ``mxonnx export --dtype``).
 ``bits_per_weight`` = stored bits of the quantized weights (codes + exponents or scales, as laid out on disk) /
 number of weights; MXINT4 with blocks of 128 gives 4 + 8/128 = 4.0625.
 """
@@ -17,10 +18,11 @@ from mxonnx.modelio import resolve_model
 from mxonnx.ops import schema
 
 _WEIGHT_DEQUANTIZERS = {(schema.DOMAIN, schema.DEQUANTIZE), ("", "DequantizeLinear")}
-_PASS_THROUGH = ("Identity", "Transpose")
+_PASS_THROUGH = ("Identity", "Transpose", "Cast")
 
 
-def _stored_bytes(tensor: onnx.TensorProto) -> int:
+def stored_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of ``tensor``'s data as stored (in its external file or in the proto), read without loading it."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return int({e.key: e.value for e in tensor.external_data}["length"])
     if tensor.raw_data:
@@ -85,7 +87,7 @@ def inspect_model(path: Path) -> dict:
         if producer is not None and (producer.domain, producer.op_type) in _WEIGHT_DEQUANTIZERS and all(inputs):
             quantized += 1
             weights += _numel(inputs[0])
-            stored_bits += 8 * sum(_stored_bytes(t) for t in inputs)
+            stored_bits += 8 * sum(stored_bytes(t) for t in inputs)
             weight_formats[_weight_format(producer, inputs[0])] += 1
         elif (weight := constant(node.input[1])) is not None and len(weight.dims) == 2:
             floating += 1

@@ -249,7 +249,12 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
             runner = BlockwiseRunner(onnx_model, blocks, windows, progress=config.progress)
         results = [replay_block(onnx_model, block, plan, work, persisted) for block in blocks[:resumed]]
         if runner is not None and resumed:
-            runner.restore(resumed, work.hidden_states())
+            hidden = work.hidden_states()
+            if hidden is None:
+                raise InputError(f"{work.path} holds no calibration hidden states to resume from; remove it and "
+                                 "start again")
+            runner.restore(resumed, hidden)
+            del hidden
         for block in tqdm(blocks[resumed:], desc=config.method, unit="block", disable=not config.progress,
                           leave=False, initial=resumed, total=len(blocks)):
             last = block.index == len(blocks) - 1

@@ -13,7 +13,7 @@ It holds what the run has finished, so that a run killed at any point (SIGKILL, 
 
 On success the model is saved into the folder, the work files are removed and the folder is renamed to OUT, so
 OUT is whole or absent. A run that fails after finishing a block keeps the folder (``--resume`` continues it),
-unless its input was bad (``InputError``); otherwise the folder is removed.
+unless it was a fresh run that found its input bad (``InputError``); a folder with no finished block is removed.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class WorkFolder:
 
     def __init__(self, path: Path, fingerprint: str, records: list[dict], hidden: str | None):
         self.path, self.fingerprint, self.records, self._hidden = path, fingerprint, records, hidden
+        self.resumed = len(records)  # blocks finished by earlier runs
         (path / BLOCKS).mkdir(exist_ok=True)
 
     @property
@@ -199,6 +200,7 @@ def resumable_output_dir(out: str | os.PathLike, fingerprint: str, resume: bool,
         work.remove_work_files()
         publish(work.path, out)
     except BaseException as exc:
-        if not work.finished or isinstance(exc, InputError):  # bad input: nothing worth resuming
+        # bad input found by a fresh run: nothing worth resuming; a resumed run's folder is the user's to remove
+        if not work.finished or (isinstance(exc, InputError) and not work.resumed):
             shutil.rmtree(work.path, ignore_errors=True)
         raise

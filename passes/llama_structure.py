@@ -1,7 +1,8 @@
 """Find the Llama decoder structure in an exported ONNX graph, from its topology rather than node names.
 
-A *linear* is a ``MatMul(X, W)`` whose ``W`` is a constant rank-2 initializer ``[K, N]``. For each decoder
-block we find
+A *linear* is a ``MatMul(X, W)`` whose ``W`` is a constant rank-2 initializer ``[K, N]``, possibly read through
+``Identity``, ``Transpose`` and float ``Cast`` nodes (a weight stored in float16/bfloat16 and cast to float32 is read
+as float32). For each decoder block we find
 
 - the attention RMSNorm and the three linears reading its output, told apart by where they lead:
   q reaches input 0 and k input 1 of the score ``MatMul`` (Q K^T), v reaches input 1 of the ``MatMul`` of
@@ -54,7 +55,8 @@ class Linear:
 
     @property
     def weight_array(self) -> np.ndarray:
-        """A copy of W [K, N] (read through Identity/Transpose, e.g. lm_head's tied embedding); weights kept in
+        """A copy of W [K, N] (read through Identity/Transpose/Cast, e.g. lm_head's tied embedding, a float16 weight
+        read as float32); weights kept in
         memory-mapped external data are unmapped again after the copy, so reading every weight once does not
         leave the whole file mapped."""
         read = constant_reader(self.weight)
@@ -149,24 +151,36 @@ def _first_linear_after(value: ir.Value) -> ir.Node | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def _is_float_cast(node: ir.Node) -> bool:
+    """A ``Cast`` to a float type (e.g. the ``Cast(to=FLOAT)`` reading a weight stored in float16 or bfloat16)."""
+    return node.op_type == "Cast" and "to" in node.attributes and ir.DataType(node.attributes["to"].as_int()).is_floating_point()
+
+
 def _constant_source(value: ir.Value | None) -> tuple[ir.Value | ir.Node | None, list[ir.Node]]:
-    """Follow ``Identity``/``Transpose`` producers back to an initializer value or a ``Constant`` node.
-    Returns (source or None, the Transpose nodes passed, outermost first)."""
-    transposes = []
+    """Follow ``Identity``/``Transpose``/float ``Cast`` producers back to an initializer value or a ``Constant`` node.
+    Returns (source or None, the Transpose and Cast nodes passed, outermost first)."""
+    passed = []
     while value is not None:
         if value.const_value is not None:
-            return value, transposes
+            return _float_if_cast(value, passed), passed
         node = value.producer()
         if node is None:
-            return None, transposes
+            return None, passed
         if node.op_type == "Constant" and "value" in node.attributes:
-            return node, transposes
-        if node.op_type not in ("Identity", "Transpose"):
-            return None, transposes
-        if node.op_type == "Transpose":
-            transposes.append(node)
+            return _float_if_cast(node, passed), passed
+        if node.op_type == "Transpose" or _is_float_cast(node):
+            passed.append(node)
+        elif node.op_type != "Identity":
+            return None, passed
         value = node.inputs[0]
-    return None, transposes
+    return None, passed
+
+
+def _float_if_cast(source: ir.Value | ir.Node, passed: list[ir.Node]) -> ir.Value | ir.Node | None:
+    """``source``, or None when a Cast was passed and the source is not a float (an integer constant cast)."""
+    if any(node.op_type == "Cast" for node in passed) and not _source_tensor(source).dtype.is_floating_point():
+        return None
+    return source
 
 
 def _source_tensor(source: ir.Value | ir.Node):
@@ -178,27 +192,44 @@ def _perm(node: ir.Node, rank: int) -> list[int]:
 
 
 def constant_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    """The shape of a constant seen through ``Identity``/``Transpose`` (no data is read), else None."""
-    source, transposes = _constant_source(value)
+    """The shape of a constant seen through ``Identity``/``Transpose``/float ``Cast`` (no data is read), else None."""
+    source, passed = _constant_source(value)
     if source is None:
         return None
     shape = tuple(int(d) for d in _source_tensor(source).shape)
-    for node in reversed(transposes):
-        shape = tuple(shape[p] for p in _perm(node, len(shape)))
+    for node in reversed(passed):
+        if node.op_type == "Transpose":
+            shape = tuple(shape[p] for p in _perm(node, len(shape)))
     return shape
 
 
-class ConstantReader:
-    """Reads the numpy value of an initializer or ``Constant`` seen through ``Identity``/``Transpose`` as they were
-    when it was made: it holds the source tensor, not its data, and keeps reading it if the graph changes later."""
+def constant_dtype(value: ir.Value | None) -> ir.DataType | None:
+    """The data type a constant reads as through ``Identity``/``Transpose``/float ``Cast`` (the outermost Cast's
+    ``to``, else the source's type; float32 for a float16 weight behind ``Cast(to=FLOAT)``), else None."""
+    source, passed = _constant_source(value)
+    if source is None:
+        return None
+    casts = [node for node in passed if node.op_type == "Cast"]
+    return ir.DataType(casts[0].attributes["to"].as_int()) if casts else _source_tensor(source).dtype
 
-    def __init__(self, tensor: ir.TensorProtocol, perms: list[list[int]]):
-        self.tensor, self.perms = tensor, perms
+
+class ConstantReader:
+    """Reads the numpy value of an initializer or ``Constant`` seen through ``Identity``/``Transpose``/float ``Cast``
+    as they were when it was made: it holds the source tensor, not its data, and keeps reading it if the graph changes
+    later. ``steps`` are applied in order, innermost first: a permutation (list) or a numpy dtype to cast to (a
+    float16/bfloat16 weight read through ``Cast(to=FLOAT)`` reads as float32)."""
+
+    def __init__(self, tensor: ir.TensorProtocol, steps: list):
+        self.tensor, self.steps = tensor, steps
+
+    @property
+    def perms(self) -> list[list[int]]:
+        return [step for step in self.steps if isinstance(step, list)]
 
     def __call__(self) -> np.ndarray:
         array = self.tensor.numpy()
-        for perm in self.perms:
-            array = array.transpose(perm)
+        for step in self.steps:
+            array = array.transpose(step) if isinstance(step, list) else array.astype(step)
         return array
 
     def release(self) -> None:
@@ -213,21 +244,26 @@ class ConstantReader:
 
 def constant_reader(value: ir.Value | None) -> ConstantReader | None:
     """A :class:`ConstantReader` of ``value``, or None when it is not such a constant."""
-    source, transposes = _constant_source(value)
+    source, passed = _constant_source(value)
     if source is None:
         return None
     tensor = _source_tensor(source)
-    return ConstantReader(tensor, [_perm(node, len(tensor.shape)) for node in reversed(transposes)])
+    steps = [_perm(node, len(tensor.shape)) if node.op_type == "Transpose"
+             else ir.DataType(node.attributes["to"].as_int()).numpy() for node in reversed(passed)]
+    return ConstantReader(tensor, steps)
 
 
 def constant_array(value: ir.Value | None):
-    """The numpy value of an initializer or ``Constant``, seen through ``Identity``/``Transpose``; else None."""
+    """The numpy value of an initializer or ``Constant``, seen through ``Identity``/``Transpose``/float ``Cast``;
+    else None."""
     read = constant_reader(value)
     return None if read is None else read()
 
 
-def _is_vector(array) -> bool:
-    return array is not None and array.ndim == 1
+def _is_vector(value: ir.Value | None) -> bool:
+    """A 1-D constant (told from its shape: no weight data is read, so no external data gets mapped)."""
+    shape = constant_shape(value)
+    return shape is not None and len(shape) == 1
 
 
 def _match_rmsnorm(value: ir.Value) -> RMSNorm | None:
@@ -235,12 +271,12 @@ def _match_rmsnorm(value: ir.Value) -> RMSNorm | None:
     node = value.producer()
     if node is None:
         return None
-    if node.op_type in _NORM_OPS and len(node.inputs) >= 2 and _is_vector(constant_array(node.inputs[1])):
+    if node.op_type in _NORM_OPS and len(node.inputs) >= 2 and _is_vector(node.inputs[1]):
         return RMSNorm(node.op_type, node, node.inputs[1], value)
     if node.op_type != "Mul":
         return None
-    consts = [v for v in node.inputs if v is not None and _is_vector(constant_array(v))]
-    others = [v for v in node.inputs if v is not None and constant_array(v) is None]
+    consts = [v for v in node.inputs if v is not None and _is_vector(v)]
+    others = [v for v in node.inputs if v is not None and constant_shape(v) is None]
     if len(consts) != 1 or len(others) != 1:
         return None
     # the normalised input: walk back a few producers looking for the mean of squares

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from mxonnx.passes.llama_structure import DecoderBlock, Linear, RMSNorm, constant_array, constant_reader, constant_shape
+from mxonnx.passes.llama_structure import (
+    DecoderBlock, Linear, RMSNorm, constant_array, constant_dtype, constant_reader, constant_shape)
 
 SCALE_MIN, SCALE_MAX = 1e-5, 1e5
 # v_proj's and up_proj's columns are scaled (o, down) before their rows (qkv, gate_up), so the scales of the
@@ -103,10 +104,9 @@ def write_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray | 
 
 
 def _dtype(value: ir.Value) -> ir.DataType:
-    source = value
-    while source.const_value is None and source.producer() is not None:  # through Identity/Transpose
-        source = source.producer().inputs[0]
-    return source.const_value.dtype
+    """The type the node reads ``value`` as: a float16 weight behind ``Cast(to=FLOAT)`` reads as float32, so its
+    folded replacement, which the node reads directly, is stored in float32."""
+    return constant_dtype(value)
 
 
 def scaled_tensor(value: ir.Value, factor: np.ndarray) -> ir.LazyTensor:

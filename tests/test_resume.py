@@ -52,22 +52,17 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("mode", ["committed", "committing"])
-@pytest.mark.parametrize("flags", [("--method", "awq+gptq", "--weights", "mxint4-32", "--acts", "mxint8-32"),
-                                   ("--method", "sq", "--weights", "int4", "--acts", "int8")],
-                         ids=["awq+gptq", "sq-int8"])
-def test_resume_after_sigkill_gives_the_same_bytes(flags, mode, tiny_onnx, tiny_text, tmp_path, capsys):
-    reference = tmp_path / "reference"
-    assert main(quantize_args(tiny_onnx, reference, tiny_text, *flags, "--json")) == 0
-    out = tmp_path / "q"
-    argv = quantize_args(tiny_onnx, out, tiny_text, *flags, "--json")
+def kill_and_resume(src: Path, text: Path, tmp_path: Path, flags: tuple[str, ...], mode: str, capsys) -> Path:
+    """Run quantize until it SIGKILLs itself (``mode``, see ``KILLING_RUN``), check the work folder left behind and
+    the refusals, then resume; returns OUT."""
+    out = tmp_path / f"q-{mode}"
+    argv = quantize_args(src, out, text, *flags, "--json")
     block = "0" if mode == "committed" else "1"  # killed after block 0, or while committing block 1: 1 finished
     killed = subprocess.run([sys.executable, "-c", KILLING_RUN, mode, block, *argv], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    work = tmp_path / ".q.partial"
+    work = tmp_path / f".{out.name}.partial"
     assert not out.exists() and (work / "progress.json").is_file()
-    finished = len(json.loads((work / "progress.json").read_text())["blocks"])
-    assert finished == 1
+    assert len(json.loads((work / "progress.json").read_text())["blocks"]) == 1
     if mode == "committing":
         assert (work / "blocks" / "00001.bin").is_file()  # written, but not committed
     capsys.readouterr()
@@ -75,14 +70,26 @@ def test_resume_after_sigkill_gives_the_same_bytes(flags, mode, tiny_onnx, tiny_
     assert main(argv) == 2  # without --resume the interrupted run is not overwritten
     err = capsys.readouterr().err
     assert "add --resume" in err and len(visible_lines(err)) == 1
-    other = quantize_args(tiny_onnx, out, tiny_text, *flags, "--seed", "5", "--resume")
+    other = quantize_args(src, out, text, *flags, "--seed", "5", "--resume")
     assert main(other) == 2 and "other settings" in capsys.readouterr().err
     assert work.is_dir()
 
     assert main([*argv, "--resume"]) == 0
-    assert json.loads(capsys.readouterr().out)["resumed_blocks"] == finished
+    assert json.loads(capsys.readouterr().out)["resumed_blocks"] == 1
     assert not work.exists()
-    assert folder_bytes(out) == folder_bytes(reference)
+    return out
+
+
+@pytest.mark.parametrize("flags, modes", [
+    (("--method", "awq+gptq", "--weights", "mxint4-32", "--acts", "mxint8-32"), ("committed", "committing")),
+    (("--method", "sq", "--weights", "int4", "--acts", "int8"), ("committed",)),
+], ids=["awq+gptq", "sq-int8"])
+def test_resume_after_sigkill_gives_the_same_bytes(flags, modes, tiny_onnx, tiny_text, tmp_path, capsys):
+    reference = tmp_path / "reference"
+    assert main(quantize_args(tiny_onnx, reference, tiny_text, *flags, "--json")) == 0
+    for mode in modes:
+        out = kill_and_resume(tiny_onnx, tiny_text, tmp_path, flags, mode, capsys)
+        assert folder_bytes(out) == folder_bytes(reference), mode
 
 
 def test_resume_without_an_interrupted_run_starts_afresh(tiny_onnx, tiny_text, tmp_path, capsys):
