@@ -9,7 +9,7 @@ W4A8 := $(CACHE)/smollm2-135m-w4a8-mxint4-128-awq-gptq
 DEMO_CALIB ?= 32
 DEMO_WINDOWS ?= 4
 
-.PHONY: install native test sanitize models demo bench bench-quick clean
+.PHONY: install native test sanitize models demo bench bench-quick bench-scale clean
 
 install: .venv/.installed native
 
@@ -58,6 +58,11 @@ bench: models
 
 bench-quick: models
 	$(PY) bench/run.py --quick
+
+# time and peak RSS of every command on synthetic Llama-2-7B-shaped models (issue 17); 32 layers: SCALE_LAYERS=32
+SCALE_LAYERS ?= 2,4,8
+bench-scale: install
+	$(PY) bench/scale.py --layers $(SCALE_LAYERS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache mxonnx/ops/native/build
