@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="Hugging Face model folder or .gguf file")
     p.add_argument("-o", "--output", required=True, help="new folder to write")
     p.add_argument("--no-past", action="store_true", help="export without KV-cache inputs/outputs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="type the float weights are stored in (compute stays float32; default float32)")
     _common(p)
 
     p = sub.add_parser("quantize", help="MX-quantize the linear layers of an ONNX Llama")
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in plain column order (default: MX blocks by decreasing Hessian diagonal)")
     p.add_argument("--no-sequential", action="store_true", help="GPTQ on the float model's inputs instead of the quantized prefix's")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from its last finished block")
     _common(p)
 
     p = sub.add_parser("eval", help="WikiText-2 perplexity through onnxruntime")
@@ -128,8 +132,9 @@ def _run(args: argparse.Namespace) -> None:
     elif cmd == "export":
         from mxonnx.export import export_model
 
-        r = export_model(Path(args.src), Path(args.output), past=not args.no_past, progress=progress)
-        _print_result(args, r, f"exported {args.src} -> {r['output']} ({'with' if r['past'] else 'without'} past) in {r['seconds']:.1f} s")
+        r = export_model(Path(args.src), Path(args.output), past=not args.no_past, progress=progress, dtype=args.dtype)
+        _print_result(args, r, f"exported {args.src} -> {r['output']} ({'with' if r['past'] else 'without'} past, "
+                               f"{r['dtype']} weights) in {r['seconds']:.1f} s")
     elif cmd == "quantize":
         from mxonnx.config import QuantizeConfig
         from mxonnx.quantize import quantize_model
@@ -140,9 +145,10 @@ def _run(args: argparse.Namespace) -> None:
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
             act_order=not args.no_act_order, sequential=not args.no_sequential, quantize_lm_head=args.quantize_lm_head, progress=progress,
         )
-        r = quantize_model(Path(args.model), Path(args.output), cfg)
+        r = quantize_model(Path(args.model), Path(args.output), cfg, resume=args.resume)
         _print_result(args, r, f"quantized {args.model} -> {r['output']}: weights {r['weights']}, acts {r['acts']}, "
-                               f"method {r['method']} in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+                               f"method {r['method']} in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
+                               + (f" ({r['resumed_blocks']} blocks resumed)" if r["resumed_blocks"] else ""))
     elif cmd == "eval":
         from mxonnx.eval import evaluate_perplexity
 
