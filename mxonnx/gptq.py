@@ -17,12 +17,25 @@ quantized one at a time with that scale. Per-channel int{d} fixes one scale per 
 before any update, as reference GPTQ does. Algorithm 1 of the paper quantizes a micro-block at once; here its
 channels are quantized one by one (each one's error also corrects the rest of its micro-block).
 Results use ``mxonnx.formats.quantize(w, fmt, axis=0)``'s layout.
+
+Computation (the same updates, summed differently; project issue 17). Let ``H = R R^T`` with R upper triangular
+(the Cholesky factor of H in reversed channel order), so ``U = R^-1``, and let ``R^ = R diag(R)^-1`` (unit upper:
+``H = R^ diag(R)^2 R^^T``), whose inverse ``U^ = diag(R) U`` holds the ratios ``U_jl / U_jj`` Eq. 8 applies. With
+``d_j = w_j - q_j`` the deviation from the original weights, Eq. 8 gives ``D = U^T E``; as ``R U = I``, the updates
+the channels ``l >= i1`` have received from the channels before a block ``[i1, i2)`` are
+``-sum_{m<i1} U_ml e_m = sum_{i1<=i<=l} U^_il c_i`` with ``c = R^[:i1, i1:]^T D[:i1]``. So the factorisation is one
+float32 Cholesky (K^3/3 flops, no inverse); the later channels accumulate ``c`` lazily
+(``W[i2:] += R^[i1:i2, i2:]^T D_block``), and a block, when reached, becomes ``w + U^_B^T c`` with ``U^_B`` the
+inverse of its diagonal block of R^ (B1 x B1). Inside a block Eq. 8 runs with ``U^_B`` as above.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
 import numpy as np
@@ -72,9 +85,11 @@ class HessianAccumulator:
 
 @dataclasses.dataclass(frozen=True)
 class InverseHessianFactor:
-    """What GPTQ needs from the Hessian of K input channels: ``upper``, the upper Cholesky factor of the dampened,
-    column-permuted ``H^-1`` (float32); ``dead``, channels with ``H_ii = 0`` (their weights are zeroed); ``perm``,
-    the quantization order; ``damp``, the dampening finally used."""
+    """What GPTQ needs from the Hessian of K input channels: ``upper``, ``R^``, unit upper triangular with
+    ``H = R^ S R^^T`` (S diagonal) for the dampened, column-permuted H, float32 (``R^ = R diag(R)^-1`` for
+    ``R = U^-1``, U the upper Cholesky factor of ``H^-1 = U^T U`` that Algorithm 1 starts from: module docstring);
+    ``dead``, channels with ``H_ii = 0`` (their weights are zeroed); ``perm``, the quantization order; ``damp``, the
+    dampening finally used."""
 
     upper: np.ndarray
     dead: np.ndarray
@@ -89,31 +104,30 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01, *, order_uni
     Dead channels (``H_ii = 0``) get ``H_ii = 1``. ``order_unit`` (act-order): quantize the whole units of
     ``order_unit`` consecutive channels by decreasing sum of ``H_ii``, so MX blocks stay contiguous and aligned (a
     partial last unit stays last); None keeps the natural order. When a Cholesky fails the dampening is raised
-    10x (up to ``DAMP_RETRIES`` times) with a ``HessianDampingWarning`` naming ``name``.
+    10x (up to ``DAMP_RETRIES`` times) with a ``HessianDampingWarning`` naming ``name``. ``hessian`` is left
+    unchanged; the factorisation works in one float32 copy of it (half a float64 copy) and small temporaries.
     """
-    h = np.asarray(hessian, np.float64)
+    h = np.asarray(hessian)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise InputError(f"Hessian of {name} must be square, got shape {h.shape}")
-    if not np.isfinite(h).all():
+    if not _all_finite(h):
         raise InputError(f"Hessian of {name} holds NaN or Inf values")
     k = h.shape[0]
-    diag = np.diagonal(h).copy()
+    diag = np.diagonal(h).astype(np.float64)  # a copy
     dead = diag == 0
     if dead.all():
         raise InputError(f"Hessian of {name} is all zero: no calibration data reached this input")
     diag[dead] = 1.0
     perm = np.arange(k) if order_unit is None else _act_order(diag, order_unit)
-    h[np.arange(k), np.arange(k)] = diag
-    h = h[np.ix_(perm, perm)]
     mean_diag = diag.mean()
     for attempt in range(DAMP_RETRIES + 1):
         damp_used = damp * 10.0**attempt
-        upper = _inverse_cholesky_upper(h + damp_used * mean_diag * np.eye(k))
+        upper = _inverse_cholesky_upper(_Dampened(h, perm, diag + damp_used * mean_diag))
         if upper is not None:
             if attempt:
                 warnings.warn(f"Hessian of {name} not positive definite; damp raised to {damp_used:g}",
                               HessianDampingWarning, stacklevel=2)
-            return InverseHessianFactor(upper.astype(np.float32), dead, perm, damp_used)
+            return InverseHessianFactor(upper, dead, perm, damp_used)
     raise InputError(f"Hessian of {name} is not positive definite even with damp {damp_used:g}")
 
 
@@ -125,58 +139,269 @@ def _act_order(diag: np.ndarray, unit: int) -> np.ndarray:
     return np.concatenate([(units[:, None] * unit + np.arange(unit)).reshape(-1), np.arange(whole, len(diag))])
 
 
-def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray | None:
-    """U upper triangular with ``h^-1 = U^T U``, or None when ``h`` (or its inverse) is not positive definite."""
-    try:
-        lower = np.linalg.cholesky(h)  # h = L L^T
-        lower_inv = np.linalg.inv(lower)  # triangular like L
-        return np.linalg.cholesky(lower_inv.T @ lower_inv).T  # h^-1 = L^-T L^-1 = U^T U
-    except np.linalg.LinAlgError:
-        return None
+_ROWS = 256  # rows per chunk of the whole-matrix copies and checks
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    return all(np.isfinite(a[r: r + _ROWS]).all() for r in range(0, len(a), _ROWS))
 
 
 @dataclasses.dataclass(frozen=True)
-class _Grid:
-    """A format seen by GPTQ: one parameter (MX exponent or fp32 scale) per output channel and group of ``group``
-    input channels; ``params(w [m, N]) -> [ceil(m / group), N]``; ``round(w_j [N], param [N])``."""
+class _Dampened:
+    """``A = H[perm][:, perm]`` with diagonal ``diag[perm]`` (the dampened Hessian in quantization order), not
+    materialised: ``_inverse_cholesky_upper`` builds it once, in float32."""
 
-    group: int
-    params: Callable[[np.ndarray], np.ndarray]
-    round: Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def _grid(fmt: formats.MXFormat, k: int) -> _Grid:
-    if fmt.kind == "mx":
-        return _Grid(fmt.block_size, lambda w: formats.shared_exponents(w, fmt, axis=0),
-                     lambda w_j, e: formats.quantize_dequantize_with_exponent(w_j, e, fmt))
-    return _Grid(fmt.block_size or k, lambda w: formats.fixed_point_scales(w, fmt, axis=0),
-                 lambda w_j, s: formats.quantize_dequantize_with_scale(w_j, s, fmt))
+    hessian: np.ndarray
+    perm: np.ndarray
+    diag: np.ndarray
 
 
-def _gptq(w: np.ndarray, upper: np.ndarray, grid: _Grid, block: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
-    """Algorithm 1 on ``w [K, N]`` (float32, updated in place) with ``upper`` the Cholesky factor of H^-1.
-    ``block`` (B1) is a multiple of ``micro`` (B2), a multiple of ``grid.group`` unless that spans all of K.
-    Returns (Q [K, N] float32, parameters [ceil(K / group), N])."""
-    k, n = w.shape
-    q = np.empty_like(w)
-    params = None
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1, u1 = w[i1:i2], upper[i1:i2, i1:i2]
-        err1 = np.empty((i2 - i1, n), np.float32)
-        for j1 in range(0, i2 - i1, micro):
-            j2 = min(j1 + micro, i2 - i1)
-            g1, g2 = -(-(i1 + j1) // grid.group), -(-(i1 + j2) // grid.group)  # groups starting here
-            if g2 > g1:
-                fresh = grid.params(w[g1 * grid.group: g2 * grid.group])
-                if params is None:
-                    params = np.empty((-(-k // grid.group), n), fresh.dtype)
-                params[g1:g2] = fresh
-            for j in range(j1, j2):
-                q[i1 + j] = grid.round(w1[j], params[(i1 + j) // grid.group])
-                np.divide(w1[j] - q[i1 + j], u1[j, j], out=err1[j])
-                w1[j + 1:] -= u1[j, j + 1:, None] * err1[j]
-        w[i2:] -= upper[i1:i2, i2:].T @ err1
+def _inverse_cholesky_upper(a: _Dampened) -> np.ndarray | None:
+    """``R^ = R diag(R)^-1`` (float32, C order) for R upper triangular with ``A = R R^T``, i.e. the inverse of the
+    upper Cholesky factor U of ``A^-1 = U^T U``; None when A is not positive definite (in float32, as the GPTQ
+    reference factors). The name is kept: tests patch this hook.
+
+    With J the order reversal, the Cholesky ``J A J = M M^T`` (M lower) gives ``R = J M J``. Memory: ``J A J`` in
+    float32, factored, reversed and scaled in place."""
+    k = len(a.perm)
+    order = a.perm[::-1]
+    m = np.empty((k, k), np.float32)
+    for r in range(0, k, _ROWS):
+        np.take(a.hessian[order[r: r + _ROWS]].astype(np.float32), order, axis=1, out=m[r: r + _ROWS])
+    m[np.arange(k), np.arange(k)] = a.diag[order]
+    if not _cholesky_lower_(m):
+        return None
+    for r in range(0, k, _ROWS):  # clear the strict upper triangle, which _cholesky_lower_ leaves as it was
+        m[r: r + _ROWS, r + _ROWS:] = 0.0
+        m[r: r + _ROWS, r: r + _ROWS] = np.tril(m[r: r + _ROWS, r: r + _ROWS])
+    for r in range(0, (k + 1) // 2, _ROWS):  # J M J: swap rows r and k-1-r, each reversed
+        top = slice(r, min(r + _ROWS, (k + 1) // 2))
+        bottom = slice(k - top.stop, k - top.start)
+        rows = m[top, ::-1].copy()
+        m[top] = m[bottom][::-1, ::-1]
+        m[bottom] = rows[::-1]
+    inverse_diagonal = 1 / np.diagonal(m)  # float32
+    for r in range(0, k, _ROWS):
+        m[r: r + _ROWS] *= inverse_diagonal
+    return m if _all_finite(m) else None
+
+
+_PANEL = 256  # columns per step of _cholesky_lower_, and rows per task of the threaded products
+
+
+def _cholesky_lower_(a: np.ndarray) -> bool:
+    """Cholesky ``a = L L^T`` in place (float32, C order): L replaces the lower triangle, the strict upper triangle
+    is left stale. False when ``a`` is not positive definite.
+
+    Right-looking by panels of ``_PANEL`` columns, so that nearly all K^3/3 flops are matrix products
+    (``A22 -= L21 L21^T`` on the lower triangle, by tiles of rows on the thread pool):
+    ``L11 = chol(A11)`` (float64), ``L21 = A21 L11^-T``."""
+    n = len(a)
+    for j in range(0, n, _PANEL):
+        j2 = min(j + _PANEL, n)
+        try:
+            l11 = np.linalg.cholesky(a[j:j2, j:j2].astype(np.float64))
+        except np.linalg.LinAlgError:
+            return False
+        a[j:j2, j:j2] = l11
+        if j2 == n:
+            break
+        inverse_t = np.tril(np.linalg.inv(l11)).T.astype(np.float32)  # L11^-T
+
+        def panel(r1: int, r2: int) -> None:  # rows r1:r2 of L21 = A21 L11^-T
+            a[r1:r2, j:j2] = a[r1:r2, j:j2] @ inverse_t
+
+        def schur(r1: int, r2: int) -> None:  # rows r1:r2 of the lower triangle of A22 -= L21 L21^T
+            a[r1:r2, j2:r2] -= a[r1:r2, j:j2] @ a[j2:r2, j:j2].T
+
+        _parallel(panel, j2, n)
+        _parallel(schur, j2, n)
+    return True
+
+
+_THREADS = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor | None:
+    return ThreadPoolExecutor(_THREADS, thread_name_prefix="mxonnx-gptq") if _THREADS > 1 else None
+
+
+def _parallel(task: Callable[[int, int], None], start: int, stop: int) -> None:
+    """``task(r1, r2)`` for the rows ``start:stop`` in pieces of ``_PANEL`` rows, on the thread pool (numpy's
+    BLAS and ufuncs release the GIL; with OPENBLAS_NUM_THREADS=1 each piece runs on one core). The pieces do not
+    depend on the number of threads, so neither do the results."""
+    pieces = [(r, min(r + _PANEL, stop)) for r in range(start, stop, _PANEL)]
+    pool = _pool()
+    if pool is None or len(pieces) == 1:
+        for r1, r2 in pieces:
+            task(r1, r2)
+    else:
+        for done in [pool.submit(task, r1, r2) for r1, r2 in pieces]:
+            done.result()
+
+
+class _MxRows:
+    """MX rounding of one row ``w_j [N]`` with its group's shared exponents E: ``Q_elem(w_j 2^-E) 2^E``, the
+    arithmetic of ``formats.quantize_dequantize_with_exponent`` with 2^-E, 2^E and the clamp bounds prepared once
+    per group (numpy clamps against arrays much faster than against a scalar). For MXINT the grid step is constant
+    (|v| <= max_norm < 2 after the clamp, so ``_round_to_grid``'s ``max(2^floor(log2|v|), 1)`` is 1): rounding adds
+    and subtracts C = 1.5 * 2^(23 - mbits)."""
+
+    def __init__(self, fmt: formats.MXFormat, k: int):
+        self.fmt, self.elem, self.group = fmt, fmt.elem, fmt.block_size
+        self.rounder = np.float32(1.5 * 2.0 ** (23 - fmt.elem.mbits)) if fmt.elem.integer_codes else None
+
+    def params(self, w: np.ndarray) -> np.ndarray:
+        return formats.shared_exponents(w, self.fmt, axis=0)
+
+    def prepare(self, exponent: np.ndarray) -> tuple[np.ndarray, ...]:
+        one, bound = np.float32(1), np.full(exponent.shape, self.elem.max_norm, np.float32)
+        return np.ldexp(one, -exponent).astype(np.float32), np.ldexp(one, exponent).astype(np.float32), -bound, bound
+
+    def round(self, w_j: np.ndarray, prepared: tuple[np.ndarray, ...], out: np.ndarray, v: np.ndarray) -> None:
+        inverse, scale, low, high = prepared
+        np.multiply(w_j, inverse, out=v)
+        if self.rounder is None:
+            formats._round_to_grid(v, self.elem)
+        else:
+            np.minimum(v, high, out=v)
+            np.maximum(v, low, out=v)
+            v += self.rounder
+            v -= self.rounder
+        np.multiply(v, scale, out=out)
+
+
+class _IntRows:
+    """Fixed-point rounding of one row with its group's float32 scale s: ``clamp(rint(w_j / s), +-qmax) s``, the
+    arithmetic of ``formats.quantize_dequantize_with_scale``."""
+
+    def __init__(self, fmt: formats.MXFormat, k: int):
+        self.fmt, self.group = fmt, fmt.block_size or k
+        self.qmax = 2 ** (fmt.bits - 1) - 1
+
+    def params(self, w: np.ndarray) -> np.ndarray:
+        return formats.fixed_point_scales(w, self.fmt, axis=0)
+
+    def prepare(self, scale: np.ndarray) -> tuple[np.ndarray, ...]:
+        bound = np.full(scale.shape, self.qmax, np.float32)
+        return np.ascontiguousarray(scale, np.float32), -bound, bound
+
+    def round(self, w_j: np.ndarray, prepared: tuple[np.ndarray, ...], out: np.ndarray, v: np.ndarray) -> None:
+        scale, low, high = prepared
+        np.divide(w_j, scale, out=v)
+        np.minimum(v, high, out=v)
+        np.maximum(v, low, out=v)
+        v += _INTEGER_ROUNDER
+        v -= _INTEGER_ROUNDER
+        np.multiply(v, scale, out=out)
+
+
+_INTEGER_ROUNDER = np.float32(1.5 * 2**23)  # (y + R) - R rounds float32 |y| <= 2^22 to an integer, half to even
+_LEAF_ROWS = 16  # channels quantized one by one; longer spans are halved, joined by one matrix product
+_FLUSH_ROWS = 512  # the deviations of this many channels reach the far channels by one product (GEMM efficiency)
+
+
+def _rows(fmt: formats.MXFormat, k: int) -> _MxRows | _IntRows:
+    return _MxRows(fmt, k) if fmt.kind == "mx" else _IntRows(fmt, k)
+
+
+_THREADED_PRODUCT = 1 << 24  # multiply-adds from which _add_product runs on the thread pool
+
+
+def _add_product(c: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float) -> None:
+    """``c += alpha * a @ b`` in place (float32, alpha +-1); a large product by pieces of rows of c on the thread
+    pool (each piece's temporary is small)."""
+
+    def piece(r1: int, r2: int) -> None:
+        if alpha < 0:
+            c[r1:r2] -= a[r1:r2] @ b
+        else:
+            c[r1:r2] += a[r1:r2] @ b
+
+    if c.size * a.shape[1] < _THREADED_PRODUCT:
+        piece(0, len(c))
+    else:
+        _parallel(piece, 0, len(c))
+
+
+def _block_inverse(r: np.ndarray) -> np.ndarray:
+    """``U^_B``, the inverse (upper triangular, float32) of a diagonal block of R^, inverted in float64."""
+    return np.triu(np.linalg.inv(r.astype(np.float64))).astype(np.float32)
+
+
+def _gptq(work: np.ndarray, original: Callable[[int, int], np.ndarray], root: np.ndarray, rows: _MxRows | _IntRows,
+          block: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm 1 on ``work [K, N]`` (float32, the weights in quantization order, updated in place) with ``root``
+    the factor R^ of the Hessian (``InverseHessianFactor.upper``); ``original(i1, i2)`` gives rows ``i1:i2`` of the
+    weights as they were. ``block`` (B1) is a multiple of ``micro`` (B2), a multiple of ``rows.group`` unless that
+    spans all of K. Returns (Q [K, N] float32, parameters [ceil(K / group), N]).
+
+    Channels ``l`` after the current block hold ``w_l + c_l`` (module docstring). When block ``[i1, i2)`` is reached
+    it becomes ``w + U^_B^T c``: the weights Eq. 8 would hold there. In it, every channel j gets
+    ``w_j -= sum_{i < j} (U^_B)_ij e_i`` before it is rounded, the sums grouped for BLAS: after a micro-block the rest
+    of the block by one product; inside a micro-block spans are halved down to ``_LEAF_ROWS`` channels (each half's
+    errors reaching the second half by one product), and in a leaf each channel pulls the errors of the leaf's
+    earlier channels (one matrix-vector product). A micro-block's groups get their parameters when all earlier
+    errors have reached it, as in Algorithm 1. After the block, ``W[i2:] += R^[i1:i2, i2:]^T (W_B - Q_B)``, the
+    blocks' deviations gathered over ``_FLUSH_ROWS`` channels (each block first takes those still gathered)."""
+    k, n = work.shape
+    group = rows.group
+    q = np.empty_like(work)
+    err = np.empty((min(block, k), n), np.float32)  # e_j = (w_j - q_j) / (U^_B)_jj in the current block
+    v = np.empty(n, np.float32)
+    params, prepared = None, [None] * -(-k // group)
+
+    def leaf(i1: int, a: int, b: int, u: np.ndarray) -> None:  # a, b: rows of the block
+        for j in range(a, b):
+            w_j = work[i1 + j]
+            if j > a:
+                w_j -= u[a:j, j] @ err[a:j]
+            rows.round(w_j, prepared[(i1 + j) // group], q[i1 + j], v)
+            e_j = err[j]
+            np.subtract(w_j, q[i1 + j], out=e_j)
+            e_j /= u[j, j]
+
+    def span(i1: int, a: int, b: int, u: np.ndarray) -> None:
+        if b - a <= _LEAF_ROWS:
+            leaf(i1, a, b, u)
+            return
+        mid = a + -(-(b - a) // (2 * _LEAF_ROWS)) * _LEAF_ROWS
+        span(i1, a, mid, u)
+        _add_product(work[i1 + mid: i1 + b], u[a:mid, mid:b].T, err[a:mid], -1.0)
+        span(i1, mid, b, u)
+
+    flush = block * max(1, _FLUSH_ROWS // block)
+    deviations = np.empty((min(flush, k), n), np.float32)  # D of the blocks [start, i1), not yet in the rows after
+    start = 0
+    with np.errstate(over="ignore"):  # w_j 2^-E beyond float32 saturates like any value above max_norm
+        for i1 in range(0, k, block):
+            i2 = min(i1 + block, k)
+            u = _block_inverse(root[i1:i2, i1:i2])
+            w_block, w0 = work[i1:i2], original(i1, i2)
+            if start < i1:
+                _add_product(w_block, root[start:i1, i1:i2].T, deviations[: i1 - start], 1.0)
+            if i1:  # w_block = w0 + c  ->  w0 + U^_B^T c
+                w_block -= w0
+                np.add(w0, u.T @ w_block, out=w_block)
+            for j1 in range(0, i2 - i1, micro):
+                j2 = min(j1 + micro, i2 - i1)
+                g1, g2 = -(-(i1 + j1) // group), -(-(i1 + j2) // group)  # groups starting here
+                if g2 > g1:
+                    fresh = rows.params(work[g1 * group: g2 * group])
+                    if params is None:
+                        params = np.empty((len(prepared), n), fresh.dtype)
+                    params[g1:g2] = fresh
+                    for g in range(g1, g2):
+                        prepared[g] = rows.prepare(params[g])
+                span(i1, j1, j2, u)
+                if j2 < i2 - i1:
+                    _add_product(w_block[j2:], u[j1:j2, j2:].T, err[j1:j2], -1.0)
+            if i2 < k:
+                np.subtract(w0, q[i1:i2], out=deviations[i1 - start: i2 - start])  # D_B = W_B - Q_B
+                if i2 - start >= flush:
+                    _add_product(work[i2:], root[start:i2, i2:].T, deviations[: i2 - start], 1.0)
+                    start = i2
     return q, params
 
 
@@ -217,23 +442,55 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | InverseHessianFactor, fmt
         hessian, damp, order_unit=(fmt.block_size or 1) if act_order else None, name=name)
     if factor.upper.shape[0] != k:
         raise InputError(f"{name}: Hessian is for {factor.upper.shape[0]} input channels, the weight has {k}")
-    work = w[factor.perm]  # quantization order; a copy, updated in place
-    work[factor.dead[factor.perm]] = 0.0
-    q_perm, params_perm = _gptq(work, factor.upper, _grid(fmt, k), block, micro)
-    q = np.empty_like(q_perm)
-    q[factor.perm] = q_perm
-    params = np.empty_like(params_perm)
-    params[factor.perm[::group] // group] = params_perm
-    return _encode(q, params, fmt)
+    perm, dead = factor.perm, factor.dead[factor.perm]
+
+    def original(i1: int, i2: int) -> np.ndarray:
+        rows = w[perm[i1:i2]]
+        rows[dead[i1:i2]] = 0.0
+        return rows
+
+    work = original(0, k)  # quantization order; a copy, updated in place
+    root = np.ascontiguousarray(factor.upper, np.float32)
+    q_perm, params_perm = _gptq(work, original, root, _rows(fmt, k), block, micro)
+    del work
+    # permuted groups are whole groups (act-order moves units of one group), so encode in that order, then undo it
+    codes_perm, scales_perm = _encode(q_perm, params_perm, fmt)
+    del q_perm
+    codes = np.empty_like(codes_perm)
+    codes[perm] = codes_perm
+    scales = np.empty_like(scales_perm)
+    scales[perm[::group] // group] = scales_perm
+    return codes, scales
+
+
+_ENCODE_ELEMENTS = 1 << 20  # elements per chunk of _encode
 
 
 def _encode(q: np.ndarray, params: np.ndarray, fmt: formats.MXFormat) -> tuple[np.ndarray, np.ndarray]:
-    """Codes and stored scales of grid values ``q [K, N]`` with per-group ``params [K / group, N]``."""
-    per_element = np.repeat(params, fmt.block_size or q.shape[0], axis=0)[: q.shape[0]]
+    """Codes and stored scales of grid values ``q [K, N]`` with per-group ``params [K / group, N]``, group by group
+    in chunks of rows (small temporaries). MX: the element value is ``q 2^-E`` (exact: a grid value); MXINT codes
+    are that times 2^mbits (``formats.element_codes`` without its NaN handling: q is finite)."""
+    k, n = q.shape
+    group = fmt.block_size or k
+    integer = fmt.kind == "int" or fmt.elem.integer_codes
+    codes = np.empty((k, n), np.int8 if integer else np.uint8)
+    step = max(1, _ENCODE_ELEMENTS // max(n, 1))
+    for g in range(len(params)):
+        per_group = (params[g] if fmt.kind == "int"
+                     else np.ldexp(np.float32(1), -params[g]).astype(np.float32))  # scale, or 2^-E
+        for r in range(g * group, min((g + 1) * group, k), step):
+            chunk = q[r: min(r + step, (g + 1) * group)]
+            if fmt.kind == "int":
+                codes[r: r + len(chunk)] = np.rint(chunk / per_group)
+            elif integer:
+                value = chunk * per_group
+                value *= np.float32(2**fmt.elem.mbits)
+                codes[r: r + len(chunk)] = value
+            else:
+                codes[r: r + len(chunk)] = formats.element_codes(chunk * per_group, fmt.elem)
     if fmt.kind == "mx":
-        codes = formats.element_codes(np.ldexp(q, -per_element), fmt.elem)
         return codes, (params + 127).astype(np.uint8)
-    return np.rint(q / per_element).astype(np.int8), params.astype(np.float32)
+    return codes, params.astype(np.float32)
 
 
 class GptqWeightProvider:
