@@ -284,6 +284,12 @@ def _prefix_values(graph: ir.Graph, h0: ir.Value) -> set[ir.Value]:
     return shared
 
 
+def prefix_values(graph: ir.Graph, h0: ir.Value) -> set[ir.Value]:
+    """The values of the prefix of a graph cut at ``h0``: outputs of nodes that read a graph input (directly or not) but
+    not the data of ``h0`` (``Shape(h0)`` is allowed); what :class:`BlockwiseRunner` computes once per window."""
+    return _prefix_values(graph, h0)
+
+
 def graph_region(graph: ir.Graph, outputs: Sequence[ir.Value],
                  stops: set[ir.Value]) -> tuple[list[ir.Node], list[ir.Value]]:
     """The nodes ``outputs`` depend on, walking back to values in ``stops``, graph inputs and initializers.

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=_positive_int, default=2048)
     p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate only the first N windows")
     p.add_argument("--reference", choices=["torch"], default=None, help="evaluate the transformers model in torch instead")
+    p.add_argument("--blockwise", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the graph one decoder block at a time (default: when its weights exceed the eval budget)")
     _common(p)
 
     p = sub.add_parser("inspect", help="opset, custom ops, quantized MatMuls, bits per weight, bytes")
@@ -153,7 +155,7 @@ def _run(args: argparse.Namespace) -> None:
         from mxonnx.eval import evaluate_perplexity
 
         r = evaluate_perplexity(Path(args.model), data=args.data, seqlen=args.seqlen, max_windows=args.max_windows,
-                                reference=args.reference, progress=progress)
+                                reference=args.reference, progress=progress, blockwise=args.blockwise)
         _print_result(args, r, f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens "
                                f"({r['windows']} windows of {r['seqlen']}) in {r['seconds']:.1f} s, "
                                f"{r['tokens_per_second']:.0f} tokens/s")

@@ -10,6 +10,8 @@ dropped); in each window token t is predicted from tokens 0..t-1, and
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -134,12 +136,41 @@ def _onnx_folder(model: Path):
     return paths, tokenizer
 
 
-def _ort_logits(paths):
-    """Logits function ``[1, T] -> [1, T, V]`` of the folder's graph in onnxruntime."""
+def _model_config(paths):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(paths.folder) if (paths.folder / "config.json").is_file() else None
-    return OrtCausalLM(paths.onnx, config=config).logits
+    return AutoConfig.from_pretrained(paths.folder) if (paths.folder / "config.json").is_file() else None
+
+
+def _nlls(logits_of, windows: np.ndarray, progress: bool) -> Iterator[float]:
+    """Per window, its summed NLL from ``logits_of`` (``[1, T] -> [1, T, V]``)."""
+    from tqdm.auto import tqdm
+
+    for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
+        yield window_nll(logits_of(window[None])[0], window)
+
+
+def _blockwise_nlls(lm, windows: np.ndarray) -> Iterator[float]:
+    """Per window, its summed NLL from a ``mxonnx.stream_eval.StreamedCausalLM``."""
+    for window, logits in zip(windows, lm.window_logits(windows)):
+        yield window_nll(logits, window)
+
+
+def _onnx_nlls(paths, windows: np.ndarray, blockwise: bool | None, progress: bool) -> tuple[str, Iterator[float]]:
+    """``(path, per-window NLLs)``: block by block when ``blockwise``, or (None) when the whole-graph session would
+    exceed ``mxonnx.stream_eval.eval_budget()``; a graph that cannot be cut then falls back to the whole graph."""
+    from mxonnx.stream_eval import StreamedCausalLM, choose_blockwise
+
+    config = _model_config(paths)
+    if choose_blockwise(paths.onnx, blockwise):
+        try:
+            lm = StreamedCausalLM(paths.onnx, config=config, progress=progress)
+            return "blockwise", _blockwise_nlls(lm, windows)
+        except InputError as exc:
+            if blockwise:
+                raise
+            warnings.warn(f"evaluating the whole graph at once: {exc}", stacklevel=2)
+    return "whole-graph", _nlls(OrtCausalLM(paths.onnx, config=config).logits, windows, progress)
 
 
 def _torch_model(model: Path):
@@ -159,29 +190,29 @@ def _torch_model(model: Path):
 
 
 def evaluate_perplexity(model: Path, data: Path | None = None, seqlen: int = 2048, max_windows: int | None = None,
-                        reference: str | None = None, progress: bool = True) -> dict:
+                        reference: str | None = None, progress: bool = True, blockwise: bool | None = None) -> dict:
     """Perplexity of ``model`` on ``data`` (default WikiText-2 raw test) with the protocol of this module.
 
     ``model`` is an ONNX model folder run in onnxruntime, or with ``reference="torch"`` a Hugging Face folder or
-    .gguf file run in transformers. ``tokens`` counts the tokens fed (windows x seqlen); ``seconds`` and
-    ``tokens_per_second`` time the forward passes and log-softmax, not loading or tokenizing.
+    .gguf file run in transformers. ONNX graphs run in one session, or one decoder block at a time
+    (``mxonnx.stream_eval``, the same values) with ``blockwise=True``, or with None when the whole-graph session's
+    weights are estimated above ``mxonnx.stream_eval.eval_budget()``; ``path`` says which ran. ``tokens`` counts the
+    tokens fed (windows x seqlen); ``seconds`` and ``tokens_per_second`` time the forward passes and log-softmax
+    (block by block, also opening each block's session), not loading or tokenizing.
     """
-    from tqdm.auto import tqdm
-
     if reference not in (None, "torch"):
         raise InputError(f"unknown reference {reference!r}; the only reference is 'torch'")
     text = _read_text(data)
     if reference == "torch":
         logits_of, tokenizer = _torch_model(model)
         windows = token_windows(_tokenize(tokenizer, text), seqlen, max_windows)
+        path, nlls = "torch", _nlls(logits_of, windows, progress)
     else:  # the session is opened only once the text has passed its checks
         paths, tokenizer = _onnx_folder(model)
         windows = token_windows(_tokenize(tokenizer, text), seqlen, max_windows)
-        logits_of = _ort_logits(paths)
-    total_nll = 0.0
+        path, nlls = _onnx_nlls(paths, windows, blockwise, progress)
     start = time.perf_counter()
-    for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
-        total_nll += window_nll(logits_of(window[None])[0], window)
+    total_nll = sum(nlls, 0.0)
     seconds = time.perf_counter() - start
     predicted = windows.shape[0] * (seqlen - 1)
     return {
@@ -191,6 +222,7 @@ def evaluate_perplexity(model: Path, data: Path | None = None, seqlen: int = 204
         "seqlen": seqlen,
         "seconds": seconds,
         "tokens_per_second": windows.size / seconds if seconds > 0 else float("inf"),
+        "path": path,
     }
 
 

@@ -13,6 +13,11 @@ All three targets are exact: they compute the same values as the custom ops.
   ``com.microsoft.MatMulNBits`` (bits 4 for d <= 4, else 8; unsigned codes ``k + 2^(bits-1)`` with the default
   zero point ``2^(bits-1)``; the same power-of-two scales). ORT needs a block size of at least 16.
   Activation ops are inlined.
+
+Memory: the weights that a target rewrites (qdq scales, MatMulNBits codes and scales) are ``ir.LazyTensor``s
+computed from the source tensors when the model is saved, one at a time (the source mapping released after each),
+and the weights kept as they are stay memory-mapped external tensors that ``ir.save`` copies file to file; lowering
+a model holds about one weight's data, whatever its depth.
 """
 
 from __future__ import annotations
@@ -39,9 +44,28 @@ def _format_and_axis(node: ir.Node) -> tuple[formats.MXFormat, int]:
     return fmt, axis
 
 
-def _int_block_scales(node: ir.Node, fmt: formats.MXFormat) -> np.ndarray:
+def _read(tensor: ir.TensorProtocol, dtype: type) -> np.ndarray:
+    """``tensor``'s values as a new ``dtype`` array; an external tensor's mapping (and its unpacked copy of 4-bit
+    codes) is released right after, so lowering holds one weight's data at a time."""
+    array = np.asarray(tensor.numpy()).astype(dtype)
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # another view of the mapping is alive: it stays mapped
+            pass
+    return array
+
+
+def _lazy(name: str, dtype: ir.DataType, shape: tuple[int, ...], compute) -> ir.Value:
+    """An initializer whose data ``compute()`` makes when it is saved (and is dropped right after): the lowered
+    weights are written one at a time instead of all being held until the save."""
+    tensor = ir.LazyTensor(lambda: ir.Tensor(compute(), name=name), dtype=dtype, shape=ir.Shape(shape), name=name)
+    return ir.Value(name=name, const_value=tensor)
+
+
+def _int_block_scales(exponents: ir.TensorProtocol, fmt: formats.MXFormat) -> np.ndarray:
     """fp32 scales 2^(E - 127 - (d - 2)) of an MXINTd weight, from its E8M0 exponents (exact powers of two)."""
-    exps = node.inputs[1].const_value.numpy().astype(np.int32)
+    exps = _read(exponents, np.int32)
     return np.ldexp(np.float32(1.0), exps - 127 - (fmt.bits - 2)).astype(np.float32)
 
 
@@ -55,13 +79,10 @@ def _lowerable_int_weight(node: ir.Node) -> formats.MXFormat | None:
     return fmt
 
 
-def _weight_codes(node: ir.Node) -> np.ndarray:
-    return node.inputs[0].const_value.numpy().astype(np.int32)
-
-
 def _replace_with_dequantize_linear(model: ir.Model, node: ir.Node, fmt: formats.MXFormat) -> None:
-    scales = ir.Value(name=f"{node.inputs[0].name}_qdq_scale",
-                      const_value=ir.Tensor(_int_block_scales(node, fmt), name=f"{node.inputs[0].name}_qdq_scale"))
+    exponents = node.inputs[1].const_value
+    scales = _lazy(f"{node.inputs[0].name}_qdq_scale", ir.DataType.FLOAT, tuple(exponents.shape),
+                   lambda: _int_block_scales(exponents, fmt))
     model.graph.register_initializer(scales)
     dq = ir.node("DequantizeLinear", [node.inputs[0], scales], attributes={"axis": 0, "block_size": fmt.block_size},
                  name=f"{node.name}/DequantizeLinear", num_outputs=1)
@@ -85,24 +106,35 @@ def _pack_matmulnbits(codes: np.ndarray, bits: int, block: int) -> np.ndarray:
     return (per_column[..., 0::2] | (per_column[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _nbits_initializers(deq: ir.Node, fmt: formats.MXFormat, bits: int) -> tuple[ir.Value, ir.Value]:
+    """MatMulNBits' packed codes ``[N, k_blocks, block * bits / 8]`` and fp32 scales ``[N, k_blocks]`` of ``deq``'s
+    weight, both computed only when saved (:func:`_lazy`)."""
+    codes, exponents = deq.inputs[0].const_value, deq.inputs[1].const_value
+    k, n = codes.shape
+    block = fmt.block_size
+    blocks = -(-k // block)
+    prefix = deq.inputs[0].name
+    packed = _lazy(f"{prefix}_nbits", ir.DataType.UINT8, (n, blocks, block * bits // 8),
+                   lambda: _pack_matmulnbits(_read(codes, np.int16), bits, block))
+    scales = _lazy(f"{prefix}_nbits_scales", ir.DataType.FLOAT, (n, blocks),
+                   lambda: np.ascontiguousarray(_int_block_scales(exponents, fmt).T))
+    return packed, scales
+
+
 def _replace_with_matmulnbits(model: ir.Model, deq: ir.Node, fmt: formats.MXFormat) -> int:
     """Replace every MatMul reading ``deq``'s output as B by MatMulNBits; returns how many."""
     bits = 4 if fmt.bits <= 4 else 8
-    block = fmt.block_size
-    codes = _weight_codes(deq)
-    k, n = codes.shape
-    prefix = deq.inputs[0].name
-    packed = ir.Value(name=f"{prefix}_nbits", const_value=ir.Tensor(_pack_matmulnbits(codes, bits, block), name=f"{prefix}_nbits"))
-    scales_array = np.ascontiguousarray(_int_block_scales(deq, fmt).T)  # [N, k_blocks]
-    scales = ir.Value(name=f"{prefix}_nbits_scales", const_value=ir.Tensor(scales_array, name=f"{prefix}_nbits_scales"))
+    k, n = deq.inputs[0].const_value.shape
     matmuls = [c for c in deq.outputs[0].consumers() if c.op_type == "MatMul" and c.domain == "" and c.inputs[1] is deq.outputs[0]]
     if not matmuls or len(matmuls) != len(list(deq.outputs[0].uses())):
         return 0
+    packed, scales = _nbits_initializers(deq, fmt, bits)
     model.graph.register_initializer(packed)
     model.graph.register_initializer(scales)
     for mm in matmuls:
         fused = ir.node("MatMulNBits", [mm.inputs[0], packed, scales], domain=MS_DOMAIN, name=f"{mm.name}/MatMulNBits",
-                        attributes={"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 0}, num_outputs=1)
+                        attributes={"K": k, "N": n, "bits": bits, "block_size": fmt.block_size, "accuracy_level": 0},
+                        num_outputs=1)
         model.graph.insert_before(mm, fused)
         out_name = mm.outputs[0].name
         ir.convenience.replace_all_uses_with(mm.outputs[0], fused.outputs[0])

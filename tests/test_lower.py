@@ -58,3 +58,17 @@ def test_matmulnbits_refuses_mxfp(tiny_onnx_nopast, tmp_path, capsys):
 def test_float_model_is_refused(tiny_onnx_nopast, tmp_path, capsys):
     assert main(["lower", str(tiny_onnx_nopast), "-o", str(tmp_path / "out"), "--target", "inline"]) == 2
     assert "quantize it with MX formats first" in capsys.readouterr().err
+
+
+def test_lowered_weights_are_made_when_saved(mx_model):
+    """Lowering holds no weight data: the new initializers are computed one at a time while the model is saved."""
+    import onnx_ir as ir
+
+    from mxonnx.passes.lower import lower
+
+    for target in ("qdq", "matmulnbits"):
+        model, _ = lower(ir.load(mx_model / "model.onnx"), target)
+        made = [v for v in model.graph.initializers.values()
+                if v.name.endswith(("_qdq_scale", "_nbits", "_nbits_scales"))]
+        assert len(made) == {"qdq": 14, "matmulnbits": 28}[target]
+        assert all(isinstance(v.const_value, ir.LazyTensor) for v in made)
