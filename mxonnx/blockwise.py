@@ -59,7 +59,7 @@ class BlockwiseRunner:
         self.group_inputs = [_group_inputs(block) for block in blocks]
         self.group_widths = [{group: linears[0].shape[0] for group, linears in block.groups().items()}
                              for block in blocks]
-        self._shared = _prefix_values(model.graph, self.boundaries[0])
+        self._shared = prefix_values(model.graph, self.boundaries[0])
         read = {v for i in range(self.num_blocks) for v in self._block_region(i, [self.boundaries[i + 1]])[1]}
         # what the prefix computes per window: h_0 and the prefix values some block reads
         self._prefix_outputs = [self.boundaries[0], *sorted((read & self._shared) - {self.boundaries[0]},
@@ -264,8 +264,9 @@ def _group_inputs(block: DecoderBlock) -> dict[str, ir.Value]:
     return groups
 
 
-def _prefix_values(graph: ir.Graph, h0: ir.Value) -> set[ir.Value]:
-    """Outputs of nodes that depend on a graph input but not on the data of ``h0`` (its ``Shape`` is allowed)."""
+def prefix_values(graph: ir.Graph, h0: ir.Value) -> set[ir.Value]:
+    """The values of the prefix of a graph cut at ``h0``: outputs of nodes that depend on a graph input but not on the
+    data of ``h0`` (its ``Shape`` is allowed); what :class:`BlockwiseRunner` computes once per window."""
     tainted: set[int] = set()
     stack = [n for n in h0.consumers() if n.op_type not in SHAPE_OPS]
     while stack:
@@ -282,12 +283,6 @@ def _prefix_values(graph: ir.Graph, h0: ir.Value) -> set[ir.Value]:
             if id(node) not in tainted:
                 shared.update(node.outputs)
     return shared
-
-
-def prefix_values(graph: ir.Graph, h0: ir.Value) -> set[ir.Value]:
-    """The values of the prefix of a graph cut at ``h0``: outputs of nodes that read a graph input (directly or not) but
-    not the data of ``h0`` (``Shape(h0)`` is allowed); what :class:`BlockwiseRunner` computes once per window."""
-    return _prefix_values(graph, h0)
 
 
 def graph_region(graph: ir.Graph, outputs: Sequence[ir.Value],

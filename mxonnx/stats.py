@@ -7,7 +7,8 @@ and ``down``. For each, over the calibration tokens ``x_t [K]``:
     max_abs_j = max_t |x_tj|   (SmoothQuant, paper Eq. 3)      mean_abs_j = mean_t |x_tj|   (AWQ, paper Eq. 5)
     xtx = sum_t x_t^T x_t  (float64; the GPTQ Hessian is H = 2/n xtx, paper Eq. 7)
 
-plus, on request, a sample of raw input rows (AWQ's search). No ONNX, no onnxruntime: arrays only.
+plus, on request, a sample of raw input rows (AWQ's search). No ONNX, no onnxruntime: arrays only (``xtx`` is
+summed by :class:`mxonnx.gptq.HessianAccumulator`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import dataclasses
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
+
+from mxonnx.gptq import HessianAccumulator
 
 if TYPE_CHECKING:
     from mxonnx.passes.llama_structure import DecoderBlock, Linear
@@ -46,7 +49,7 @@ class StatsAccumulator:
         self.max_abs = np.zeros(k, np.float32)
         self.sum_abs = np.zeros(k, np.float64)
         self.count = 0
-        self.xtx = np.zeros((k, k), np.float64) if hessian else None
+        self.gram = HessianAccumulator(k) if hessian else None
         self.rows: list[np.ndarray] | None = [] if sample else None
 
     def add(self, x: np.ndarray, rows: np.ndarray | None = None) -> None:
@@ -57,15 +60,15 @@ class StatsAccumulator:
         self.count += x.shape[0]
         if self.rows is not None and rows is not None and len(rows):
             self.rows.append(np.array(x[rows], np.float32))
-        if self.xtx is not None:
-            x32 = np.asarray(x, np.float32)
-            self.xtx += x32.T @ x32
+        if self.gram is not None:
+            self.gram.add_batch(x)
 
     def result(self) -> ActivationStats:
         mean_abs = (self.sum_abs / max(self.count, 1)).astype(np.float32)
         sample = None if self.rows is None else (
             np.concatenate(self.rows) if self.rows else np.zeros((0, len(self.max_abs)), np.float32))
-        return ActivationStats(self.max_abs, mean_abs, self.count, self.xtx, sample)
+        xtx = self.gram.xtx if self.gram is not None else None
+        return ActivationStats(self.max_abs, mean_abs, self.count, xtx, sample)
 
 
 def group_key(block: DecoderBlock, group: str) -> str:

@@ -103,17 +103,11 @@ def write_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray | 
     return own
 
 
-def _dtype(value: ir.Value) -> ir.DataType:
-    """The type the node reads ``value`` as: a float16 weight behind ``Cast(to=FLOAT)`` reads as float32, so its
-    folded replacement, which the node reads directly, is stored in float32."""
-    return constant_dtype(value)
-
-
 def scaled_tensor(value: ir.Value, factor: np.ndarray) -> ir.LazyTensor:
     """``W * factor`` (broadcast; computed in float64, stored in W's dtype) for the constant ``W`` that ``value``
     reads, evaluated each time it is read: the folded weight costs no memory of its own, the model keeps reading
     the source tensor (memory-mapped external data for an exported model) and the factor."""
-    read, dtype = constant_reader(value), _dtype(value)
+    read, dtype = constant_reader(value), constant_dtype(value)
     shape = constant_shape(value)
 
     def evaluate() -> ir.Tensor:
@@ -126,19 +120,19 @@ def scaled_tensor(value: ir.Value, factor: np.ndarray) -> ir.LazyTensor:
 
 def scale_rows(graph: ir.Graph, linear: Linear, s: np.ndarray) -> None:
     """``W <- diag(s) W``: input channel j of the linear times ``s_j``."""
-    write_input(graph, linear.node, 1, scaled_tensor(linear.weight, s[:, None]), _dtype(linear.weight))
+    write_input(graph, linear.node, 1, scaled_tensor(linear.weight, s[:, None]), constant_dtype(linear.weight))
 
 
 def scale_columns(graph: ir.Graph, linear: Linear, s: np.ndarray) -> None:
     """``W <- W diag(s)``: output channel c of the linear times ``s_c``."""
-    write_input(graph, linear.node, 1, scaled_tensor(linear.weight, s[None, :]), _dtype(linear.weight))
+    write_input(graph, linear.node, 1, scaled_tensor(linear.weight, s[None, :]), constant_dtype(linear.weight))
 
 
 def scale_norm(graph: ir.Graph, norm: RMSNorm, s: np.ndarray) -> None:
     """``gamma <- gamma * s`` on the RMSNorm's weight (``norm.weight`` follows a weight given its own copy)."""
     index = next(i for i, v in enumerate(norm.node.inputs) if v is norm.weight)
     gamma = constant_array(norm.weight).astype(np.float64)
-    norm.weight = write_input(graph, norm.node, index, gamma * s, _dtype(norm.weight))
+    norm.weight = write_input(graph, norm.node, index, gamma * s, constant_dtype(norm.weight))
 
 
 def _producer(block: DecoderBlock, group: str) -> RMSNorm | Linear:
@@ -177,7 +171,7 @@ def choose_block_scales(block: DecoderBlock, choose: Callable[[str, GroupWeights
         for linear in block.groups()[group]:
             w = linear.weight_array
             if linear.role in column_factors:
-                stored = _dtype(linear.weight).numpy()
+                stored = constant_dtype(linear.weight).numpy()
                 w = (w.astype(np.float64) * column_factors[linear.role][None, :]).astype(stored).astype(w.dtype)
             arrays.append(w)
         return arrays
