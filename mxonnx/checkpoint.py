@@ -1,5 +1,6 @@
 """Read a checkpoint's tensors one at a time: a Hugging Face folder's safetensors files (one file, or shards listed by
-``model.safetensors.index.json``) or a model already in memory (GGUF sources, ``pytorch_model.bin`` folders).
+``model.safetensors.index.json``), a GGUF file (each tensor dequantized to float32 when read), or a model already in
+memory (``pytorch_model.bin`` folders).
 
 A source answers for the parameter names of transformers' ``LlamaForCausalLM`` (``model.layers.3.mlp.up_proj.weight``):
 a checkpoint saved from the bare ``LlamaModel`` (no ``model.`` prefix) is read too, and a missing ``lm_head.weight``
@@ -97,6 +98,59 @@ class SafetensorsSource(TensorSource):
                 return tuple(f.get_slice(key).get_shape())
         except Exception as exc:  # noqa: BLE001 - as in _read
             raise InputError(f"{self.keys[key]}: cannot read tensor {key!r} ({' '.join(str(exc).split())})") from None
+
+
+class GGUFSource(TensorSource):
+    """The tensors of a GGUF file under transformers' parameter names, dequantized one at a time.
+
+    The file is memory-mapped once by ``gguf.GGUFReader`` (its header, with the tokenizer arrays, is slow to parse);
+    a read dequantizes one tensor with ``gguf.dequantize`` and applies transformers' per-architecture fix-ups
+    (``TENSOR_PROCESSORS``: llama.cpp stores q/k rows permuted for its rotary layout, W_gguf = P W), exactly as
+    ``from_pretrained(gguf_file=...)`` does for the whole model, so the values are those transformers loads. After
+    each read the mapped pages are released (``MADV_DONTNEED``), so no page of the file stays in RSS between reads."""
+
+    def __init__(self, path: Path, config):
+        import gguf
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map, load_gguf_checkpoint
+
+        self.path = Path(path)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        to_hf = get_gguf_hf_weights_map(skeleton)
+        self._gguf_config = load_gguf_checkpoint(str(self.path), return_tensors=False).get("config", {})
+        self._reader = gguf.GGUFReader(self.path)
+        self.architecture = str(self._reader.fields["general.architecture"].contents())
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        keys = {to_hf[name]: name for name in self._tensors if name in to_hf}
+        super().__init__(keys, bool(config.tie_word_embeddings), str(self.path))
+
+    def _read(self, key: str):
+        import numpy as np
+        import torch
+        from gguf import dequantize
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        tensor = self._tensors[self.keys[key]]
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=self._gguf_config)
+        weights = processor.process(weights=weights, name=tensor.name, tensor_key_mapping={},
+                                    parsed_parameters={}).weights
+        array = np.array(weights, dtype=np.float32, copy=True)
+        del weights
+        self._release_pages()
+        return torch.from_numpy(array)
+
+    def _release_pages(self) -> None:
+        import mmap
+
+        mapped = getattr(self._reader.data, "_mmap", None)
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[self.keys[key]].shape))
 
 
 class StateDictSource(TensorSource):

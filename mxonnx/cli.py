@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in plain column order (default: MX blocks by decreasing Hessian diagonal)")
     p.add_argument("--no-sequential", action="store_true", help="GPTQ on the float model's inputs instead of the quantized prefix's")
+    p.add_argument("--exponent-search", action="store_true",
+                   help="GPTQ: choose each MX block's shared exponent among E-1, E, E+1 by the GPTQ loss (default: E, the OCP rule)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished block")
@@ -145,7 +147,8 @@ def _run(args: argparse.Namespace) -> None:
             weights=args.weights, acts=args.acts, method=args.method, alpha=args.alpha, calib_path=args.calib,
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
-            act_order=not args.no_act_order, sequential=not args.no_sequential, quantize_lm_head=args.quantize_lm_head, progress=progress,
+            act_order=not args.no_act_order, sequential=not args.no_sequential, exponent_search=args.exponent_search,
+            quantize_lm_head=args.quantize_lm_head, progress=progress,
         )
         r = quantize_model(Path(args.model), Path(args.output), cfg, resume=args.resume)
         _print_result(args, r, f"quantized {args.model} -> {r['output']}: weights {r['weights']}, acts {r['acts']}, "

@@ -42,6 +42,7 @@ class QuantizeConfig:
     damp: float = 0.01
     act_order: bool = True  # GPTQ columns in order of decreasing Hessian diagonal, whole MX blocks kept together
     sequential: bool = True
+    exponent_search: bool = False  # GPTQ: shared exponents chosen among E-1, E, E+1 by the GPTQ loss (issue 19)
     quantize_lm_head: bool = False
     progress: bool = True
 

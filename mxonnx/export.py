@@ -167,15 +167,17 @@ def _generation_config(src: Path, config):
 
 def _open_source(src: Path):
     """``(config, generation_config, tokenizer, tensors)`` of a source that passed ``check_source``; ``tensors`` is a
-    ``mxonnx.checkpoint.TensorSource`` (safetensors read tensor by tensor, else the model loaded whole)."""
+    ``mxonnx.checkpoint.TensorSource`` (safetensors and GGUF read tensor by tensor, else the model loaded whole)."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
-    from mxonnx.checkpoint import SafetensorsSource, StateDictSource, has_safetensors
+    from mxonnx.checkpoint import GGUFSource, SafetensorsSource, StateDictSource, has_safetensors
 
     if not src.is_dir():
-        model, tokenizer = _load_gguf(src)
-        return model.config, model.generation_config, tokenizer, StateDictSource(model, str(src))
+        config = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)  # the metadata only
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        tokenizer.vocab_file = None  # else save_pretrained copies the whole GGUF as "tokenizer.model"
+        return config, GenerationConfig.from_model_config(config), tokenizer, GGUFSource(src, config)
     config = AutoConfig.from_pretrained(src)
     tokenizer = AutoTokenizer.from_pretrained(src)
     if has_safetensors(src):

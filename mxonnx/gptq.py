@@ -95,6 +95,7 @@ class InverseHessianFactor:
     dead: np.ndarray
     perm: np.ndarray
     damp: float
+    diagonal: np.ndarray | None = None  # diag(R) = 1 / diag(U), float32: channel j's loss weight is diagonal_j^2
 
 
 def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01, *, order_unit: int | None = None,
@@ -122,12 +123,13 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01, *, order_uni
     mean_diag = diag.mean()
     for attempt in range(DAMP_RETRIES + 1):
         damp_used = damp * 10.0**attempt
-        upper = _inverse_cholesky_upper(_Dampened(h, perm, diag + damp_used * mean_diag))
-        if upper is not None:
+        factored = _inverse_cholesky_upper(_Dampened(h, perm, diag + damp_used * mean_diag))
+        if factored is not None:
             if attempt:
                 warnings.warn(f"Hessian of {name} not positive definite; damp raised to {damp_used:g}",
                               HessianDampingWarning, stacklevel=2)
-            return InverseHessianFactor(upper, dead, perm, damp_used)
+            upper, diagonal = factored
+            return InverseHessianFactor(upper, dead, perm, damp_used, diagonal)
     raise InputError(f"Hessian of {name} is not positive definite even with damp {damp_used:g}")
 
 
@@ -156,10 +158,10 @@ class _Dampened:
     diag: np.ndarray
 
 
-def _inverse_cholesky_upper(a: _Dampened) -> np.ndarray | None:
-    """``R^ = R diag(R)^-1`` (float32, C order) for R upper triangular with ``A = R R^T``, i.e. the inverse of the
-    upper Cholesky factor U of ``A^-1 = U^T U``; None when A is not positive definite (in float32, as the GPTQ
-    reference factors). The name is kept: tests patch this hook.
+def _inverse_cholesky_upper(a: _Dampened) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(R^, diag(R))``: ``R^ = R diag(R)^-1`` (float32, C order) for R upper triangular with ``A = R R^T``, i.e. the
+    inverse of the upper Cholesky factor U of ``A^-1 = U^T U``; None when A is not positive definite (in float32, as
+    the GPTQ reference factors). The name is kept: tests patch this hook.
 
     With J the order reversal, the Cholesky ``J A J = M M^T`` (M lower) gives ``R = J M J``. Memory: ``J A J`` in
     float32, factored, reversed and scaled in place."""
@@ -180,10 +182,11 @@ def _inverse_cholesky_upper(a: _Dampened) -> np.ndarray | None:
         rows = m[top, ::-1].copy()
         m[top] = m[bottom][::-1, ::-1]
         m[bottom] = rows[::-1]
-    inverse_diagonal = 1 / np.diagonal(m)  # float32
+    diagonal = np.diagonal(m).copy()  # float32
+    inverse_diagonal = 1 / diagonal
     for r in range(0, k, _ROWS):
         m[r: r + _ROWS] *= inverse_diagonal
-    return m if _all_finite(m) else None
+    return (m, diagonal) if _all_finite(m) else None
 
 
 _PANEL = 256  # columns per step of _cholesky_lower_, and rows per task of the threaded products
@@ -330,8 +333,41 @@ def _block_inverse(r: np.ndarray) -> np.ndarray:
     return np.triu(np.linalg.inv(r.astype(np.float64))).astype(np.float32)
 
 
+EXPONENT_OFFSETS = (-1, 0, 1)  # candidates around the OCP exponent E tried by the output-aware choice
+
+
+def choose_exponents(w: np.ndarray, u: np.ndarray, weight: np.ndarray, rows: _MxRows, exponent: np.ndarray,
+                     offsets=EXPONENT_OFFSETS) -> np.ndarray:
+    """Output-aware shared exponents of one MX group (project issue 19): for each output channel, the candidate
+    ``E + o`` (``o`` in ``offsets``, clamped to [-127, 127]) whose GPTQ loss over the group's ``b`` channels is least.
+
+    ``w [b, N]``: the group's error-updated weights when Algorithm 1 reaches it; ``u [b, b]``: its block of U^
+    (unit upper); ``weight [b]``: ``diag(R)^2``. Eq. 8 runs over the group with each candidate, and channel j adds
+    ``(w_j - q_j)^2 / [H_F^-1]_jj = (w_j - q_j)^2 R_jj^2`` (the OBS loss of fixing it, F the channels not yet
+    fixed). The candidates run side by side as ``len(offsets) * N`` columns."""
+    b, n = w.shape
+    c = len(offsets)
+    trial = np.concatenate([np.clip(exponent.astype(np.int32) + o, -127, 127) for o in offsets]).astype(exponent.dtype)
+    prepared = rows.prepare(trial)
+    x = np.tile(w, (1, c))
+    err = np.empty_like(x)
+    q, v = np.empty(c * n, np.float32), np.empty(c * n, np.float32)
+    loss = np.zeros(c * n, np.float64)
+    with np.errstate(over="ignore"):
+        for j in range(b):
+            x_j = x[j]
+            if j:
+                x_j -= u[:j, j] @ err[:j]
+            rows.round(x_j, prepared, q, v)
+            np.subtract(x_j, q, out=err[j])
+            err[j] /= u[j, j]
+            loss += float(weight[j]) * np.square(err[j], dtype=np.float64)
+    best = np.argmin(loss.reshape(c, n), axis=0)  # ties: the first offset, so list E itself before E + 1
+    return trial.reshape(c, n)[best, np.arange(n)]
+
+
 def _gptq(work: np.ndarray, original: Callable[[int, int], np.ndarray], root: np.ndarray, rows: _MxRows | _IntRows,
-          block: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
+          block: int, micro: int, loss_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Algorithm 1 on ``work [K, N]`` (float32, the weights in quantization order, updated in place) with ``root``
     the factor R^ of the Hessian (``InverseHessianFactor.upper``); ``original(i1, i2)`` gives rows ``i1:i2`` of the
     weights as they were. ``block`` (B1) is a multiple of ``micro`` (B2), a multiple of ``rows.group`` unless that
@@ -344,7 +380,9 @@ def _gptq(work: np.ndarray, original: Callable[[int, int], np.ndarray], root: np
     errors reaching the second half by one product), and in a leaf each channel pulls the errors of the leaf's
     earlier channels (one matrix-vector product). A micro-block's groups get their parameters when all earlier
     errors have reached it, as in Algorithm 1. After the block, ``W[i2:] += R^[i1:i2, i2:]^T (W_B - Q_B)``, the
-    blocks' deviations gathered over ``_FLUSH_ROWS`` channels (each block first takes those still gathered)."""
+    blocks' deviations gathered over ``_FLUSH_ROWS`` channels (each block first takes those still gathered).
+    ``loss_weight`` (``diag(R)^2`` in quantization order, MX formats only): shared exponents are chosen by
+    :func:`choose_exponents` instead of the OCP rule."""
     k, n = work.shape
     group = rows.group
     q = np.empty_like(work)
@@ -389,6 +427,11 @@ def _gptq(work: np.ndarray, original: Callable[[int, int], np.ndarray], root: np
                 g1, g2 = -(-(i1 + j1) // group), -(-(i1 + j2) // group)  # groups starting here
                 if g2 > g1:
                     fresh = rows.params(work[g1 * group: g2 * group])
+                    if loss_weight is not None:
+                        for g in range(g1, g2):
+                            a, b = g * group - i1, min((g + 1) * group, i2) - i1
+                            fresh[g - g1] = choose_exponents(work[i1 + a: i1 + b], u[a:b, a:b],
+                                                             loss_weight[i1 + a: i1 + b], rows, fresh[g - g1])
                     if params is None:
                         params = np.empty((len(prepared), n), fresh.dtype)
                     params[g1:g2] = fresh
@@ -421,13 +464,14 @@ def check_blocks(fmt: formats.MXFormat, block_size: int, micro_block: int | None
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray | InverseHessianFactor, fmt: str | formats.MXFormat, *,
                   block_size: int = 128, micro_block: int | None = None, damp: float = 0.01, act_order: bool = False,
-                  name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+                  exponent_search: bool = False, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """GPTQ-quantize ``w [K, N]`` given the Hessian ``[K, K]`` of its input, or a factor of it from
     ``inverse_hessian_factor`` shared by linears that read one input (then ``damp`` and ``act_order`` were given
     there, act-order with ``order_unit`` = the format's block, 1 for per-channel int). ``block_size`` is B1,
     ``micro_block`` B2 (default the format's block). Returns ``(codes, scales)`` laid out as
     ``formats.quantize(w, fmt, axis=0)``, so ``formats.dequantize(codes, scales, fmt, axis=0)`` gives the GPTQ
-    weights."""
+    weights. ``exponent_search`` (MX formats): each group's shared exponent is the one of E-1, E, E+1 with the least
+    GPTQ loss (:func:`choose_exponents`) instead of E; the stored format is the same."""
     fmt = formats.parse_format(fmt)
     if fmt.kind == "none":
         raise InputError("GPTQ needs a quantized weight format, got 'none'")
@@ -451,7 +495,12 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | InverseHessianFactor, fmt
 
     work = original(0, k)  # quantization order; a copy, updated in place
     root = np.ascontiguousarray(factor.upper, np.float32)
-    q_perm, params_perm = _gptq(work, original, root, _rows(fmt, k), block, micro)
+    loss_weight = None
+    if exponent_search and fmt.kind == "mx":
+        if factor.diagonal is None:
+            raise ValueError("exponent search needs the factor's diagonal (inverse_hessian_factor gives it)")
+        loss_weight = np.square(factor.diagonal.astype(np.float64)).astype(np.float32)
+    q_perm, params_perm = _gptq(work, original, root, _rows(fmt, k), block, micro, loss_weight)
     del work
     # permuted groups are whole groups (act-order moves units of one group), so encode in that order, then undo it
     codes_perm, scales_perm = _encode(q_perm, params_perm, fmt)
@@ -503,10 +552,12 @@ class GptqWeightProvider:
               "up_proj": "gate_up", "down_proj": "down"}
 
     def __init__(self, hessians: Mapping[str, np.ndarray], fmt: str | formats.MXFormat, block_size: int = 128,
-                 micro_block: int | None = None, damp: float = 0.01, act_order: bool = False):
+                 micro_block: int | None = None, damp: float = 0.01, act_order: bool = False,
+                 exponent_search: bool = False):
         self.hessians = hessians
         self.fmt = formats.parse_format(fmt)
         self.block_size, self.micro_block, self.damp, self.act_order = block_size, micro_block, damp, act_order
+        self.exponent_search = exponent_search
         self.raised_damp: dict[str, float] = {}
         self._factors: dict[str, InverseHessianFactor] = {}
 
@@ -533,4 +584,4 @@ class GptqWeightProvider:
 
     def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return gptq_quantize(w, self.factor(name), self.fmt, block_size=self.block_size,
-                             micro_block=self.micro_block, name=name)
+                             micro_block=self.micro_block, exponent_search=self.exponent_search, name=name)

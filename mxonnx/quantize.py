@@ -77,6 +77,9 @@ def check_config(config: QuantizeConfig) -> None:
                          "linears' inputs are calibrated")
     if weights.kind == "none" and acts.kind == "none":
         raise InputError("weights and activations are both 'none': nothing to quantize")
+    if config.exponent_search and not (config.method.endswith("gptq") and weights.kind == "mx"):
+        raise InputError("--exponent-search chooses MX shared exponents inside GPTQ: use a +gptq method "
+                         "and an MX weight format")
     if config.method not in AVAILABLE_METHODS:
         raise InputError(f"unknown method {config.method!r}; choose one of {', '.join(AVAILABLE_METHODS)}")
     if config.uses_gptq:
@@ -171,7 +174,7 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
         hessians = block_hessians(runner, block, plan.acts, advance=advance_float, act_scales=act_scales)
         provider = GptqWeightProvider(hessians, plan.weights, block_size=config.gptq_block,
                                       micro_block=config.gptq_micro_block, damp=config.damp,
-                                      act_order=config.act_order)
+                                      act_order=config.act_order, exponent_search=config.exponent_search)
     else:
         provider = weight_provider(config)
     MxMatMulPass(block.linears(), plan.weights, plan.acts, provider, act_scales)(model)

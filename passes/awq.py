@@ -6,7 +6,8 @@ Per linear group, with ``mean|X_j|`` from calibration (o_proj: averaged over the
 
 and alpha chosen on a grid in [0, 1] to minimise the group's output error on a sample of calibration inputs
 ``X`` with both weights and activations quantized in the run's formats (``Q_w`` along W's input axis 0,
-``Q_a`` along the last axis of the activations):
+``Q_a`` as the graph quantizes the activations: MX blocks along the last axis, or, for static ``int8``, the
+per-channel scales the graph will hold, ``max_t |X_tj| / s_j / 127`` over the whole calibration set):
 
     err(alpha) = sum_{W in group} || Q_a(X diag(s)^-1) Q_w(diag(s) W) - X W ||^2
 
@@ -23,8 +24,9 @@ import onnx_ir as ir
 
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
-from mxonnx.formats import parse_format, quantize_dequantize
+from mxonnx.formats import parse_format, quantize_dequantize, quantize_dequantize_with_scale
 from mxonnx.passes.llama_structure import DecoderBlock
+from mxonnx.passes.mx_matmul import static_int8_scales
 from mxonnx.passes.smoothing import BlockScales, choose_block_scales, fold_smoothing_scales, per_kv_channel, row_scales
 from mxonnx.stats import ActivationStats, group_key
 
@@ -45,11 +47,24 @@ def awq_scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
     return s / np.sqrt(s.max() * s.min())
 
 
+def quantized_inputs(x: np.ndarray, rows: np.ndarray, acts_fmt, peak: np.ndarray | None = None) -> np.ndarray:
+    """``Q_a(X / s)`` as the rewritten graph computes it: MX (or ``none``) along the last axis; static ``int8`` with
+    the per-channel scales :func:`static_int8_scales` of the folded calibration peak ``peak / s`` (``peak``:
+    ``max_t |X_tj|`` over the calibration set, required for ``int8``)."""
+    xs, acts_fmt = (x / rows).astype(np.float32), parse_format(acts_fmt)
+    if acts_fmt.kind != "int":
+        return quantize_dequantize(xs, acts_fmt, axis=-1)
+    if peak is None:
+        raise ValueError("static int8 activations need the calibrated per-channel peak")
+    return quantize_dequantize_with_scale(xs, static_int8_scales(np.asarray(peak, np.float64) / rows), acts_fmt)
+
+
 def group_error(x: np.ndarray, weights: Sequence[np.ndarray], rows: np.ndarray, weights_fmt, acts_fmt,
-                references: Sequence[np.ndarray] | None = None) -> float:
-    """``sum_W ||Q_a(X / s) Q_w(s W) - X W||^2`` for row scales ``s``; ``references``: the float outputs ``X W``
-    when already computed (they do not depend on ``s``)."""
-    xq = quantize_dequantize((x / rows).astype(np.float32), acts_fmt, axis=-1)
+                references: Sequence[np.ndarray] | None = None, peak: np.ndarray | None = None) -> float:
+    """``sum_W ||Q_a(X / s) Q_w(s W) - X W||^2`` for row scales ``s`` (``Q_a``: :func:`quantized_inputs`, ``peak``
+    its calibrated per-channel peak); ``references``: the float outputs ``X W`` when already computed (they do not
+    depend on ``s``)."""
+    xq = quantized_inputs(x, rows, acts_fmt, peak)
     if references is None:
         references = [x @ w for w in weights]
     error = 0.0
@@ -74,7 +89,7 @@ def search_group(block: DecoderBlock, group: str, stats: ActivationStats, alphas
     x = stats.sample.astype(np.float32)
     references = [x @ w for w in weights]
     errors = [group_error(x, weights, row_scales(group, awq_scales(mean_abs, a), block), weights_fmt, acts_fmt,
-                          references) for a in alphas]
+                          references, stats.max_abs) for a in alphas]
     best = float(alphas[int(np.argmin(errors))])
     return awq_scales(mean_abs, best), best
 

@@ -86,6 +86,13 @@ def require_static_scales(acts: formats.MXFormat, linears: list[Linear],
                          f"{missing[0]}")
 
 
+def static_int8_scales(peak: np.ndarray) -> np.ndarray:
+    """The int8 scale of each channel from its calibrated peak ``max_t |x_tj|``: ``peak_j / 127`` (float32), 1 for a
+    channel that was zero on every token."""
+    peak = np.asarray(peak).astype(np.float32)
+    return np.where(peak > 0, peak / np.float32(127), np.float32(1))
+
+
 def static_activation_scales(stats: Mapping[str, ActivationStats], blocks: list[DecoderBlock],
                              folded: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per linear name, the int8 scales ``[K]`` of its input: ``s_j = max_t |x_tj| / 127`` from the calibration
@@ -101,8 +108,7 @@ def static_activation_scales(stats: Mapping[str, ActivationStats], blocks: list[
             peak = stats[key].max_abs.astype(np.float64)
             if key in folded:
                 peak = peak / folded[key]
-            peak = peak.astype(np.float32)
-            s = np.where(peak > 0, peak / np.float32(127), np.float32(1))
+            s = static_int8_scales(peak)
             for linear in linears:
                 scales[linear.name] = s
     return scales

@@ -1,0 +1,67 @@
+"""Output-aware MX shared exponents inside GPTQ (``--exponent-search``, project issue 19): each group's exponent is
+the one of E-1, E, E+1 with the least GPTQ loss. Checked against a plain float64 Eq. 8 written here, and on random
+layers against the OCP rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mxonnx import formats
+from mxonnx.config import QuantizeConfig
+from mxonnx.errors import InputError
+from mxonnx.gptq import _MxRows, choose_exponents, gptq_quantize
+from mxonnx.quantize import check_config
+from test_gptq import correlated_layer, hessian_of, output_error
+
+
+def _group_loss(w: np.ndarray, u: np.ndarray, fmt, exponent: np.ndarray) -> np.ndarray:
+    """Eq. 8 over one group in float64 with fixed exponents; per output channel sum_j ((w_j - q_j) / U_jj)^2."""
+    w = w.astype(np.float64).copy()
+    loss = np.zeros(w.shape[1])
+    elem_max = formats.parse_format(fmt).elem.max_norm
+    for j in range(len(w)):
+        v = np.clip(w[j] * 2.0 ** -exponent, -elem_max, elem_max)
+        q = np.rint(v * 4) / 4 * 2.0 ** exponent  # MXINT4 elements are k / 4
+        e = (w[j] - q) / u[j, j]
+        loss += e ** 2
+        w[j + 1:] -= np.outer(u[j, j + 1:], e)
+    return loss
+
+
+def test_choice_is_the_least_loss_candidate():
+    fmt, b, n = "mxint4-16", 16, 40
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((64, b))
+    h = a.T @ a / 64 + 0.05 * np.eye(b)
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H^-1 = U^T U
+    r_diag = 1 / np.diag(upper)
+    w = (rng.standard_normal((b, n)) * np.geomspace(0.02, 0.3, n)).astype(np.float32)
+    w[rng.integers(b), :] *= 4  # an outlier row: clipping it (E-1) competes with resolution
+    ocp = formats.shared_exponents(w, fmt, axis=0)[0]
+    chosen = choose_exponents(w, (r_diag[:, None] * upper).astype(np.float32), np.square(r_diag).astype(np.float32),
+                              _MxRows(formats.parse_format(fmt), b), ocp)
+    losses = np.stack([_group_loss(w, upper, fmt, ocp + o) for o in (-1, 0, 1)])
+    expected = ocp + np.array([-1, 0, 1])[np.argmin(losses, axis=0)]
+    close = np.sort(losses, axis=0)[1] - np.sort(losses, axis=0)[0] < 1e-6 * losses.min(axis=0)  # float32 ties
+    np.testing.assert_array_equal(chosen[~close], expected[~close])
+    assert (chosen != ocp).any()  # the OCP exponent is not always the best one here
+
+
+@pytest.mark.parametrize("fmt", ["mxint4-32", "mxint4-128", "mxfp4-32"])
+def test_search_lowers_the_output_error(fmt):
+    x, w = correlated_layer(7, k=256, n=96)
+    h = hessian_of(x)
+    base = gptq_quantize(w, h, fmt, act_order=True)
+    searched = gptq_quantize(w, h, fmt, act_order=True, exponent_search=True)
+    errors = [output_error(x, w, formats.dequantize(c, s, fmt, axis=0)) for c, s in (base, searched)]
+    assert errors[1] < errors[0]
+    exponents = [s.astype(int) for _, s in (base, searched)]
+    assert (exponents[1] != exponents[0]).mean() > 0.01  # (the two runs' weights drift apart: not only +-1)
+
+
+def test_search_needs_gptq_and_mx_weights():
+    with pytest.raises(InputError, match="exponent-search"):
+        check_config(QuantizeConfig(method="awq", exponent_search=True))
+    with pytest.raises(InputError, match="exponent-search"):
+        check_config(QuantizeConfig(method="gptq", weights="int4", acts="none", exponent_search=True))
