@@ -546,15 +546,18 @@ class GptqWeightProvider:
     """Weight provider for the rewrite pass: ``provider(name, w) -> (codes, scales)`` GPTQ-quantizes the linear
     ``name`` (e.g. "layers.3.q_proj") with the Hessian of its input. ``hessians`` is keyed by linear name or by
     input group ("layers.3.qkv", "layers.3.o", "layers.3.gate_up", "layers.3.down"); linears of one group share the
-    factored inverse Hessian. Dampening raised for a badly conditioned Hessian is recorded in ``raised_damp``."""
+    factored inverse Hessian. Dampening raised for a badly conditioned Hessian is recorded in ``raised_damp``.
+    ``release``: ``hessians`` is a dict given away, asked for one group at a time (the rewrite visits q, k, v, o,
+    gate, up, down in order): a Hessian is dropped from it once factored and only the latest factor is kept, so
+    at most one group's Hessian and factor are held (a 7B down_proj's float64 Hessian alone is 0.97 GB)."""
 
     _GROUP = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
               "up_proj": "gate_up", "down_proj": "down"}
 
     def __init__(self, hessians: Mapping[str, np.ndarray], fmt: str | formats.MXFormat, block_size: int = 128,
                  micro_block: int | None = None, damp: float = 0.01, act_order: bool = False,
-                 exponent_search: bool = False):
-        self.hessians = hessians
+                 exponent_search: bool = False, release: bool = False):
+        self.hessians, self.release = hessians, release
         self.fmt = formats.parse_format(fmt)
         self.block_size, self.micro_block, self.damp, self.act_order = block_size, micro_block, damp, act_order
         self.exponent_search = exponent_search
@@ -562,11 +565,11 @@ class GptqWeightProvider:
         self._factors: dict[str, InverseHessianFactor] = {}
 
     def hessian_key(self, name: str) -> str:
-        if name in self.hessians:
+        if name in self.hessians or name in self._factors:
             return name
         prefix, _, role = name.rpartition(".")
         key = f"{prefix}.{self._GROUP.get(role, role)}"
-        if key not in self.hessians:
+        if key not in self.hessians and key not in self._factors:
             raise InputError(f"no calibration Hessian for linear {name!r}")
         return key
 
@@ -574,12 +577,16 @@ class GptqWeightProvider:
         """The factored inverse Hessian of ``name``'s input, computed once per input group."""
         key = self.hessian_key(name)
         if key not in self._factors:
+            if self.release:
+                self._factors.clear()
             factor = inverse_hessian_factor(self.hessians[key], self.damp,
                                             order_unit=(self.fmt.block_size or 1) if self.act_order else None,
                                             name=key)
             if factor.damp != self.damp:
                 self.raised_damp[key] = factor.damp
             self._factors[key] = factor
+            if self.release:
+                del self.hessians[key]
         return self._factors[key]
 
     def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -174,7 +174,9 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
         hessians = block_hessians(runner, block, plan.acts, advance=advance_float, act_scales=act_scales)
         provider = GptqWeightProvider(hessians, plan.weights, block_size=config.gptq_block,
                                       micro_block=config.gptq_micro_block, damp=config.damp,
-                                      act_order=config.act_order, exponent_search=config.exponent_search)
+                                      act_order=config.act_order, exponent_search=config.exponent_search,
+                                      release=True)
+        del hessians  # the provider drops each one once factored
     else:
         provider = weight_provider(config)
     MxMatMulPass(block.linears(), plan.weights, plan.acts, provider, act_scales)(model)
