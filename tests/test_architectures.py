@@ -1,5 +1,6 @@
 """Llama variants and related decoders end to end: biased linears (``attention_bias``/``mlp_bias``), untied embeddings
-with Llama-3 rope scaling, Mistral (sliding window) and Qwen2 (q/k/v biases), each a tiny seeded random checkpoint:
+with Llama-3 rope scaling, Mistral (sliding window) and Qwen2 (q/k/v biases; also as a GGUF file), each a tiny seeded
+random checkpoint:
 export against torch (prefill and cached decode), quantize with every method close to the float model, smoothing
 folds that keep the float function, eval, lower and generate."""
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from conftest import in_memory_proto, make_text, make_tiny_llama
+from tiny_gguf import write_tiny_gguf
 from mxonnx.blockwise import decoder_feed
 from mxonnx.config import QuantizeConfig
 from mxonnx.eval import OrtCausalLM, evaluate_perplexity, generate_text
@@ -29,6 +31,7 @@ VARIANTS = {  # name -> (make_tiny_llama arguments, roles whose linear has a bia
     "llama-untied-llama3-rope": ({"tie_word_embeddings": False, "rope_scaling": LLAMA3_ROPE}, set()),
     "mistral": ({"model_type": "mistral", "sliding_window": 8}, set()),
     "qwen2": ({"model_type": "qwen2", "tie_word_embeddings": False}, {"q", "k", "v"}),
+    "qwen2-gguf": ({"model_type": "qwen2"}, {"q", "k", "v"}),  # exported from a GGUF copy of the checkpoint
 }
 METHODS = ("rtn", "gptq", "sq", "awq", "sq+gptq", "awq+gptq")
 IDS = np.random.default_rng(1).integers(3, 96, size=(2, 37))  # longer than Mistral's window of 8
@@ -36,11 +39,12 @@ IDS = np.random.default_rng(1).integers(3, 96, size=(2, 37))  # longer than Mist
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory):
-    """(name, HF folder, ONNX export with past, text) of one variant."""
+    """(name, export source, HF folder (the torch reference), ONNX export with past, text) of one variant."""
     folder = tmp_path_factory.mktemp(request.param)
     hf = make_tiny_llama(folder / "hf", seed=3, **VARIANTS[request.param][0])
-    export_model(hf, folder / "onnx", past=True, progress=False)
-    return request.param, hf, folder / "onnx", make_text(folder / "text.txt", words=3000)
+    src = write_tiny_gguf(hf, folder / "tiny.gguf") if request.param.endswith("-gguf") else hf
+    export_model(src, folder / "onnx", past=True, progress=False)
+    return request.param, src, hf, folder / "onnx", make_text(folder / "text.txt", words=3000)
 
 
 def _torch_model(hf):
@@ -60,7 +64,7 @@ def _config(text, method: str, **kw) -> QuantizeConfig:
 
 
 def test_export_equals_torch_and_biases_are_found(variant):
-    name, hf, onnx_folder, _ = variant
+    name, _, hf, onnx_folder, _ = variant
     np.testing.assert_allclose(OrtCausalLM(onnx_folder / "model.onnx").logits(IDS), _torch_logits(hf, IDS),
                                rtol=0, atol=1e-4)
     blocks = find_decoder_blocks(ir.load(onnx_folder / "model.onnx"))
@@ -71,7 +75,7 @@ def test_export_equals_torch_and_biases_are_found(variant):
 
 def test_cached_decode_equals_torch(variant):
     """Prefill 12 tokens, then decode one token at a time through the KV cache past Mistral's window."""
-    _, hf, onnx_folder, _ = variant
+    _, _, hf, onnx_folder, _ = variant
     session = create_session(onnx_folder / "model.onnx")
     cfg = _torch_model(hf).config
     ids = IDS[:1, :24]
@@ -93,7 +97,7 @@ def test_cached_decode_equals_torch(variant):
 def test_quantize_every_method_stays_close_to_float(variant, method, tmp_path):
     """W8A8 MXINT8-32: every method's logits within 1 % of the float model's largest logit, native
     fused kernels equal to the function bodies, 14 quantized linears and the biases left in float."""
-    name, _, onnx_folder, text = variant
+    name, _, _, onnx_folder, text = variant
     out = tmp_path / "q"
     quantize_model(onnx_folder, out, _config(text, method))
     reference = OrtCausalLM(onnx_folder / "model.onnx").logits(IDS)
@@ -111,7 +115,7 @@ def test_quantize_every_method_stays_close_to_float(variant, method, tmp_path):
 def test_smoothing_fold_keeps_the_float_function(variant):
     """Random scales folded into every group (norms, v_proj and up_proj columns with their biases, rows) leave the
     float logits unchanged."""
-    name, _, onnx_folder, _ = variant
+    name, _, _, onnx_folder, _ = variant
     model = ir.load(onnx_folder / "model.onnx")
     feed = decoder_feed(list(model.graph.inputs), IDS, num_kv_heads=2, head_dim=16)
     before = create_session(in_memory_proto(model).SerializeToString()).run(["logits"], feed)[0]
@@ -138,15 +142,15 @@ def _bias(linear) -> np.ndarray:
 def test_eval_lower_generate(variant, tmp_path):
     """Float export: perplexity equals torch's and greedy generation equals transformers'. W4A8 model: evaluates,
     lowers to every target with the same logits on stock onnxruntime, and generates from each folder."""
-    _, hf, onnx_folder, text = variant
-    torch_ppl = evaluate_perplexity(hf, data=text, seqlen=32, max_windows=3, reference="torch", progress=False)
+    _, src, hf, onnx_folder, text = variant
+    torch_ppl = evaluate_perplexity(src, data=text, seqlen=32, max_windows=3, reference="torch", progress=False)
     onnx_ppl = evaluate_perplexity(onnx_folder, data=text, seqlen=32, max_windows=3, progress=False)
     assert onnx_ppl["perplexity"] == pytest.approx(torch_ppl["perplexity"], rel=1e-4)
 
     from transformers import AutoTokenizer
 
     prompt = "w5 w17 w3 w40"
-    tokenizer = AutoTokenizer.from_pretrained(hf)
+    tokenizer = AutoTokenizer.from_pretrained(onnx_folder)  # the source's (a GGUF's differs from the HF folder's)
     with torch.no_grad():
         expected = _torch_model(hf).generate(**tokenizer(prompt, return_tensors="pt", return_token_type_ids=False),
                                              max_new_tokens=8, do_sample=False, pad_token_id=2)
