@@ -14,7 +14,6 @@ from __future__ import annotations
 
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 GGUF_ARCHITECTURES = ("llama", "qwen2")  # GGUF ``general.architecture`` values (llama.cpp writes Mistral as llama)
-SUPPORTED = "Llama, Mistral and Qwen2"
 
 
 def causal_lm_class(config):

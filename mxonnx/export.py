@@ -33,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mxonnx.architectures import CAUSAL_LM_CLASSES, GGUF_ARCHITECTURES, SUPPORTED, causal_lm_class
+from mxonnx.architectures import CAUSAL_LM_CLASSES, GGUF_ARCHITECTURES, causal_lm_class
 from mxonnx.errors import InputError
 from mxonnx.export_stream import DTYPES
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir
@@ -93,7 +93,8 @@ def _check_gguf(path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - every parse failure means the same thing to the user
         raise InputError(f"{path}: not a readable GGUF file ({' '.join(str(exc).split()) or type(exc).__name__})") from None
     if architecture not in GGUF_ARCHITECTURES:
-        raise InputError(f"{path}: GGUF architecture is {architecture!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
+        raise InputError(f"{path}: GGUF architecture {architecture!r} is not supported "
+                         f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
 
 
 def _check_hf_folder(path: Path) -> None:
@@ -107,8 +108,7 @@ def _check_hf_folder(path: Path) -> None:
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: unreadable config.json ({' '.join(str(exc).split())})") from None
     if model_type not in CAUSAL_LM_CLASSES:
-        raise InputError(f"{path}: model type is {model_type!r}; supported: {SUPPORTED} "
-                         f"({', '.join(CAUSAL_LM_CLASSES)})")
+        raise InputError(f"{path}: model type {model_type!r} is not supported (supported: {', '.join(CAUSAL_LM_CLASSES)})")
 
 
 def check_source(src: Path) -> None:

@@ -169,3 +169,21 @@ def test_eval_lower_generate(variant, tmp_path):
         logits = create_session(lowered / "model.onnx", use_native=False).run(["logits"], feed)[0]
         np.testing.assert_allclose(logits, mx_logits, rtol=0, atol=1e-4)
         assert generate_text(lowered, prompt, max_new_tokens=8) == mx_text
+
+
+def test_unsupported_architectures_are_one_line_naming_the_supported(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mxonnx.cli import main
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    hf = make_tiny_llama(tmp_path / "hf", layers=1)
+    cases = {tmp_path / "gpt2": "model type 'gpt2' is not supported (supported: llama, mistral, qwen2)",
+             write_tiny_gguf(hf, tmp_path / "phi3.gguf", architecture="phi3"):
+                 "GGUF architecture 'phi3' is not supported (supported: llama, qwen2)"}
+    for src, message in cases.items():
+        capsys.readouterr()
+        assert main(["export", str(src), "-o", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [f"mxonnx export: {src}: {message}"]
+        assert not (tmp_path / "out").exists()
