@@ -449,10 +449,11 @@ def _config_head_dim(config: Mapping | None) -> int | None:
 
 
 def find_lm_head(model: ir.Model, blocks: Iterable[DecoderBlock] | None = None) -> Linear | None:
-    """The linear producing the ``logits`` output (or the last linear outside the decoder blocks)."""
+    """The linear producing the ``logits`` output, maybe through its bias (or the last linear outside the decoder
+    blocks)."""
     taken = {id(lin.node) for b in (blocks or []) for lin in b.linears()}
     candidates = [n for n in model.graph if is_linear(n) and id(n) not in taken]
     for node in candidates:
-        if any(out.is_graph_output() for out in node.outputs):
+        if linear_output(node).is_graph_output():
             return Linear("lm_head", "lm_head", node)
     return Linear("lm_head", "lm_head", candidates[-1]) if candidates else None

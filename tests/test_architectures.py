@@ -41,7 +41,7 @@ IDS = np.random.default_rng(1).integers(3, 96, size=(2, 37))  # longer than Mist
 def variant(request, tmp_path_factory):
     """(name, export source, HF folder (the torch reference), ONNX export with past, text) of one variant."""
     folder = tmp_path_factory.mktemp(request.param)
-    hf = make_tiny_llama(folder / "hf", seed=3, **VARIANTS[request.param][0])
+    hf = make_tiny_llama(folder / "hf", seed=3, layers=3, **VARIANTS[request.param][0])  # 3: a copied template block
     src = write_tiny_gguf(hf, folder / "tiny.gguf") if request.param.endswith("-gguf") else hf
     export_model(src, folder / "onnx", past=True, progress=False)
     return request.param, src, hf, folder / "onnx", make_text(folder / "text.txt", words=3000)
@@ -68,7 +68,7 @@ def test_export_equals_torch_and_biases_are_found(variant):
     np.testing.assert_allclose(OrtCausalLM(onnx_folder / "model.onnx").logits(IDS), _torch_logits(hf, IDS),
                                rtol=0, atol=1e-4)
     blocks = find_decoder_blocks(ir.load(onnx_folder / "model.onnx"))
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         assert {lin.role for lin in block.linears() if lin.bias_add is not None} == VARIANTS[name][1]
 
@@ -95,20 +95,22 @@ def test_cached_decode_equals_torch(variant):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_quantize_every_method_stays_close_to_float(variant, method, tmp_path):
-    """W8A8 MXINT8-32: every method's logits within 1 % of the float model's largest logit, native
+    """W8A8 MXINT8-32: every method's logits within 4 % of the float model's (relative L2 error), native
     fused kernels equal to the function bodies, 14 quantized linears and the biases left in float."""
     name, _, _, onnx_folder, text = variant
     out = tmp_path / "q"
     quantize_model(onnx_folder, out, _config(text, method))
     reference = OrtCausalLM(onnx_folder / "model.onnx").logits(IDS)
     logits = OrtCausalLM(out / "model.onnx").logits(IDS)
-    assert np.abs(logits - reference).max() <= 0.01 * np.abs(reference).max()  # measured 0.1-0.2 %; no biases: 290 %
+    # ||q - f|| / ||f|| measured 0.1-0.2 % with biases, 1.6-1.9 % with the untied head's small logits; the biased
+    # model's float logits without its biases are off by 290 %
+    assert np.linalg.norm(logits - reference) <= 0.04 * np.linalg.norm(reference)
     bodies = create_session(out / "model.onnx", use_native=False).run(["logits"], OrtCausalLM(out / "model.onnx").feed(IDS))[0]
     np.testing.assert_allclose(logits, bodies, rtol=0, atol=1e-4)
-    assert inspect_model(out)["quantized_matmuls"] == 14
+    assert inspect_model(out)["quantized_matmuls"] == 21
     graph = ir.load(out / "model.onnx").graph
     biases = [v for v in graph.initializers.values() if v.name.endswith("_proj.bias")]
-    assert len(biases) == 2 * len(VARIANTS[name][1])
+    assert len(biases) == 3 * len(VARIANTS[name][1])
     assert all(v.dtype == ir.DataType.FLOAT and [n.op_type for n, _ in v.uses()] == ["Add"] for v in biases)
 
 
@@ -129,7 +131,7 @@ def test_smoothing_fold_keeps_the_float_function(variant):
     fold_smoothing_scales(model, blocks, scales)
     after = create_session(in_memory_proto(model).SerializeToString()).run(["logits"], feed)[0]
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-4 * max(1.0, np.abs(before).max()))
-    assert len(biased) == 2 * len({"v", "up"} & VARIANTS[name][1])
+    assert len(biased) == 3 * len({"v", "up"} & VARIANTS[name][1])
     for (index, group, lin), b in zip(biased, biases):  # b_c / s_c
         np.testing.assert_allclose(_bias(lin), b / scales[index][group], rtol=1e-6)
 
@@ -146,6 +148,8 @@ def test_eval_lower_generate(variant, tmp_path):
     torch_ppl = evaluate_perplexity(src, data=text, seqlen=32, max_windows=3, reference="torch", progress=False)
     onnx_ppl = evaluate_perplexity(onnx_folder, data=text, seqlen=32, max_windows=3, progress=False)
     assert onnx_ppl["perplexity"] == pytest.approx(torch_ppl["perplexity"], rel=1e-4)
+    blockwise = evaluate_perplexity(onnx_folder, data=text, seqlen=32, max_windows=3, progress=False, blockwise=True)
+    assert blockwise["path"] != onnx_ppl["path"] and blockwise["perplexity"] == pytest.approx(onnx_ppl["perplexity"], rel=1e-5)
 
     from transformers import AutoTokenizer
 
@@ -160,6 +164,8 @@ def test_eval_lower_generate(variant, tmp_path):
     quantize_model(onnx_folder, mx, _config(text, "rtn", weights="mxint4-32"))
     mx_ppl = evaluate_perplexity(mx, data=text, seqlen=32, max_windows=3, progress=False)["perplexity"]
     assert np.isfinite(mx_ppl) and mx_ppl != onnx_ppl["perplexity"]
+    mx_blockwise = evaluate_perplexity(mx, data=text, seqlen=32, max_windows=3, progress=False, blockwise=True)
+    assert mx_blockwise["perplexity"] == pytest.approx(mx_ppl, rel=1e-5)
     feed = OrtCausalLM(mx / "model.onnx").feed(IDS)
     mx_logits = create_session(mx / "model.onnx", use_native=False).run(["logits"], feed)[0]
     mx_text = generate_text(mx, prompt, max_new_tokens=8)
