@@ -1,8 +1,8 @@
 """The L-layer ONNX graph built from optimum's export of a small copy of the model, the weights streamed in after.
 
-1. *Template*: the source's causal LM class (``mxonnx.architectures``) with its config but ``min(L, 2)`` layers, ``TEMPLATE_VOCAB`` tokens
-   and ``TEMPLATE_INTERMEDIATE`` MLP channels (vocabulary and MLP width only size weights: no constant of the graph
-   depends on them), every parameter filled with distinct seeded random numbers, is exported by optimum.
+1. *Template*: the source's causal LM class (``mxonnx.architectures``) with its config but ``min(L, 2)`` layers,
+   ``TEMPLATE_VOCAB`` tokens and ``TEMPLATE_INTERMEDIATE`` MLP channels (vocabulary and MLP width only size weights:
+   no constant of the graph depends on them), every parameter filled with distinct seeded random numbers, is exported by optimum.
 2. *Weights by value*: each float initializer of the template export is matched to the parameter whose values it holds,
    as is or transposed (optimum stores ``q_proj.weight`` [N, K] as ``onnx::MatMul_123`` [K, N]); every parameter must be
    found. Matched initializers are renamed ``<param>`` or ``<param>_transposed`` and lose their data.

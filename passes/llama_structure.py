@@ -129,7 +129,8 @@ def is_linear(node: ir.Node) -> bool:
 
 def bias_add(node: ir.Node) -> ir.Node | None:
     """The ``Add`` that is the only reader of the MatMul ``node``'s output and adds to it a constant 1-D vector as wide
-    as the weight's output (a linear's bias ``b [N]``), else None."""
+    as the weight's output (a linear's bias ``b [N]``; any width once the weight is no longer a constant, as after
+    the MX rewrite), else None."""
     readers = list(node.outputs[0].uses())
     if len(readers) != 1 or node.outputs[0].is_graph_output():
         return None
@@ -137,8 +138,10 @@ def bias_add(node: ir.Node) -> ir.Node | None:
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
         return None
     other = bias_index(add, node.outputs[0])
-    width = constant_shape(node.inputs[1])
-    return add if other is not None and constant_shape(add.inputs[other]) == (width[-1],) else None
+    bias, weight = (None if other is None else constant_shape(add.inputs[other])), constant_shape(node.inputs[1])
+    if bias is None or len(bias) != 1 or (weight is not None and bias[0] != weight[-1]):
+        return None
+    return add
 
 
 def bias_index(add: ir.Node, product: ir.Value) -> int | None:
