@@ -226,8 +226,9 @@ def residual_boundaries(blocks: Sequence[DecoderBlock]) -> list[ir.Value]:
 
 
 def _residual_add(linear: Linear) -> ir.Node:
-    """The first ``Add`` of two computed values after ``linear``, following at most four single-consumer nodes."""
-    value = linear.node.outputs[0]
+    """The first ``Add`` of two computed values after ``linear`` (after its bias Add), following at most four
+    single-consumer nodes."""
+    value = linear.output
     for _ in range(4):
         consumers = list(value.consumers())
         if len(consumers) != 1:

@@ -33,6 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
+from mxonnx.architectures import CAUSAL_LM_CLASSES, GGUF_ARCHITECTURES, causal_lm_class
 from mxonnx.errors import InputError
 from mxonnx.export_stream import DTYPES
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir
@@ -82,7 +83,7 @@ def quiet_libraries() -> Iterator[None]:
 
 
 def _check_gguf(path: Path) -> None:
-    """Refuse a GGUF file that does not parse (corrupt, truncated) or does not hold a Llama."""
+    """Refuse a GGUF file that does not parse (corrupt, truncated) or whose architecture is not supported."""
     import gguf
 
     try:
@@ -91,12 +92,13 @@ def _check_gguf(path: Path) -> None:
         architecture = field.contents() if field is not None else None
     except Exception as exc:  # noqa: BLE001 - every parse failure means the same thing to the user
         raise InputError(f"{path}: not a readable GGUF file ({' '.join(str(exc).split()) or type(exc).__name__})") from None
-    if architecture != "llama":
-        raise InputError(f"{path}: GGUF architecture is {architecture!r}; only Llama models are supported")
+    if architecture not in GGUF_ARCHITECTURES:
+        raise InputError(f"{path}: GGUF architecture {architecture!r} is not supported "
+                         f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
 
 
 def _check_hf_folder(path: Path) -> None:
-    """Refuse a folder without a Hugging Face config and weights, or whose model is not a Llama."""
+    """Refuse a folder without a Hugging Face config and weights, or whose model type is not supported."""
     from transformers import AutoConfig
 
     if not (path / "config.json").is_file() or not any((path / name).is_file() for name in _WEIGHT_FILES):
@@ -105,12 +107,13 @@ def _check_hf_folder(path: Path) -> None:
         model_type = AutoConfig.from_pretrained(path).model_type
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: unreadable config.json ({' '.join(str(exc).split())})") from None
-    if model_type != "llama":
-        raise InputError(f"{path}: model type is {model_type!r}; only Llama models are supported")
+    if model_type not in CAUSAL_LM_CLASSES:
+        raise InputError(f"{path}: model type {model_type!r} is not supported (supported: {', '.join(CAUSAL_LM_CLASSES)})")
 
 
 def check_source(src: Path) -> None:
-    """Raise ``InputError`` unless ``src`` is a Llama as a Hugging Face folder or a .gguf file."""
+    """Raise ``InputError`` unless ``src`` is a supported model (``mxonnx.architectures``) as a Hugging Face folder
+    or a .gguf file."""
     if not src.exists():
         raise InputError(f"{src}: no such file or folder")
     if src.is_dir():
@@ -122,13 +125,13 @@ def check_source(src: Path) -> None:
 
 
 def _load_gguf(src: Path):
-    """A GGUF-loaded model cannot be saved or exported as is: copy its (dequantized) weights into a fresh
-    ``LlamaForCausalLM`` of the same config and tie the embeddings again."""
+    """A GGUF-loaded model cannot be saved or exported as is: copy its (dequantized) weights into a fresh model of
+    the same class and config and tie the embeddings again."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    model = LlamaForCausalLM(loaded.config)
+    model = causal_lm_class(loaded.config)(loaded.config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
     model.generation_config = loaded.generation_config
@@ -140,10 +143,10 @@ def _load_gguf(src: Path):
 def _load_checked(src: Path):
     """``load_causal_lm`` for a source that already passed ``check_source``."""
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoConfig, AutoTokenizer
 
     if src.is_dir():
-        model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
+        model = causal_lm_class(AutoConfig.from_pretrained(src)).from_pretrained(src, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(src)
     else:
         model, tokenizer = _load_gguf(src)
@@ -151,7 +154,7 @@ def _load_checked(src: Path):
 
 
 def load_causal_lm(src: Path):
-    """``(LlamaForCausalLM in float32, eval mode, tokenizer)`` from a Hugging Face folder or a .gguf file."""
+    """``(causal LM in float32, eval mode, tokenizer)`` from a Hugging Face folder or a .gguf file."""
     check_source(src)
     return _load_checked(src)
 
@@ -169,7 +172,7 @@ def _open_source(src: Path):
     """``(config, generation_config, tokenizer, tensors)`` of a source that passed ``check_source``; ``tensors`` is a
     ``mxonnx.checkpoint.TensorSource`` (safetensors and GGUF read tensor by tensor, else the model loaded whole)."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from mxonnx.checkpoint import GGUFSource, SafetensorsSource, StateDictSource, has_safetensors
 
@@ -183,17 +186,16 @@ def _open_source(src: Path):
     if has_safetensors(src):
         tensors = SafetensorsSource(src, tied=bool(config.tie_word_embeddings))
     else:
-        tensors = StateDictSource(LlamaForCausalLM.from_pretrained(src, dtype=torch.float32), str(src))
+        tensors = StateDictSource(causal_lm_class(config).from_pretrained(src, dtype=torch.float32), str(src))
     return config, _generation_config(src, config), tokenizer, tensors
 
 
 def _parameter_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Parameter name -> shape of ``LlamaForCausalLM(config)`` (built on the meta device: no memory)."""
+    """Parameter name -> shape of the causal LM of ``config`` (built on the meta device: no memory)."""
     import torch
-    from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = causal_lm_class(config)(config)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
@@ -223,12 +225,11 @@ def _reference_logits(config, tensors, layers: int, dtype: str, ids: np.ndarray)
     (embedding, decoder layer, norm, head) gets its weights from ``tensors`` just before it runs and drops them after,
     so at most one decoder layer's weights are in memory."""
     import torch
-    from transformers import LlamaForCausalLM
 
     cfg = copy.deepcopy(config)
     cfg.num_hidden_layers, cfg.use_cache = layers, False
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).eval()
+        model = causal_lm_class(cfg)(cfg).eval()
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its inv_freq buffer is computed, not loaded
     stored = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     names = {id(module): name for name, module in model.named_modules()}

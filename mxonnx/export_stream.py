@@ -1,8 +1,8 @@
 """The L-layer ONNX graph built from optimum's export of a small copy of the model, the weights streamed in after.
 
-1. *Template*: a ``LlamaForCausalLM`` with the source's config but ``min(L, 2)`` layers, ``TEMPLATE_VOCAB`` tokens
-   and ``TEMPLATE_INTERMEDIATE`` MLP channels (vocabulary and MLP width only size weights: no constant of the graph
-   depends on them), every parameter filled with distinct seeded random numbers, is exported by optimum.
+1. *Template*: the source's causal LM class (``mxonnx.architectures``) with its config but ``min(L, 2)`` layers,
+   ``TEMPLATE_VOCAB`` tokens and ``TEMPLATE_INTERMEDIATE`` MLP channels (vocabulary and MLP width only size weights:
+   no constant of the graph depends on them), every parameter filled with distinct seeded random numbers, is exported by optimum.
 2. *Weights by value*: each float initializer of the template export is matched to the parameter whose values it holds,
    as is or transposed (optimum stores ``q_proj.weight`` [N, K] as ``onnx::MatMul_123`` [K, N]); every parameter must be
    found. Matched initializers are renamed ``<param>`` or ``<param>_transposed`` and lose their data.
@@ -73,12 +73,13 @@ def export_template(config, past: bool, folder: Path) -> Template:
     """Export the template of ``config`` with optimum into ``folder`` (removed afterwards) and analyse it."""
     import torch
     from optimum.exporters.onnx import onnx_export_from_model
-    from transformers import LlamaForCausalLM
+
+    from mxonnx.architectures import causal_lm_class
 
     layers = min(config.num_hidden_layers, TEMPLATE_LAYERS)
     cfg = template_config(config, layers)
     cfg.use_cache = past
-    model = LlamaForCausalLM(cfg).eval()
+    model = causal_lm_class(cfg)(cfg).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -142,7 +143,7 @@ def _residual_stream(proto: onnx.ModelProto, layers: int) -> tuple[str, str]:
         raise RuntimeError(f"template export: found {len(blocks)} decoder blocks, expected {layers}")
 
     def after(block) -> str:
-        adds = [n for n in block.down.node.outputs[0].consumers() if n.op_type == "Add"]
+        adds = [n for n in block.down.output.consumers() if n.op_type == "Add"]
         if len(adds) != 1:
             raise RuntimeError(f"template export: no residual Add after the down_proj of block {block.index}")
         return adds[0].outputs[0].name

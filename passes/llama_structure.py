@@ -2,7 +2,8 @@
 
 A *linear* is a ``MatMul(X, W)`` whose ``W`` is a constant rank-2 initializer ``[K, N]``, possibly read through
 ``Identity``, ``Transpose`` and float ``Cast`` nodes (a weight stored in float16/bfloat16 and cast to float32 is read
-as float32). For each decoder block we find
+as float32), optionally followed by a bias ``Add(b, X W)`` with a constant 1-D ``b [N]`` (``attention_bias`` /
+``mlp_bias`` Llamas, Qwen2's q/k/v): the linear's output is then the Add's. For each decoder block we find
 
 - the attention RMSNorm and the three linears reading its output, told apart by where they lead:
   q reaches input 0 and k input 1 of the score ``MatMul`` (Q K^T), v reaches input 1 of the ``MatMul`` of
@@ -47,6 +48,16 @@ class Linear:
     @property
     def input(self) -> ir.Value:
         return self.node.inputs[0]
+
+    @property
+    def bias_add(self) -> ir.Node | None:
+        """The ``Add(b, X W)`` adding the constant bias ``b [N]``, or None."""
+        return bias_add(self.node)
+
+    @property
+    def output(self) -> ir.Value:
+        """``X W + b`` (the bias Add's output), or ``X W`` without a bias."""
+        return linear_output(self.node)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -114,6 +125,35 @@ def is_linear(node: ir.Node) -> bool:
         return False
     shape = constant_shape(node.inputs[1])
     return shape is not None and len(shape) == 2
+
+
+def bias_add(node: ir.Node) -> ir.Node | None:
+    """The ``Add`` that is the only reader of the MatMul ``node``'s output and adds to it a constant 1-D vector as wide
+    as the weight's output (a linear's bias ``b [N]``; any width once the weight is no longer a constant, as after
+    the MX rewrite), else None."""
+    readers = list(node.outputs[0].uses())
+    if len(readers) != 1 or node.outputs[0].is_graph_output():
+        return None
+    add, _ = readers[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    other = bias_index(add, node.outputs[0])
+    bias, weight = (None if other is None else constant_shape(add.inputs[other])), constant_shape(node.inputs[1])
+    if bias is None or len(bias) != 1 or (weight is not None and bias[0] != weight[-1]):
+        return None
+    return add
+
+
+def bias_index(add: ir.Node, product: ir.Value) -> int | None:
+    """The input index of the ``Add`` that is not ``product`` (None if both are)."""
+    others = [i for i, v in enumerate(add.inputs) if v is not product]
+    return others[0] if len(others) == 1 else None
+
+
+def linear_output(node: ir.Node) -> ir.Value:
+    """The output of the linear whose MatMul is ``node``: its bias Add's output, else the MatMul's."""
+    add = bias_add(node)
+    return (add or node).outputs[0]
 
 
 def _consumers(value: ir.Value) -> list[ir.Node]:
@@ -296,7 +336,7 @@ def _match_rmsnorm(value: ir.Value) -> RMSNorm | None:
 
 def _head_dim_from_reshape(linear: ir.Node) -> int | None:
     """optimum reshapes q/k/v to ``[batch, seq, -1, head_dim]``: read the constant last dimension."""
-    for node in _consumers(linear.outputs[0]):
+    for node in _consumers(linear_output(linear)):
         if node.op_type != "Reshape":
             continue
         shape = node.inputs[1]
@@ -317,7 +357,7 @@ def _attention(linears: list[ir.Node]) -> tuple[ir.Node, ir.Node, ir.Node, ir.No
     roles: dict[str, ir.Node] = {}
     weights_times_v = None
     for lin in linears:
-        hits = [(n, i) for n, i in _reach(lin.outputs[0], lambda n: is_linear(n) or _is_attention_matmul(n))
+        hits = [(n, i) for n, i in _reach(linear_output(lin), lambda n: is_linear(n) or _is_attention_matmul(n))
                 if _is_attention_matmul(n)]
         if len(hits) != 1:
             return None
@@ -340,14 +380,14 @@ def _attention(linears: list[ir.Node]) -> tuple[ir.Node, ir.Node, ir.Node, ir.No
 def _mlp(linears: list[ir.Node]) -> tuple[ir.Node, ir.Node, ir.Node] | None:
     """(gate, up, down) among the two linears reading the MLP norm."""
     def through_sigmoid(node: ir.Node) -> bool:
-        return any(c.op_type in ("Sigmoid", "Silu", "Swish") for c in _consumers(node.outputs[0]))
+        return any(c.op_type in ("Sigmoid", "Silu", "Swish") for c in _consumers(linear_output(node)))
 
     gates = [n for n in linears if through_sigmoid(n)]
     ups = [n for n in linears if not through_sigmoid(n)]
     if len(gates) != 1 or len(ups) != 1:
         return None
-    down = _first_linear_after(ups[0].outputs[0])
-    if down is None or down is not _first_linear_after(gates[0].outputs[0]):
+    down = _first_linear_after(linear_output(ups[0]))
+    if down is None or down is not _first_linear_after(linear_output(gates[0])):
         return None
     return gates[0], ups[0], down
 
@@ -412,10 +452,11 @@ def _config_head_dim(config: Mapping | None) -> int | None:
 
 
 def find_lm_head(model: ir.Model, blocks: Iterable[DecoderBlock] | None = None) -> Linear | None:
-    """The linear producing the ``logits`` output (or the last linear outside the decoder blocks)."""
+    """The linear producing the ``logits`` output, maybe through its bias (or the last linear outside the decoder
+    blocks)."""
     taken = {id(lin.node) for b in (blocks or []) for lin in b.linears()}
     candidates = [n for n in model.graph if is_linear(n) and id(n) not in taken]
     for node in candidates:
-        if any(out.is_graph_output() for out in node.outputs):
+        if linear_output(node).is_graph_output():
             return Linear("lm_head", "lm_head", node)
     return Linear("lm_head", "lm_head", candidates[-1]) if candidates else None

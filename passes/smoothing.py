@@ -6,10 +6,15 @@ produces ``x``:
 
 - ``qkv`` and ``gate_up``: the RMSNorm weight, ``gamma <- gamma / s``;
 - ``o``: the attention output is, per head, a weighted sum of V rows, so it is linear in each V channel:
-  ``W_v[:, c] <- W_v[:, c] / s_c``. With grouped-query attention the o_proj input channel ``h*d + e`` reads
+  ``W_v[:, c] <- W_v[:, c] / s_c`` and, for a biased v_proj, ``b_v[c] <- b_v[c] / s_c`` (the softmax weights sum
+  to 1, so the bias passes through the attention unchanged). With grouped-query attention the o_proj input channel ``h*d + e`` reads
   channel ``e`` of KV head ``h // (H / H_kv)``, so o's scales are one per KV channel (``[H_kv * d]``), repeated
   over the query heads of a group for the rows of W_o;
-- ``down``: ``x_down = silu(x W_gate) * (x W_up)`` is linear in the up channels: ``W_up[:, c] <- W_up[:, c] / s_c``.
+- ``down``: ``x_down = silu(x W_gate + b_gate) * (x W_up + b_up)`` is linear in the up channels:
+  ``W_up[:, c] <- W_up[:, c] / s_c``, ``b_up[c] <- b_up[c] / s_c``.
+
+Row scales leave biases alone (``(x / s) (diag(s) W) + b = x W + b``), so folds into the RMSNorm weights do not touch
+q/k/v's or gate/up's biases.
 
 Scale shapes: ``qkv``, ``gate_up``: [hidden]; ``o``: [H_kv * d]; ``down``: [intermediate].
 A weight shared with other nodes (e.g. a norm weight that is an ``Identity`` of a shared initializer) gets its own
@@ -24,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mxonnx.passes.llama_structure import (
-    DecoderBlock, Linear, RMSNorm, constant_array, constant_dtype, constant_reader, constant_shape)
+    DecoderBlock, Linear, RMSNorm, bias_index, constant_array, constant_dtype, constant_reader, constant_shape)
 
 SCALE_MIN, SCALE_MAX = 1e-5, 1e5
 # v_proj's and up_proj's columns are scaled (o, down) before their rows (qkv, gate_up), so the scales of the
@@ -124,8 +129,12 @@ def scale_rows(graph: ir.Graph, linear: Linear, s: np.ndarray) -> None:
 
 
 def scale_columns(graph: ir.Graph, linear: Linear, s: np.ndarray) -> None:
-    """``W <- W diag(s)``: output channel c of the linear times ``s_c``."""
+    """``W <- W diag(s)`` and ``b <- b * s``: output channel c of the linear (with its bias) times ``s_c``."""
     write_input(graph, linear.node, 1, scaled_tensor(linear.weight, s[None, :]), constant_dtype(linear.weight))
+    add = linear.bias_add
+    if add is not None:
+        index = bias_index(add, linear.node.outputs[0])
+        write_input(graph, add, index, scaled_tensor(add.inputs[index], s), constant_dtype(add.inputs[index]))
 
 
 def scale_norm(graph: ir.Graph, norm: RMSNorm, s: np.ndarray) -> None:

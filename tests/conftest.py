@@ -17,22 +17,29 @@ SPECIAL = ["<unk>", "<s>", "</s>"]
 
 
 def make_tiny_llama(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128,
-                    heads: int = 4, kv_heads: int = 2) -> Path:
-    """Build and save a random LlamaForCausalLM and a word-level tokenizer in ``folder``."""
+                    heads: int = 4, kv_heads: int = 2, model_type: str = "llama", **config) -> Path:
+    """Build and save a random causal LM (``model_type`` llama, mistral or qwen2; ``config``: more config fields,
+    e.g. ``attention_bias=True``) and a word-level tokenizer in ``folder``. Biases, if any, are random too."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    from mxonnx.architectures import causal_lm_class
 
     torch.manual_seed(seed)
     vocab = SPECIAL + VOCAB_WORDS
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
+    cfg = transformers.AutoConfig.for_model(model_type, **{"vocab_size": len(vocab), "hidden_size": hidden, "intermediate_size": intermediate,
+                          "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+                          "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": 1,
+                          "eos_token_id": 2, **config})
+    model = causal_lm_class(cfg)(cfg).eval()
     with torch.no_grad():  # non-trivial norm weights so folding into them is really tested
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.5 * torch.rand_like(p))
+            elif name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from conftest import make_tiny_llama
 from mxonnx import export as export_mod
@@ -33,7 +33,7 @@ def _optimum_export(src, out, past: bool):
     from optimum.exporters.onnx import onnx_export_from_model
 
     with quiet_libraries():
-        model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         model.config.use_cache = past
         onnx_export_from_model(model, out, task="text-generation-with-past" if past else "text-generation",
                                do_validation=False)
@@ -42,7 +42,7 @@ def _optimum_export(src, out, past: bool):
 
 def _untie(folder):
     """Give the saved model its own random lm_head (untied embeddings)."""
-    model = LlamaForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
     model.config.tie_word_embeddings = False
     torch.manual_seed(5)
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.model.embed_tokens.weight) * 0.5)
@@ -53,9 +53,19 @@ def _graph(folder) -> onnx.GraphProto:
     return onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
 
 
-@pytest.mark.parametrize("layers, kv_heads, tied, past", [(4, 2, True, True), (3, 1, False, False), (1, 4, False, True)])
-def test_streamed_export_equals_optimum_export(tmp_path, layers, kv_heads, tied, past):
-    src = make_tiny_llama(tmp_path / "hf", seed=layers, layers=layers, heads=4, kv_heads=kv_heads)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("layers, kv_heads, tied, past, config", [
+    (4, 2, True, True, {}), (3, 1, False, False, {}), (1, 4, False, True, {}),
+    (3, 2, True, True, {"attention_bias": True, "mlp_bias": True}),  # copied blocks carry their own biases
+    (3, 2, False, True, {"rope_scaling": LLAMA3_ROPE}),
+    (3, 2, True, True, {"model_type": "mistral", "sliding_window": 8}),
+    (3, 2, False, False, {"model_type": "qwen2"}),
+])
+def test_streamed_export_equals_optimum_export(tmp_path, layers, kv_heads, tied, past, config):
+    src = make_tiny_llama(tmp_path / "hf", seed=layers, layers=layers, heads=4, kv_heads=kv_heads, **config)
     if not tied:
         _untie(src)
     plain = _optimum_export(src, tmp_path / "plain", past)
