@@ -17,8 +17,9 @@ SPECIAL = ["<unk>", "<s>", "</s>"]
 
 
 def make_tiny_llama(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128,
-                    heads: int = 4, kv_heads: int = 2) -> Path:
-    """Build and save a random LlamaForCausalLM and a word-level tokenizer in ``folder``."""
+                    heads: int = 4, kv_heads: int = 2, **config) -> Path:
+    """Build and save a random LlamaForCausalLM and a word-level tokenizer in ``folder`` (``config``: more
+    ``LlamaConfig`` settings, e.g. ``initializer_range``)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -27,7 +28,8 @@ def make_tiny_llama(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 
     vocab = SPECIAL + VOCAB_WORDS
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+                      max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                      **config)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # non-trivial norm weights so folding into them is really tested
         for name, p in model.named_parameters():

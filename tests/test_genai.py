@@ -1,0 +1,80 @@
+"""onnxruntime-genai deployment: ``mxonnx lower`` writes a genai_config.json with which onnxruntime_genai loads the
+folder and generates the greedy tokens optimum's ``ORTModelForCausalLM`` generates from it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_tiny_llama
+from mxonnx.config import QuantizeConfig
+from mxonnx.export import export_model
+from mxonnx.genai_config import GENAI_CONFIG_NAME
+from mxonnx.generate import generate, load_generator
+from mxonnx.lower import lower_model
+from mxonnx.quantize import quantize_model
+
+PROMPT = "w5 w17 w3 w40 w8 w61"
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def varied_onnx(tmp_path_factory):
+    """A tiny Llama with larger random weights (std 0.3): its greedy tokens change with the context (at the default
+    0.02 it repeats one token), so a wrong KV cache or position shows in them."""
+    folder = tmp_path_factory.mktemp("genai")
+    make_tiny_llama(folder / "hf", initializer_range=0.3)
+    export_model(folder / "hf", folder / "onnx", progress=False)
+    return folder / "onnx"
+
+
+@pytest.fixture(scope="module", params=["none", "mxint8-32"])
+def lowered(request, varied_onnx, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("genai")
+    quantize_model(varied_onnx, folder / "mx", QuantizeConfig(weights="mxint4-32", acts=request.param, method="rtn",
+                                                            progress=False))
+    lower_model(folder / "mx", folder / "nbits", "matmulnbits")
+    return folder / "nbits"
+
+
+def _genai_greedy(folder, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt_ids)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def test_config_describes_the_graph(lowered):
+    config = json.loads((lowered / GENAI_CONFIG_NAME).read_text())
+    decoder = config["model"]["decoder"]
+    assert config["model"]["type"] == "llama" and decoder["filename"] == "model.onnx"
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"], decoder["head_size"],
+            decoder["num_hidden_layers"], decoder["hidden_size"]) == (4, 2, 16, 2, 64)
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert decoder["outputs"]["present_value_names"] == "present.%d.value"
+    assert (config["model"]["eos_token_id"], config["model"]["bos_token_id"]) == (2, 1)
+    assert config["search"]["do_sample"] is False and config["search"]["max_length"] == 512
+
+
+def test_genai_generates_optimum_greedy_tokens(lowered):
+    _, tokenizer = load_generator(lowered)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    expected = generate(lowered, PROMPT, max_new_tokens=NEW_TOKENS, raw=True)["token_ids"]
+    assert len(expected) == NEW_TOKENS and len(set(expected)) > NEW_TOKENS // 2  # varied tokens, steps with the cache
+    assert _genai_greedy(lowered, prompt_ids, NEW_TOKENS) == expected
+
+
+def test_no_config_without_kv_cache(tiny_onnx_nopast, tmp_path):
+    quantize_model(tiny_onnx_nopast, tmp_path / "mx", QuantizeConfig(weights="mxint4-32", acts="none", method="rtn",
+                                                                     progress=False))
+    with pytest.warns(UserWarning, match="no genai_config.json written.*KV cache"):
+        lower_model(tmp_path / "mx", tmp_path / "nbits", "matmulnbits")
+    assert (tmp_path / "nbits" / "model.onnx").is_file() and not (tmp_path / "nbits" / GENAI_CONFIG_NAME).exists()
