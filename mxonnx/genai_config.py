@@ -75,7 +75,7 @@ def genai_config(folder: Path, onnx_name: str = "model.onnx", custom_ops_library
     folder = Path(folder)
     config = _read_json(folder / "config.json")
     if not config:
-        raise GenaiUnsupportedError(f"{folder}: onnxruntime-genai needs config.json in the model folder")
+        raise GenaiUnsupportedError("onnxruntime-genai needs config.json in the model folder")
     generation = _read_json(folder / "generation_config.json")
     graph = onnx.load(str(folder / onnx_name), load_external_data=False).graph
     inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
@@ -85,8 +85,8 @@ def genai_config(folder: Path, onnx_name: str = "model.onnx", custom_ops_library
     for names, patterns in ((inputs, (PAST_KEY, PAST_VALUE)), (outputs, (PRESENT_KEY, PRESENT_VALUE))):
         for pattern in patterns:
             if _layer_names(names, pattern) != list(range(layers)):
-                raise GenaiUnsupportedError(f"{folder / onnx_name}: onnxruntime-genai needs the KV cache ({pattern % 0} ... for "
-                                 f"{layers} layers); export the model without --no-past")
+                raise GenaiUnsupportedError(f"onnxruntime-genai needs the graph's KV cache ({pattern % 0} ... for "
+                                            f"{layers} layers); export the model without --no-past")
     heads = int(config["num_attention_heads"])
     head_size = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     context_length = int(config.get("max_position_embeddings") or 2048)

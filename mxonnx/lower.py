@@ -30,5 +30,5 @@ def lower_model(model: Path, out: Path, target: str) -> dict:
             try:
                 write_genai_config(tmp, ONNX_NAME)
             except GenaiUnsupportedError as exc:
-                warnings.warn(f"no {GENAI_CONFIG_NAME} written: {exc}", stacklevel=2)
+                warnings.warn(f"{out}: no {GENAI_CONFIG_NAME} written: {exc}", stacklevel=2)
     return {"output": str(out), "target": target, "seconds": time.perf_counter() - start, **counts}

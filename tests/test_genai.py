@@ -78,3 +78,41 @@ def test_no_config_without_kv_cache(tiny_onnx_nopast, tmp_path):
     with pytest.warns(UserWarning, match="no genai_config.json written.*KV cache"):
         lower_model(tmp_path / "mx", tmp_path / "nbits", "matmulnbits")
     assert (tmp_path / "nbits" / "model.onnx").is_file() and not (tmp_path / "nbits" / GENAI_CONFIG_NAME).exists()
+
+
+def _gguf_style_byte_level_tokenizer():
+    """A byte-level BPE as transformers builds it from a GGUF ``gpt2`` tokenizer: with SentencePiece's byte fallback
+    and a ByteFallback/Fuse/Replace("▁") decoder before the ByteLevel one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    corpus = ["The capital of France is Paris.\nA second  line", "héllo wörld ✓ 日本語"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\u2581", " "),
+                                     decoders.ByteLevel()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("byte_level_only", [False, True])
+def test_genai_reads_exported_byte_level_tokenizers(byte_level_only, lowered, tmp_path):
+    """onnxruntime-genai's tokenizer gives transformers' ids for a GGUF byte-level tokenizer once export's
+    ``keep_byte_level`` has run (and not before: it then takes it for SentencePiece); transformers' ids and text
+    do not change."""
+    import shutil
+
+    from mxonnx.export import keep_byte_level
+
+    og = pytest.importorskip("onnxruntime_genai")
+    text = "The capital of France is\nParis  ✓ 日本"
+    tokenizer = _gguf_style_byte_level_tokenizer()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if byte_level_only:
+        keep_byte_level(tokenizer)
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids and tokenizer.decode(ids) == text
+    tokenizer.save_pretrained(tmp_path)
+    shutil.copy(lowered / GENAI_CONFIG_NAME, tmp_path)
+    genai_ids = [int(i) for i in og.Tokenizer(og.Config(str(tmp_path))).encode(text)]
+    assert (genai_ids == ids) is byte_level_only
