@@ -6,17 +6,25 @@ options from this file, and the tokenizer from ``tokenizer.json`` + ``tokenizer_
 are those of optimum's decoder export: ``input_ids``, ``attention_mask``, ``position_ids``,
 ``past_key_values.N.key/value`` -> ``logits``, ``present.N.key/value`` (checked against the graph). Search defaults
 come from generation_config.json (greedy unless it samples), ``max_length`` is the context length.
+
+MX model folders (``com.mxonnx`` ops) run there too: the ops' ONNX function bodies need nothing loaded, and the
+native library is registered through ``session_options.custom_ops_library`` when it is built. onnxruntime-genai
+loads such a library only from inside the model folder (or the working directory, or an EP's folder), so it is
+copied into the folder as ``NATIVE_LIBRARY_NAME``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 from mxonnx.errors import InputError
 
 GENAI_CONFIG_NAME = "genai_config.json"
+NATIVE_LIBRARY_NAME = "libmxonnx_ops.so"  # the native MX op library's copy inside an MX model folder
 GENAI_MODEL_TYPES = ("llama", "mistral", "qwen2")  # decoder-only types of onnxruntime-genai that mxonnx writes
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
@@ -126,4 +134,18 @@ def write_genai_config(folder: Path, onnx_name: str = "model.onnx", custom_ops_l
     """Write :func:`genai_config` as ``folder/genai_config.json``; returns its path."""
     path = Path(folder) / GENAI_CONFIG_NAME
     path.write_text(json.dumps(genai_config(folder, onnx_name, custom_ops_library), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_mx_genai_config(folder: Path, onnx_name: str = "model.onnx") -> Path:
+    """:func:`write_genai_config` for an MX model folder: with the native library copied into ``folder`` and
+    registered when it is built (``mxonnx.session.native_library()``, and ``MXONNX_NO_NATIVE`` is not 1), else with
+    the ops' function bodies."""
+    from mxonnx.session import native_library
+
+    library = native_library() if os.environ.get("MXONNX_NO_NATIVE") != "1" else None
+    if library is None:
+        return write_genai_config(folder, onnx_name)
+    path = write_genai_config(folder, onnx_name, custom_ops_library=NATIVE_LIBRARY_NAME)
+    shutil.copy2(library, Path(folder) / NATIVE_LIBRARY_NAME)
     return path

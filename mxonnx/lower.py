@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from mxonnx.genai_config import GENAI_CONFIG_NAME, GenaiUnsupportedError, write_genai_config
+from mxonnx.genai_config import GENAI_CONFIG_NAME, NATIVE_LIBRARY_NAME, GenaiUnsupportedError, write_genai_config
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, atomic_output_dir, copy_model_assets, resolve_model
 from mxonnx.passes.lower import lower
 
@@ -25,7 +25,8 @@ def lower_model(model: Path, out: Path, target: str) -> dict:
         graph, counts = lower(ir.load(paths.onnx), target)
         ir.save(graph, tmp / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
         copy_model_assets(paths.folder, tmp)
-        (tmp / GENAI_CONFIG_NAME).unlink(missing_ok=True)  # the source's may name a library the lowered graph needs not
+        for name in (GENAI_CONFIG_NAME, NATIVE_LIBRARY_NAME):  # an MX folder's: the lowered graph needs no library
+            (tmp / name).unlink(missing_ok=True)
         if paths.folder is not None:
             try:
                 write_genai_config(tmp, ONNX_NAME)

@@ -72,6 +72,30 @@ def test_genai_generates_optimum_greedy_tokens(lowered):
     assert _genai_greedy(lowered, prompt_ids, NEW_TOKENS) == expected
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_genai_runs_the_mx_model(varied_onnx, tmp_path, native, monkeypatch):
+    """A quantized (``com.mxonnx``) folder holds a genai_config.json too: with the native library copied in and
+    registered, or (MXONNX_NO_NATIVE=1, or not built) the ops' function bodies; same greedy tokens as optimum."""
+    from mxonnx.genai_config import NATIVE_LIBRARY_NAME
+    from mxonnx.session import native_library
+
+    if native and native_library() is None:
+        pytest.skip("native library not built")
+    monkeypatch.setenv("MXONNX_NO_NATIVE", "0" if native else "1")
+    out = tmp_path / "mx"
+    quantize_model(varied_onnx, out, QuantizeConfig(weights="mxint4-32", acts="mxint8-32", method="rtn", progress=False))
+    session = json.loads((out / GENAI_CONFIG_NAME).read_text())["model"]["decoder"]["session_options"]
+    assert (session.get("custom_ops_library") == NATIVE_LIBRARY_NAME) is native
+    assert (out / NATIVE_LIBRARY_NAME).is_file() is native
+    _, tokenizer = load_generator(out)
+    expected = generate(out, PROMPT, max_new_tokens=NEW_TOKENS, raw=True)["token_ids"]
+    assert _genai_greedy(out, tokenizer(PROMPT)["input_ids"], NEW_TOKENS) == expected
+    lower_model(out, tmp_path / "nbits", "matmulnbits")  # the lowered folder needs no library
+    assert not (tmp_path / "nbits" / NATIVE_LIBRARY_NAME).exists()
+    assert "custom_ops_library" not in json.loads((tmp_path / "nbits" / GENAI_CONFIG_NAME).read_text())[
+        "model"]["decoder"]["session_options"]
+
+
 def test_no_config_without_kv_cache(tiny_onnx_nopast, tmp_path):
     quantize_model(tiny_onnx_nopast, tmp_path / "mx", QuantizeConfig(weights="mxint4-32", acts="none", method="rtn",
                                                                      progress=False))
