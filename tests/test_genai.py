@@ -29,13 +29,15 @@ def varied_onnx(tmp_path_factory):
     return folder / "onnx"
 
 
-@pytest.fixture(scope="module", params=["none", "mxint8-32"])
+@pytest.fixture(scope="module", params=[("none", "matmulnbits"), ("mxint8-32", "matmulnbits"), ("mxint8-32", "qdq"),
+                                        ("mxint8-32", "inline")], ids="-".join)
 def lowered(request, varied_onnx, tmp_path_factory):
+    acts, target = request.param
     folder = tmp_path_factory.mktemp("genai")
-    quantize_model(varied_onnx, folder / "mx", QuantizeConfig(weights="mxint4-32", acts=request.param, method="rtn",
+    quantize_model(varied_onnx, folder / "mx", QuantizeConfig(weights="mxint4-32", acts=acts, method="rtn",
                                                             progress=False))
-    lower_model(folder / "mx", folder / "nbits", "matmulnbits")
-    return folder / "nbits"
+    lower_model(folder / "mx", folder / target, target)
+    return folder / target
 
 
 def _genai_greedy(folder, prompt_ids: list[int], new_tokens: int) -> list[int]:
