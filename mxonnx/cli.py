@@ -106,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, choices=["matmulnbits", "qdq", "inline"])
     _common(p)
 
-    p = sub.add_parser("generate", help="text through optimum's ORTModelForCausalLM")
+    p = sub.add_parser("generate", help="text through optimum's ORTModelForCausalLM (chat template, streamed)")
     p.add_argument("model")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--raw", action="store_true",
+                   help="feed the prompt as it is (default: as a user message through the tokenizer's chat template)")
     _common(p)
 
     p = sub.add_parser("formats", help="list every element format with its bits per weight")
@@ -173,10 +175,19 @@ def _run(args: argparse.Namespace) -> None:
         r = lower_model(Path(args.model), Path(args.output), args.target)
         _print_result(args, r, f"lowered {args.model} -> {r['output']} for {args.target}")
     elif cmd == "generate":
-        from mxonnx.eval import generate_text
+        from mxonnx.generate import generate
 
-        text = generate_text(Path(args.model), args.prompt, max_new_tokens=args.max_new_tokens)
-        _print_result(args, {"prompt": args.prompt, "text": text}, text)
+        if args.json:
+            print(json.dumps(generate(Path(args.model), args.prompt, max_new_tokens=args.max_new_tokens, raw=args.raw)))
+        else:  # the text as it is decoded
+            out = sys.stdout
+
+            def emit(text: str) -> None:
+                out.write(text)
+                out.flush()
+
+            generate(Path(args.model), args.prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, emit=emit)
+            out.write("\n")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

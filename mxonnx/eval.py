@@ -1,5 +1,5 @@
 """WikiText-2 perplexity through onnxruntime (or torch, as a reference) and greedy generation through
-optimum's ``ORTModelForCausalLM``.
+optimum's ``ORTModelForCausalLM`` (``mxonnx.generate``).
 
 Protocol (shared/data/README.md): ``text = "\\n\\n".join(raw.splitlines())``, tokenized once with the model's
 tokenizer, cut into non-overlapping windows of ``seqlen`` tokens from the start (the partial last window is
@@ -227,23 +227,8 @@ def evaluate_perplexity(model: Path, data: Path | None = None, seqlen: int = 204
 
 
 def generate_text(model: Path, prompt: str, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of ``prompt`` by optimum's ``ORTModelForCausalLM``; returns prompt + continuation
-    (the whole sequence decoded without special tokens)."""
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
+    """Greedy continuation of the raw ``prompt`` (no chat template) by optimum's ``ORTModelForCausalLM``; returns
+    prompt + continuation (the whole sequence decoded without special tokens). See ``mxonnx.generate``."""
+    from mxonnx.generate import generate
 
-    from mxonnx.export import quiet_libraries
-    from mxonnx.session import session_options
-
-    paths = resolve_model(model)
-    if paths.folder is None or not (paths.folder / "config.json").is_file():
-        raise InputError(f"{model}: generation needs a model folder with config.json and the tokenizer")
-    has_past = any(name.startswith("past_key_values.") for name in graph_input_names(paths.onnx))
-    with quiet_libraries():
-        tokenizer = AutoTokenizer.from_pretrained(paths.folder)
-        lm = ORTModelForCausalLM.from_pretrained(paths.folder, file_name=paths.onnx.name, use_cache=has_past,
-                                                 session_options=session_options(), provider="CPUExecutionProvider")
-        inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        out = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+    return generate(model, prompt, max_new_tokens=max_new_tokens, raw=True)["text"]

@@ -124,6 +124,20 @@ def check_source(src: Path) -> None:
         raise InputError(f"{src}: expected a Hugging Face model folder or a .gguf file")
 
 
+def keep_byte_level(tokenizer) -> None:
+    """Make a byte-level BPE tokenizer (ByteLevel pre-tokenizer) byte-level only: no byte fallback, a ByteLevel
+    decoder. transformers builds GGUF ``gpt2`` tokenizers with SentencePiece's byte fallback and ``▁`` decoders;
+    with a byte-level vocabulary they never act (every byte has a token; the ids and text are the same), but
+    other readers of tokenizer.json (onnxruntime-genai's tokenizer) then take it for SentencePiece and map
+    newlines and spaces to unknown ids."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    if isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel) and isinstance(backend.model, models.BPE):
+        backend.model.byte_fallback = False
+        backend.decoder = decoders.ByteLevel()
+
+
 def _load_gguf(src: Path):
     """A GGUF-loaded model cannot be saved or exported as is: copy its (dequantized) weights into a fresh model of
     the same class and config and tie the embeddings again."""
@@ -137,6 +151,7 @@ def _load_gguf(src: Path):
     model.generation_config = loaded.generation_config
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     tokenizer.vocab_file = None  # else save_pretrained copies the whole GGUF as "tokenizer.model"
+    keep_byte_level(tokenizer)
     return model, tokenizer
 
 

@@ -43,6 +43,7 @@ from mxonnx.calibrate import block_hessians, block_statistics, config_windows, s
 from mxonnx.config import METHODS, QuantizeConfig, default_calib_text
 from mxonnx.errors import InputError
 from mxonnx.gptq import GptqWeightProvider, check_blocks
+from mxonnx.genai_config import GenaiUnsupportedError, write_mx_genai_config
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, ModelPaths, copy_model_assets, resolve_model
 from mxonnx.passes.awq import SAMPLE_TOKENS, awq_block_scales, record_alphas
 from mxonnx.passes.llama_structure import DecoderBlock, find_decoder_blocks, find_lm_head
@@ -275,6 +276,10 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
             MxMatMulPass([lm_head], plan.weights, plan.acts, RoundToNearest(plan.weights))(onnx_model)
         ir.save(onnx_model, work.path / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
         copy_model_assets(paths.folder, work.path)
+        try:
+            write_mx_genai_config(work.path, ONNX_NAME)
+        except GenaiUnsupportedError:  # no KV cache or no config.json: not a folder onnxruntime-genai runs
+            pass
     return {
         "output": str(out),
         "method": config.method,

@@ -1,5 +1,6 @@
 """SmoothQuant and AWQ folded into the weights: the float graph computes the same logits, no node is added,
-GQA scales go into v_proj's columns, AWQ at alpha 0 is plain RTN, shared norm weights get their own copy."""
+GQA scales go into v_proj's columns, AWQ at alpha 0 is plain RTN, the searched AWQ scales beat RTN and reach the grid
+minimum of the output error (computed in the test from the formats alone), shared norm weights get their own copy."""
 
 from __future__ import annotations
 
@@ -191,28 +192,96 @@ def test_awq_alpha_zero_is_rtn_bit_for_bit(tiny_onnx, tiny_text):
         {n: v.const_value.tobytes() for n, v in rtn_model.graph.initializers.items()}
 
 
-def test_awq_search_picks_the_grid_minimum(tiny_onnx, tiny_text):
-    """The searched alpha beats alpha 0 (RTN) on the group error, and a fixed --alpha skips the search."""
-    from mxonnx.passes.awq import group_error, search_group
-    from mxonnx.passes.smoothing import row_scales
+def _row_factors(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """The factor each row of a weight ``[K, N]`` was multiplied by: ``||after_k|| / ||before_k||``."""
+    return np.linalg.norm(after.astype(np.float64), axis=1) / np.linalg.norm(before.astype(np.float64), axis=1)
+
+
+def _output_error(x: np.ndarray, weights: list[np.ndarray], rows: np.ndarray) -> float:
+    """``sum_W ||Q_a(X / r) Q_w(r W) - X W||^2`` in float64 (MXINT8-32 activations along K, MXINT4-32 weights along
+    K), written here from the formats alone."""
+    xq = quantize_dequantize((x / rows).astype(np.float32), "mxint8-32", axis=-1).astype(np.float64)
+    total = 0.0
+    for w in weights:
+        wq = quantize_dequantize((w * rows[:, None]).astype(np.float32), "mxint4-32", axis=0).astype(np.float64)
+        total += float(np.square(xq @ wq - x.astype(np.float64) @ w.astype(np.float64)).sum())
+    return total
+
+
+def test_awq_search_beats_alpha_zero(tiny_onnx, tiny_text):
+    """Every group's quantized output error on the calibration sample is, with the scales the searched AWQ pass folds
+    into the model, at most the error of plain RTN (alpha 0), and below it where a non-zero alpha was chosen; the
+    error is computed here in numpy, with the row scales read from the weights before and after the pass."""
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    config = _config(tiny_text, method="awq")
+    stats = _statistics(model, blocks, tiny_onnx, config)
+    before = {(b.index, g): [np.array(w) for w in _group_weights(b, g)] for b in blocks for g in GROUPS}
+    awq(model, blocks, stats, config)
+    alphas = json.loads(model.metadata_props["mxonnx.awq_alpha"])
+    improved = 0
+    for block in blocks:
+        for group in GROUPS:
+            after = _group_weights(block, group)
+            rows = _row_factors(before[block.index, group][0], after[0])  # q, o, gate, down: no column folding
+            unscaled = [w.astype(np.float64) / rows[:, None] for w in after]  # as before this group's own scales
+            x = stats[f"layers.{block.index}.{group}"].sample.astype(np.float64)
+            searched, rtn = _output_error(x, unscaled, rows), _output_error(x, unscaled, np.ones_like(rows))
+            assert searched <= rtn * (1 + 1e-6), (block.index, group, alphas[block.index][group], searched, rtn)
+            if alphas[block.index][group] > 0:
+                assert searched < rtn, (block.index, group)
+                improved += 1
+            else:
+                np.testing.assert_allclose(rows, 1.0, rtol=1e-6)
+    assert improved >= 2  # the search moved some groups away from RTN
+
+
+def test_awq_alpha_is_the_grid_minimum(tiny_onnx, tiny_text):
+    """The folded scales reach the smallest output error over the alpha grid, both computed here: Eq. 5
+    ``s = m^a / sqrt(max(m^a) min(m^a))`` with ``m = mean|X|`` (floored at 1e-5 of its max; o_proj: averaged over
+    the query heads of a KV head, repeated over them) and the error of ``_output_error``."""
+    from mxonnx.passes.awq import default_grid
 
     model = ir.load(tiny_onnx / "model.onnx")
     blocks = find_decoder_blocks(model)
     config = _config(tiny_text, method="awq")
     stats = _statistics(model, blocks, tiny_onnx, config)
-    block, group = blocks[0], "down"
-    grid = np.linspace(0, 1, 5)
-    s, alpha = search_group(block, group, stats["layers.0.down"], grid, "mxint4-32", "mxint8-32")
-    weights = [lin.weight_array for lin in block.groups()[group]]
-    x = stats["layers.0.down"].sample
-    errors = [group_error(x, weights, row_scales(group, awq_scales(stats["layers.0.down"].mean_abs, a), block),
-                          "mxint4-32", "mxint8-32") for a in grid]
-    assert alpha == grid[int(np.argmin(errors))]
-    np.testing.assert_array_equal(s, awq_scales(stats["layers.0.down"].mean_abs, alpha))
-    fixed = _statistics(model, blocks, tiny_onnx, _config(tiny_text, method="awq", alpha=0.3))
+    before = {(b.index, g): [np.array(w) for w in _group_weights(b, g)] for b in blocks for g in GROUPS}
+    awq(model, blocks, stats, config)
+    for block in blocks:
+        rep = block.num_heads // block.num_kv_heads
+        for group in GROUPS:
+            after = _group_weights(block, group)
+            rows = _row_factors(before[block.index, group][0], after[0])
+            unscaled = [w.astype(np.float64) / rows[:, None] for w in after]
+            st = stats[f"layers.{block.index}.{group}"]
+            m = st.mean_abs.astype(np.float64)
+            if group == "o":
+                m = m.reshape(block.num_kv_heads, rep, block.head_dim).mean(axis=1)
+            m = np.maximum(m, 1e-5 * m.max())
+            x = st.sample.astype(np.float64)
+            errors = []
+            for a in default_grid():
+                s = m ** a / np.sqrt((m ** a).max() * (m ** a).min())
+                if group == "o":
+                    s = np.repeat(s.reshape(block.num_kv_heads, 1, block.head_dim), rep, axis=1).reshape(-1)
+                errors.append(_output_error(x, unscaled, s))
+            assert _output_error(x, unscaled, rows) <= min(errors) * (1 + 1e-6), (block.index, group)
+
+
+def test_fixed_awq_alpha_skips_the_search(tiny_onnx, tiny_text):
+    """A fixed --alpha collects no samples and folds Eq. 5's ``s = m^a / sqrt(max(m^a) min(m^a))`` (m = mean|X|)."""
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    config = _config(tiny_text, method="awq", alpha=0.3)
+    fixed = _statistics(model, blocks, tiny_onnx, config)
     assert fixed["layers.0.down"].sample is None  # no search: no samples collected
-    awq(model, blocks, fixed, _config(tiny_text, method="awq", alpha=0.3))
+    down = np.array(blocks[0].down.weight_array)
+    awq(model, blocks, fixed, config)
     assert json.loads(model.metadata_props["mxonnx.awq_alpha"]) == [dict.fromkeys(GROUPS, 0.3)] * 2
+    m = fixed["layers.0.down"].mean_abs.astype(np.float64) ** 0.3
+    np.testing.assert_allclose(_row_factors(down, blocks[0].down.weight_array), m / np.sqrt(m.max() * m.min()),
+                               rtol=1e-5)
 
 
 def test_shared_norm_weight_gets_its_own_initializer(tiny_onnx, tiny_text):
