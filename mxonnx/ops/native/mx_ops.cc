@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "mx_format.h"
+#include "mx_gemv.h"
 #include "mx_kernels.h"
 #include "mx_matmul.h"
 
@@ -29,6 +30,7 @@ constexpr const char* kDomain = "com.mxonnx";
 constexpr auto kTensorUInt4 = static_cast<ONNXTensorElementDataType>(21);
 constexpr auto kTensorInt4 = static_cast<ONNXTensorElementDataType>(22);
 constexpr int64_t kElementsPerTask = 1 << 15;  // smallest share of work worth handing to another thread
+constexpr int64_t kGemvMaxRows = 8;            // MXMatMul with at most this many rows of X: row by row (mx_gemv.h)
 
 [[noreturn]] void invalid(const std::string& message) {
   throw Ort::Exception(std::string(message), ORT_INVALID_ARGUMENT);
@@ -212,6 +214,22 @@ struct FusedMatMulKernel {
   MatMulKernel gemm;
   MxFormat weight_format;
   std::unique_ptr<MxFormat> act_format;  // nullptr: X enters the GEMM as is
+  GemvKernel gemv;
+
+  // Y[m, n] row by row (GemvKernel::multiply), split over rows and units of kGemvColumns columns. Integer route:
+  // `rows` the activation codes of each row; float route: `x` the (quantized) rows.
+  void multiply_rows(OrtKernelContext* context, const PackedWeight& w, const ActivationCodes* rows, const float* x,
+                     float* y, int64_t m) const {
+    const int64_t units = (w.n + kGemvColumns - 1) / kGemvColumns;
+    auto work = [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r = t / units, n0 = (t % units) * kGemvColumns;
+        gemv.multiply(w, rows ? rows + r : nullptr, x ? x + r * w.k : nullptr, y + r * w.n, n0,
+                      std::min(n0 + kGemvColumns, w.n));
+      }
+    };
+    parallel_for(context, m * units, kGemvColumns * w.k, work);
+  }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded([&] {
@@ -242,6 +260,14 @@ struct FusedMatMulKernel {
         return;
       }
       const float* in = x.GetTensorData<float>();
+      const PackedWeight w{static_cast<const uint8_t*>(codes.GetTensorRawData()), exponents.GetTensorData<uint8_t>(),
+                           k, n};
+      if (m <= kGemvMaxRows && gemv.integer_route()) {
+        std::vector<ActivationCodes> rows(m);
+        for (int64_t r = 0; r < m; ++r) gemv.quantize_row(in + r * k, k, rows[r]);
+        multiply_rows(context, w, rows.data(), nullptr, out, m);
+        return;
+      }
       std::vector<float> quantized;
       if (act_format) {
         quantized.resize(m * k);
@@ -252,8 +278,10 @@ struct FusedMatMulKernel {
         parallel_for(context, layout.block_rows(), layout.block, qdq);
         in = quantized.data();
       }
-      const PackedWeight w{static_cast<const uint8_t*>(codes.GetTensorRawData()), exponents.GetTensorData<uint8_t>(),
-                           k, n};
+      if (m <= kGemvMaxRows) {
+        multiply_rows(context, w, nullptr, in, out, m);
+        return;
+      }
       const int64_t panels = MatMulKernel::column_panels(n), tiles = MatMulKernel::row_tiles(m);
       auto multiply = [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
@@ -300,8 +328,9 @@ struct MatMulOp : Ort::CustomOpBase<MatMulOp, FusedMatMulKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return guarded([&] {
       const MxFormat weights = format_attribute(info, GetName(), "weight_format");
-      *kernel = new FusedMatMulKernel{MatMulKernel(weights), weights,
-                                      optional_format_attribute(info, GetName(), "act_format")};
+      std::unique_ptr<MxFormat> acts = optional_format_attribute(info, GetName(), "act_format");
+      GemvKernel gemv(weights, acts.get());
+      *kernel = new FusedMatMulKernel{MatMulKernel(weights), weights, std::move(acts), std::move(gemv)};
     });
   }
   const char* GetName() const { return "MXMatMul"; }
