@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -206,9 +207,170 @@ AVX2 void float_columns(const int8_t* nibble_values32, int bits, const float* ta
   }
   for (int q = 0; q < 8; ++q) _mm256_storeu_ps(y + n0 + 8 * q, out[q]);
 }
+
+// Integer GEMM: R rows x 32 columns over the byte pairs [p0, p1) of an unpacked panel (64 bytes per pair: lanes
+// 0..15 columns 2i, lanes 16..31 columns 2i + 1), added to the int32 accumulators iacc[R][32] (same lane order).
+template <int R>
+AVX2 void gemm_rows(const uint8_t* panel, const int8_t* const* codes, int64_t p0, int64_t p1, int pairs_per_flush,
+                    int32_t* iacc) {
+  for (int64_t p = p0; p < p1;) {
+    __m256i acc[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    const int64_t p_end = std::min(p1, p + pairs_per_flush);
+    for (; p < p_end; ++p) {
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + 64 * p));
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + 64 * p + 32));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int16_t pair;
+        std::memcpy(&pair, codes[r] + 2 * p, sizeof pair);
+        const __m256i a = _mm256_set1_epi16(pair);
+        acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(b0, a));
+        acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(b1, a));
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m256i* out = reinterpret_cast<__m256i*>(iacc + 32 * r + 16 * h);
+        _mm256_storeu_si256(out, _mm256_add_epi32(_mm256_loadu_si256(out),
+                                                  _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[r][h]))));
+        _mm256_storeu_si256(out + 1, _mm256_add_epi32(_mm256_loadu_si256(out + 1),
+                                                      _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[r][h], 1))));
+      }
+    }
+  }
+}
+
+// facc[r][lane] += float(iacc[r][lane] - correction[r]) * ws[lane] * act_scale[r]; iacc reset.
+template <int R>
+AVX2 void gemm_scale(int32_t* iacc, const int32_t* correction, const float* act_scale, const float* ws, float* facc) {
+  for (int r = 0; r < R; ++r) {
+    const __m256i corr = _mm256_set1_epi32(correction[r]);
+    const __m256 as = _mm256_set1_ps(act_scale[r]);
+    for (int q = 0; q < 4; ++q) {
+      __m256i* i = reinterpret_cast<__m256i*>(iacc + 32 * r + 8 * q);
+      const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_loadu_si256(i), corr)),
+                                     _mm256_loadu_ps(ws + 8 * q));
+      float* f = facc + 32 * r + 8 * q;
+      _mm256_storeu_ps(f, _mm256_add_ps(_mm256_loadu_ps(f), _mm256_mul_ps(v, as)));
+      _mm256_storeu_si256(i, _mm256_setzero_si256());
+    }
+  }
+}
+
+// Rows k, k+1 of 32 packed 4-bit columns (16 bytes each) -> 64 bytes of (w + offset) pairs in panel lane order.
+AVX2 void unpack_pair(const uint8_t* lut32, const uint8_t* ra, const uint8_t* rb, uint8_t* out) {
+  const __m256i lut = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut32));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ra));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rb));
+  const __m256i v = _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b));  // byte j of both rows
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32),
+                      _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)));
+}
+
+template <int R>
+void gemm_tile(const uint8_t* panel, const float* ws, const ActivationCodes* rows, int64_t segments, int64_t segment,
+               int offset, int pairs_per_flush, float* facc) {
+  alignas(32) int32_t iacc[R * 32] = {};
+  const int8_t* codes[R];
+  for (int r = 0; r < R; ++r) codes[r] = rows[r].codes.data();
+  int32_t correction[R];
+  float act_scale[R];
+  for (int64_t s = 0; s < segments; ++s) {
+    gemm_rows<R>(panel, codes, s * segment / 2, (s + 1) * segment / 2, pairs_per_flush, iacc);
+    for (int r = 0; r < R; ++r) {
+      correction[r] = offset * rows[r].segment_sum[s];
+      act_scale[r] = rows[r].segment_scale[s];
+    }
+    gemm_scale<R>(iacc, correction, act_scale, ws + 32 * s, facc);
+  }
+}
+
+// ---- AVX-512 VNNI integer GEMM: quads (w_k .. w_k+3 + offset) of one column per 32-bit lane, vpdpbusd multiplies
+// them with the broadcast activation quad and adds to int32 (exact, no int16 stage). A panel quad is 128 bytes:
+// two zmm of 16 columns each (lane_column below gives the column of a lane).
+#define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+bool cpu_has_avx512_vnni() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+// Column (0..31) of lane (0..31) of a quad panel: zmm 0 holds columns 2i, zmm 1 columns 2i + 1, with i = 0..3,
+// 8..11, 4..7, 12..15 over its four 128-bit quarters (the order the unpacks produce).
+inline int quad_lane_column(int lane) {
+  static constexpr int kI[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+  return 2 * kI[lane % 16] + lane / 16;
+}
+
+// Rows k .. k+3 of 32 packed 4-bit columns -> 128 bytes of quads in quad_lane_column order.
+AVX2 void unpack_quad(const uint8_t* lut32, const uint8_t* const* rows, uint8_t* out) {
+  alignas(32) uint8_t pairs[2][64];
+  unpack_pair(lut32, rows[0], rows[1], pairs[0]);
+  unpack_pair(lut32, rows[2], rows[3], pairs[1]);
+  for (int h = 0; h < 2; ++h) {  // h = 0: columns 2i (E), 1: columns 2i + 1 (O)
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs[0] + 32 * h));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs[1] + 32 * h));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 64 * h), _mm256_unpacklo_epi16(a, b));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 64 * h + 32), _mm256_unpackhi_epi16(a, b));
+  }
+}
+
+template <int R>
+VNNI void vnni_tile(const uint8_t* panel, const float* ws, const ActivationCodes* rows, int64_t segments,
+                    int64_t segment, int offset, float* y, int64_t ldy, int64_t cols) {
+  const int8_t* codes[R];
+  for (int r = 0; r < R; ++r) codes[r] = rows[r].codes.data();
+  __m512 out[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) out[r][0] = out[r][1] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < segments; ++s) {
+    __m512i acc[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    for (int64_t q = s * segment / 4, q1 = (s + 1) * segment / 4; q < q1; ++q) {
+      const __m512i b0 = _mm512_loadu_si512(panel + 128 * q);
+      const __m512i b1 = _mm512_loadu_si512(panel + 128 * q + 64);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int32_t quad;
+        std::memcpy(&quad, codes[r] + 4 * q, sizeof quad);
+        const __m512i a = _mm512_set1_epi32(quad);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], b0, a);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], b1, a);
+      }
+    }
+    const __m512 w0 = _mm512_loadu_ps(ws + 32 * s), w1 = _mm512_loadu_ps(ws + 32 * s + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512i corr = _mm512_set1_epi32(offset * rows[r].segment_sum[s]);
+      const __m512 as = _mm512_set1_ps(rows[r].segment_scale[s]);
+      const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], corr)), w0);
+      const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], corr)), w1);
+      out[r][0] = _mm512_add_ps(out[r][0], _mm512_mul_ps(v0, as));
+      out[r][1] = _mm512_add_ps(out[r][1], _mm512_mul_ps(v1, as));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float lanes[32];
+    _mm512_store_ps(lanes, out[r][0]);
+    _mm512_store_ps(lanes + 16, out[r][1]);
+    for (int lane = 0; lane < 32; ++lane) {
+      const int c = quad_lane_column(lane);
+      if (c < cols) y[r * ldy + c] = lanes[lane];
+    }
+  }
+}
+#undef VNNI
 #undef AVX2
 #else
 bool cpu_has_avx2_fma() { return false; }
+bool cpu_has_avx512_vnni() { return false; }
 #endif
 
 }  // namespace
@@ -219,7 +381,8 @@ GemvKernel::GemvKernel(const MxFormat& weight_format, const MxFormat* act_format
       act_block_(0),
       packed4_(weight_format.elem->storage == CodeStorage::kInt4 || weight_format.elem->storage == CodeStorage::kUInt4),
       integer_(false),
-      vector_(cpu_has_avx2_fma()),
+      vector_(cpu_has_avx2_fma() && isa_cap() >= Isa::kAvx2),
+      vnni_(vector_ && cpu_has_avx512_vnni() && isa_cap() >= Isa::kAvx512Vnni),
       segment_(weight_format.block_size),
       nibble_offset_(0) {
   const ElemFormat& elem = *weight_.elem;
@@ -322,6 +485,123 @@ void GemvKernel::float_portable(const PackedWeight& w, const float* x, float* y,
     }
     std::memcpy(y + c0, out, cols * sizeof(float));
   }
+}
+
+void GemvKernel::gemm_panel(const PackedWeight& w, const ActivationCodes* rows, int64_t m, int64_t n0,
+                            float* y) const {
+#ifdef MXONNX_AVX2_GEMV
+  const int64_t segments = (w.k + segment_ - 1) / segment_, pairs = segments * segment_ / 2;
+  const int64_t cols = std::min(kGemmColumns, w.n - n0);
+  std::vector<uint8_t> panel(pairs * 64);
+  std::vector<float> ws(segments * 32);
+  auto column = [](int lane) { return lane < 16 ? 2 * lane : 2 * (lane - 16) + 1; };
+  // unpack: vector for whole 32-column panels of rows that start on a byte, else code by code
+  const bool vector_unpack = cols == kGemmColumns && !(w.n & 1);
+  if (vnni_ && segment_ % 4 == 0) {
+    gemm_panel_vnni(w, rows, m, n0, y);
+    return;
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t k = 2 * p;
+    uint8_t* out = panel.data() + 64 * p;
+    if (vector_unpack && k + 1 < w.k) {
+      const uint8_t* ra = w.codes + (k * w.n + n0) / 2;
+      unpack_pair(nibble_lut_, ra, ra + w.n / 2, out);
+      continue;
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      const int64_t c = column(lane);
+      for (int64_t d = 0; d < 2; ++d) {
+        const bool valid = k + d < w.k && c < cols;
+        out[2 * lane + d] = valid ? nibble_lut_[code_at(w, k + d, n0 + c)] : static_cast<uint8_t>(nibble_offset_);
+      }
+    }
+  }
+  for (int64_t s = 0; s < segments; ++s) {
+    const uint8_t* e = w.exponents + (s * segment_ / weight_.block_size) * w.n + n0;
+    for (int lane = 0; lane < 32; ++lane) {
+      const int64_t c = column(lane);
+      ws[32 * s + lane] = c < cols ? weight_scale_[e[c]] : 0.0f;
+    }
+  }
+  const int highest = *std::max_element(nibble_lut_, nibble_lut_ + 16);
+  const int flush = std::max(1, 32767 / (2 * kMaxActCode * std::max(1, highest)));
+  constexpr int64_t kRows = 4;  // 8 int16 accumulators + 2 panel vectors + 4 broadcasts: no spill in 16 ymm
+  alignas(32) float facc[kRows * 32];
+  for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+    const int64_t rs = std::min(kRows, m - r0);
+    std::fill(facc, facc + kRows * 32, 0.0f);
+    switch (rs) {
+      case 4: gemm_tile<4>(panel.data(), ws.data(), rows + r0, segments, segment_, nibble_offset_, flush, facc); break;
+      case 3: gemm_tile<3>(panel.data(), ws.data(), rows + r0, segments, segment_, nibble_offset_, flush, facc); break;
+      case 2: gemm_tile<2>(panel.data(), ws.data(), rows + r0, segments, segment_, nibble_offset_, flush, facc); break;
+      default: gemm_tile<1>(panel.data(), ws.data(), rows + r0, segments, segment_, nibble_offset_, flush, facc); break;
+    }
+    for (int64_t r = 0; r < rs; ++r) {
+      float* out = y + (r0 + r) * w.n + n0;
+      for (int lane = 0; lane < 32; ++lane) {
+        const int64_t c = column(lane);
+        if (c < cols) out[c] = facc[32 * r + lane];
+      }
+    }
+  }
+#else
+  (void)w, (void)rows, (void)m, (void)n0, (void)y;
+  throw std::logic_error("MXMatMul: integer GEMM without AVX2");
+#endif
+}
+
+void GemvKernel::gemm_panel_vnni(const PackedWeight& w, const ActivationCodes* rows, int64_t m, int64_t n0,
+                                 float* y) const {
+#ifdef MXONNX_AVX2_GEMV
+  const int64_t segments = (w.k + segment_ - 1) / segment_, quads = segments * segment_ / 4;
+  const int64_t cols = std::min(kGemmColumns, w.n - n0);
+  const bool vector_unpack = cols == kGemmColumns && !(w.n & 1);
+  std::vector<uint8_t> panel(quads * 128 + 64);
+  std::vector<float> ws(segments * 32);
+  for (int64_t q = 0; q < quads; ++q) {
+    const int64_t k = 4 * q;
+    uint8_t* out = panel.data() + 128 * q;
+    if (vector_unpack && k + 3 < w.k) {
+      const uint8_t* r0 = w.codes + (k * w.n + n0) / 2;
+      const uint8_t* quad_rows[4] = {r0, r0 + w.n / 2, r0 + w.n, r0 + 3 * w.n / 2};
+      unpack_quad(nibble_lut_, quad_rows, out);
+      continue;
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      const int64_t c = quad_lane_column(lane);
+      for (int64_t d = 0; d < 4; ++d) {
+        const bool valid = k + d < w.k && c < cols;
+        out[4 * lane + d] = valid ? nibble_lut_[code_at(w, k + d, n0 + c)] : static_cast<uint8_t>(nibble_offset_);
+      }
+    }
+  }
+  for (int64_t s = 0; s < segments; ++s) {
+    const uint8_t* e = w.exponents + (s * segment_ / weight_.block_size) * w.n + n0;
+    for (int lane = 0; lane < 32; ++lane) {
+      const int64_t c = quad_lane_column(lane);
+      ws[32 * s + lane] = c < cols ? weight_scale_[e[c]] : 0.0f;
+    }
+  }
+  constexpr int64_t kRows = 8;  // 16 int32 + 16 float accumulators, 2 panel vectors: 32 zmm with the broadcast
+  for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+    float* out = y + r0 * w.n + n0;
+    const ActivationCodes* tile = rows + r0;
+    const uint8_t* p = panel.data();
+    switch (std::min(kRows, m - r0)) {
+      case 8: vnni_tile<8>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
+      case 7: vnni_tile<7>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
+      case 6: vnni_tile<6>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
+      case 5: vnni_tile<5>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
+      case 4: vnni_tile<4>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
+      case 3: vnni_tile<3>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
+      case 2: vnni_tile<2>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
+      default: vnni_tile<1>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
+    }
+  }
+#else
+  (void)w, (void)rows, (void)m, (void)n0, (void)y;
+#endif
 }
 
 void GemvKernel::multiply(const PackedWeight& w, const ActivationCodes* a, const float* x, float* y, int64_t n_begin,

@@ -18,7 +18,9 @@
 // block sums scaled by 2^(Ew - 127) u_w (exact), so again only the summation order differs from the reference.
 //
 // Both routes read W's codes once per row and never write a decoded weight panel. AVX2 + FMA kernels are chosen at
-// run time (__builtin_cpu_supports); a portable C++ path computes the same sums elsewhere and on column tails.
+// run time (__builtin_cpu_supports, capped by $MXONNX_NATIVE_ISA), and an AVX-512 VNNI GEMM for prefill; a portable
+// C++ path computes the same sums elsewhere and on column tails. On the integer route every path gives the same
+// bits: the segment sums are exact integers and the float operations on them happen in the same order.
 #pragma once
 
 #include <cstdint>
@@ -39,6 +41,7 @@ struct ActivationCodes {
 };
 
 constexpr int64_t kGemvColumns = 64;  // columns of W per vector step (and per unit of work)
+constexpr int64_t kGemmColumns = 32;  // columns of W per panel of the integer GEMM
 
 class GemvKernel {
  public:
@@ -52,6 +55,13 @@ class GemvKernel {
   // Integer route: the codes of one activation row x[K] (call once per row, share between column ranges).
   void quantize_row(const float* x, int64_t k, ActivationCodes& out) const;
 
+  // Integer GEMM for many rows (prefill): AVX2 available, integer route with 4-bit weights.
+  bool integer_gemm() const { return integer_ && packed4_ && vector_; }
+  // Y[m, n] for the columns [n0, n0 + kGemmColumns) of every row (Y row-major [m, w.n]; columns past w.n are not
+  // written): the panel's codes are unpacked once into (w_k + offset, w_k+1 + offset) byte pairs and reused by
+  // every row tile (4 rows x 32 columns of int16 maddubs accumulators). Same sums as multiply, so the same error bound.
+  void gemm_panel(const PackedWeight& w, const ActivationCodes* rows, int64_t m, int64_t n0, float* y) const;
+
   // y[n] for n in [n_begin, n_end) of one row. Integer route: `a` from quantize_row; float route: `x` the row.
   void multiply(const PackedWeight& w, const ActivationCodes* a, const float* x, float* y, int64_t n_begin,
                 int64_t n_end) const;
@@ -59,6 +69,7 @@ class GemvKernel {
  private:
   void integer_portable(const PackedWeight& w, const ActivationCodes& a, float* y, int64_t n0, int64_t n1) const;
   void float_portable(const PackedWeight& w, const float* x, float* y, int64_t n0, int64_t n1) const;
+  void gemm_panel_vnni(const PackedWeight& w, const ActivationCodes* rows, int64_t m, int64_t n0, float* y) const;
   int code_at(const PackedWeight& w, int64_t k, int64_t n) const;
 
   MxFormat weight_;
@@ -67,6 +78,7 @@ class GemvKernel {
   bool packed4_;
   bool integer_;
   bool vector_;
+  bool vnni_;  // AVX-512 VNNI available and allowed (isa_cap)
   int64_t segment_;
   int nibble_offset_;          // integer 4-bit route: u = value + offset >= 0 (maddubs takes unsigned weights)
   int8_t weight_int_[256];     // integer route: weight value / u_w per stored code (4-bit: per nibble)

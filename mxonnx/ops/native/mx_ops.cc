@@ -268,6 +268,18 @@ struct FusedMatMulKernel {
         multiply_rows(context, w, rows.data(), nullptr, out, m);
         return;
       }
+      if (gemv.integer_gemm()) {
+        std::vector<ActivationCodes> rows(m);
+        auto quantize = [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) gemv.quantize_row(in + r * k, k, rows[r]);
+        };
+        parallel_for(context, m, k, quantize);
+        auto multiply = [&](int64_t begin, int64_t end) {
+          for (int64_t p = begin; p < end; ++p) gemv.gemm_panel(w, rows.data(), m, p * kGemmColumns, out);
+        };
+        parallel_for(context, (n + kGemmColumns - 1) / kGemmColumns, m * kGemmColumns * k, multiply);
+        return;
+      }
       std::vector<float> quantized;
       if (act_format) {
         quantized.resize(m * k);
