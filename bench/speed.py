@@ -7,7 +7,7 @@ Decode: after the prefill, ``--decode`` greedy steps of one token each, feeding 
 Prompt ids are seeded random ids from the vocabulary (speed does not depend on the text). ``native_library``
 says whether the MX ops ran as native kernels or as their ONNX function bodies.
 
-    python bench/speed.py MODEL_FOLDER [--threads 1] [--prompt 512] [--decode 64] [--repeat 3]   # prints one JSON
+    python bench/speed.py MODEL_FOLDER [--threads 1] [--prompt 512] [--decode 64] [--repeat 3] [--no-fuse]  # one JSON
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 
-def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: int) -> dict:
+def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: int, fuse: bool = True) -> dict:
     from transformers import AutoConfig
 
     from mxonnx.eval import OrtCausalLM
@@ -30,7 +30,7 @@ def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: 
 
     paths = resolve_model(folder)
     config = AutoConfig.from_pretrained(paths.folder)
-    lm = OrtCausalLM(paths.onnx, config=config, threads=threads)
+    lm = OrtCausalLM(paths.onnx, config=config, threads=threads, fuse=fuse)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(1, prompt), dtype=np.int64)
     feed = lm.feed(ids)
     output_names = [o.name for o in lm.session.get_outputs()]
@@ -41,7 +41,8 @@ def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: 
         outputs = dict(zip(output_names, lm.session.run(output_names, feed)))
         times.append(time.perf_counter() - start)
     native = native_library()
-    result = {"native_library": str(native) if native else None, "threads": threads, "prompt_tokens": prompt,
+    result = {"native_library": str(native) if native else None, "fused": fuse, "threads": threads,
+              "prompt_tokens": prompt,
               "prefill_ms": 1000 * statistics.median(times), "decode_tokens": None, "decode_tokens_per_second": None}
     if not lm.past_names or decode == 0:
         return result
@@ -70,8 +71,10 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="fused MXMatMul linears (default; --no-fuse: the graph as saved)")
     args = parser.parse_args()
-    print(json.dumps(measure_speed(args.model, args.threads, args.prompt, args.decode, args.repeat)))
+    print(json.dumps(measure_speed(args.model, args.threads, args.prompt, args.decode, args.repeat, args.fuse)))
 
 
 if __name__ == "__main__":

@@ -190,21 +190,31 @@ def test_float_model_has_nothing_to_fuse(tiny_onnx):
     assert fused_model_bytes(tiny_onnx / "model.onnx") is None
 
 
-def test_logits_fused_vs_unfused(tiny_quantized):
+def test_logits_fused_vs_unfused(tiny_quantized, monkeypatch):
+    """OrtCausalLM with fuse=False runs the saved graph (native MXQuantizeDequantize / MXDequantize kernels and
+    onnxruntime's MatMul), fuse=True the fused MXMatMul kernels: both really run, and agree to float rounding."""
+    import mxonnx.passes.fuse_mx_matmul as fuse_pass
     from mxonnx.eval import OrtCausalLM
 
-    lm = OrtCausalLM(tiny_quantized / "model.onnx")
+    calls = []
+    real = fuse_pass.fused_model_bytes
+    monkeypatch.setattr(fuse_pass, "fused_model_bytes", lambda path: calls.append(path) or real(path))
     ids = np.random.default_rng(0).integers(3, 96, size=(2, 33))
-    feed = lm.feed(ids)
-    expected = lm.session.run(["logits"], feed)[0]
-    options = session_options(threads=2)
-    options.add_session_config_entry(EXTERNAL_DATA_FOLDER_CONFIG, str(tiny_quantized))
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(fused_model_bytes(tiny_quantized / "model.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
-    actual = session.run(["logits"], feed)[0]
+    unfused_lm = OrtCausalLM(tiny_quantized / "model.onnx")
+    assert calls == []  # no silent rewrite
+    fused_lm = OrtCausalLM(tiny_quantized / "model.onnx", fuse=True)
+    assert len(calls) == 1
+    expected = unfused_lm.logits(ids)
+    actual = fused_lm.logits(ids)
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    decode = fused_lm.logits(ids[:, :1])  # M = 1 per sequence row: the GEMV kernels
+    np.testing.assert_allclose(decode, unfused_lm.logits(ids[:, :1]), rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert (actual.argmax(-1) == expected.argmax(-1)).mean() > 0.99
+
+
+def test_create_session_fuses_only_when_asked(tiny_quantized):
+    with pytest.raises(ValueError, match="fuse"):
+        create_session((tiny_quantized / "model.onnx").read_bytes(), fuse=True)
 
 
 # ---------------------------------------------------------------- exactness of the native kernels (mx_gemv.h)
