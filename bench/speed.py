@@ -5,7 +5,9 @@ Prefill: median wall time of ``--repeat`` runs of the whole prompt with an empty
 Decode: after the prefill, ``--decode`` greedy steps of one token each, feeding back ``present.*`` as
 ``past_key_values.*``; tokens/s = steps / their total wall time. Graphs without KV-cache inputs report no decode.
 Prompt ids are seeded random ids from the vocabulary (speed does not depend on the text). ``native_library``
-says whether the MX ops ran as native kernels or as their ONNX function bodies.
+says whether the MX ops ran as native kernels or as their ONNX function bodies, ``fused`` whether the quantized
+linears ran as fused MXMatMul. ``prefill_cpu_ms`` / ``decode_cpu_tokens_per_second`` are the same figures in the
+process's CPU time (all threads): at 1 thread they are the work itself, immune to other processes on a shared machine.
 
     python bench/speed.py MODEL_FOLDER [--threads 1] [--prompt 512] [--decode 64] [--repeat 3] [--no-fuse]  # one JSON
 """
@@ -35,19 +37,21 @@ def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: 
     feed = lm.feed(ids)
     output_names = [o.name for o in lm.session.get_outputs()]
     lm.session.run(output_names, feed)  # warm-up
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         outputs = dict(zip(output_names, lm.session.run(output_names, feed)))
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     native = native_library()
     result = {"native_library": str(native) if native else None, "fused": fuse, "threads": threads,
               "prompt_tokens": prompt,
-              "prefill_ms": 1000 * statistics.median(times), "decode_tokens": None, "decode_tokens_per_second": None}
+              "prefill_ms": 1000 * statistics.median(times), "prefill_cpu_ms": 1000 * statistics.median(cpu_times),
+              "decode_tokens": None, "decode_tokens_per_second": None, "decode_cpu_tokens_per_second": None}
     if not lm.past_names or decode == 0:
         return result
     length = prompt
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(decode):
         token = outputs["logits"][:, -1].argmax(-1).reshape(1, 1).astype(np.int64)
         step = {"input_ids": token}
@@ -59,8 +63,9 @@ def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: 
             step[name] = outputs[name.replace("past_key_values.", "present.")]
         outputs = dict(zip(output_names, lm.session.run(output_names, step)))
         length += 1
-    seconds = time.perf_counter() - start
-    result.update(decode_tokens=decode, decode_tokens_per_second=decode / seconds)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    result.update(decode_tokens=decode, decode_tokens_per_second=decode / seconds,
+                  decode_cpu_tokens_per_second=decode / cpu_seconds)
     return result
 
 

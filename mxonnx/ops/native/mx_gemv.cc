@@ -44,31 +44,32 @@ AVX2 inline void widen_pairs(__m256i e, __m256i o, __m256i& a0, __m256i& a1, __m
   a5 = _mm256_add_epi32(a5, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(second, 1)));
 }
 
-// y[q] += float(acc[q] - correction) * 2^(Ew - 127) u_w * scale_a for the 64 columns whose exponents start at e.
+// y[0..64) += float(acc[q] - correction) * 2^(Ew - 127) u_w * scale_a for the 64 columns whose exponents start at e.
 AVX2 inline void scale_segment(const __m256i* acc, int32_t correction, float act_scale, const uint8_t* e,
-                               const float* weight_scale, __m256* y) {
+                               const float* weight_scale, float* y) {
   const __m256i corr = _mm256_set1_epi32(correction);
   const __m256 as = _mm256_set1_ps(act_scale);
   for (int q = 0; q < 8; ++q) {
     const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e + 8 * q)));
     const __m256 ws = _mm256_i32gather_ps(weight_scale, idx, 4);
     const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[q], corr)), ws);
-    y[q] = _mm256_add_ps(y[q], _mm256_mul_ps(v, as));
+    _mm256_storeu_ps(y + 8 * q, _mm256_add_ps(_mm256_loadu_ps(y + 8 * q), _mm256_mul_ps(v, as)));
   }
 }
 
-// Integer route, 4-bit codes, columns [n0, n0 + 64) (n0 and N even).
+// Integer route, 4-bit codes, columns [n_begin, n_end) (a multiple of 64 columns; n_begin and N even). Segments
+// outermost, so that the rows of one segment (contiguous bytes) are read once, front to back, for all columns.
 AVX2 void int_nibbles(const uint8_t* lut32, int offset, int pairs_per_flush, const PackedWeight& w,
                       const ActivationCodes& a, int64_t segment, int64_t weight_block, const float* weight_scale,
-                      int64_t n0, float* y) {
+                      int64_t n_begin, int64_t n_end, float* y) {
   const int64_t row_bytes = w.n / 2;
   const __m256i lut = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut32));
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256 out[8];
-  for (auto& v : out) v = _mm256_setzero_ps();
+  std::fill(y + n_begin, y + n_end, 0.0f);
   const int8_t* codes = a.codes.data();
   const int64_t segments = (w.k + segment - 1) / segment;
   for (int64_t s = 0; s < segments; ++s) {
+   for (int64_t n0 = n_begin; n0 < n_end; n0 += kGemvColumns) {
     const int64_t k0 = s * segment, k1 = std::min(k0 + segment, w.k);
     __m256i acc[8];
     for (auto& v : acc) v = _mm256_setzero_si256();
@@ -100,9 +101,9 @@ AVX2 void int_nibbles(const uint8_t* lut32, int offset, int pairs_per_flush, con
       widen_pairs(e_hi, o_hi, acc[2], acc[3], acc[6], acc[7]);
     }
     scale_segment(acc, offset * a.segment_sum[s], a.segment_scale[s], w.exponents + (k0 / weight_block) * w.n + n0,
-                  weight_scale, out);
+                  weight_scale, y + n0);
+   }
   }
-  for (int q = 0; q < 8; ++q) _mm256_storeu_ps(y + n0 + 8 * q, out[q]);
 }
 
 // 16 interleaved (row k, row k+1) byte pairs -> int16 pairs sign-extended from `bits` bits.
@@ -111,15 +112,15 @@ AVX2 inline __m256i byte_pairs(__m128i pairs, __m128i shift) {
   return _mm256_sra_epi16(_mm256_sll_epi16(v, shift), shift);
 }
 
-// Integer route, 8-bit codes holding `bits`-bit two's-complement integers, columns [n0, n0 + 64).
+// Integer route, 8-bit codes holding `bits`-bit two's-complement integers, columns [n_begin, n_end) (as int_nibbles).
 AVX2 void int_bytes(int bits, const PackedWeight& w, const ActivationCodes& a, int64_t segment, int64_t weight_block,
-                    const float* weight_scale, int64_t n0, float* y) {
+                    const float* weight_scale, int64_t n_begin, int64_t n_end, float* y) {
   const __m128i shift = _mm_cvtsi32_si128(16 - bits);
-  __m256 out[8];
-  for (auto& v : out) v = _mm256_setzero_ps();
+  std::fill(y + n_begin, y + n_end, 0.0f);
   const int8_t* codes = a.codes.data();
   const int64_t segments = (w.k + segment - 1) / segment;
   for (int64_t s = 0; s < segments; ++s) {
+   for (int64_t n0 = n_begin; n0 < n_end; n0 += kGemvColumns) {
     const int64_t k0 = s * segment, k1 = std::min(k0 + segment, w.k);
     __m256i acc[8];
     for (auto& v : acc) v = _mm256_setzero_si256();
@@ -142,9 +143,9 @@ AVX2 void int_bytes(int bits, const PackedWeight& w, const ActivationCodes& a, i
         q[3] = _mm256_add_epi32(q[3], _mm256_madd_epi16(byte_pairs(_mm256_extracti128_si256(hi, 1), shift), ap));
       }
     }
-    scale_segment(acc, 0, a.segment_scale[s], w.exponents + (k0 / weight_block) * w.n + n0, weight_scale, out);
+    scale_segment(acc, 0, a.segment_scale[s], w.exponents + (k0 / weight_block) * w.n + n0, weight_scale, y + n0);
+   }
   }
-  for (int q = 0; q < 8; ++q) _mm256_storeu_ps(y + n0 + 8 * q, out[q]);
 }
 
 // How the float route turns a row of 64 codes into 8 vectors of values / unit.
@@ -611,16 +612,20 @@ void GemvKernel::multiply(const PackedWeight& w, const ActivationCodes* a, const
   const bool aligned = n_begin % kGemvColumns == 0 && !(packed4_ && (w.n & 1));
   if (vector_ && aligned) {
     const int bits = weight_.elem->bits;
-    for (; n + kGemvColumns <= n_end; n += kGemvColumns) {
-      if (integer_) {
-        if (packed4_) {
-          const int highest = *std::max_element(nibble_lut_, nibble_lut_ + 16);
-          const int pairs = std::max(1, 32767 / (2 * kMaxActCode * std::max(1, highest)));
-          int_nibbles(nibble_lut_, nibble_offset_, pairs, w, *a, segment_, weight_.block_size, weight_scale_, n, y);
-        } else {
-          int_bytes(bits, w, *a, segment_, weight_.block_size, weight_scale_, n, y);
-        }
-      } else if (packed4_) {
+    const int64_t vector_end = n + (n_end - n) / kGemvColumns * kGemvColumns;
+    if (integer_ && vector_end > n) {
+      if (packed4_) {
+        const int highest = *std::max_element(nibble_lut_, nibble_lut_ + 16);
+        const int pairs = std::max(1, 32767 / (2 * kMaxActCode * std::max(1, highest)));
+        int_nibbles(nibble_lut_, nibble_offset_, pairs, w, *a, segment_, weight_.block_size, weight_scale_, n,
+                    vector_end, y);
+      } else {
+        int_bytes(bits, w, *a, segment_, weight_.block_size, weight_scale_, n, vector_end, y);
+      }
+      n = vector_end;
+    }
+    for (; !integer_ && n + kGemvColumns <= n_end; n += kGemvColumns) {
+      if (packed4_) {
         float_columns<FloatDecode::kNibbles>(nibble_value_, bits, weight_value_, w, x, weight_.block_size,
                                              weight_scale_, n, y);
       } else if (byte_int8_) {

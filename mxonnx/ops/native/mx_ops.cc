@@ -31,6 +31,7 @@ constexpr auto kTensorUInt4 = static_cast<ONNXTensorElementDataType>(21);
 constexpr auto kTensorInt4 = static_cast<ONNXTensorElementDataType>(22);
 constexpr int64_t kElementsPerTask = 1 << 15;  // smallest share of work worth handing to another thread
 constexpr int64_t kGemvMaxRows = 8;            // MXMatMul with at most this many rows of X: row by row (mx_gemv.h)
+constexpr int64_t kGemvSplits = 4;             // column ranges per row of a GEMV (tasks for the thread pool)
 
 [[noreturn]] void invalid(const std::string& message) {
   throw Ort::Exception(std::string(message), ORT_INVALID_ARGUMENT);
@@ -216,19 +217,22 @@ struct FusedMatMulKernel {
   std::unique_ptr<MxFormat> act_format;  // nullptr: X enters the GEMM as is
   GemvKernel gemv;
 
-  // Y[m, n] row by row (GemvKernel::multiply), split over rows and units of kGemvColumns columns. Integer route:
+  // Y[m, n] row by row (GemvKernel::multiply), each row split into kGemvSplits ranges of whole kGemvColumns units
+  // (tasks of the thread pool; few and wide, so that each reads long runs of every weight row). Integer route:
   // `rows` the activation codes of each row; float route: `x` the (quantized) rows.
   void multiply_rows(OrtKernelContext* context, const PackedWeight& w, const ActivationCodes* rows, const float* x,
                      float* y, int64_t m) const {
     const int64_t units = (w.n + kGemvColumns - 1) / kGemvColumns;
+    const int64_t splits = std::min(units, kGemvSplits);
     auto work = [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t r = t / units, n0 = (t % units) * kGemvColumns;
-        gemv.multiply(w, rows ? rows + r : nullptr, x ? x + r * w.k : nullptr, y + r * w.n, n0,
-                      std::min(n0 + kGemvColumns, w.n));
+        const int64_t r = t / splits, part = t % splits;
+        const int64_t n0 = units * part / splits * kGemvColumns;
+        const int64_t n1 = std::min(units * (part + 1) / splits * kGemvColumns, w.n);
+        gemv.multiply(w, rows ? rows + r : nullptr, x ? x + r * w.k : nullptr, y + r * w.n, n0, n1);
       }
     };
-    parallel_for(context, m * units, kGemvColumns * w.k, work);
+    parallel_for(context, m * splits, (w.n / splits + 1) * w.k, work);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
