@@ -309,6 +309,29 @@ inline int quad_lane_column(int lane) {
   return 2 * kI[lane % 16] + lane / 16;
 }
 
+// Column of each lane of a quad panel of 8-bit codes: the unpacks of unpack_byte_quad order a zmm's four 128-bit
+// quarters as columns 0..3, 16..19, 4..7, 20..23 (zmm 0) and 8..11, 24..27, 12..15, 28..31 (zmm 1).
+inline int byte_quad_lane_column(int lane) {
+  static constexpr int kBase[2][4] = {{0, 16, 4, 20}, {8, 24, 12, 28}};
+  return kBase[lane / 16][(lane % 16) / 4] + lane % 4;
+}
+
+// Rows k .. k+3 of 32 int8 codes -> 128 bytes of quads (code + 128, unsigned) in byte_quad_lane_column order.
+AVX2 void unpack_byte_quad(const uint8_t* const* rows, uint8_t* out) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i r[4];
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i])), flip);
+  }
+  const __m256i a = _mm256_unpacklo_epi8(r[0], r[1]), b = _mm256_unpacklo_epi8(r[2], r[3]);
+  const __m256i c = _mm256_unpackhi_epi8(r[0], r[1]), d = _mm256_unpackhi_epi8(r[2], r[3]);
+  __m256i* o = reinterpret_cast<__m256i*>(out);
+  _mm256_storeu_si256(o, _mm256_unpacklo_epi16(a, b));
+  _mm256_storeu_si256(o + 1, _mm256_unpackhi_epi16(a, b));
+  _mm256_storeu_si256(o + 2, _mm256_unpacklo_epi16(c, d));
+  _mm256_storeu_si256(o + 3, _mm256_unpackhi_epi16(c, d));
+}
+
 // Rows k .. k+3 of 32 packed 4-bit columns -> 128 bytes of quads in quad_lane_column order.
 AVX2 void unpack_quad(const uint8_t* lut32, const uint8_t* const* rows, uint8_t* out) {
   alignas(32) uint8_t pairs[2][64];
@@ -324,7 +347,7 @@ AVX2 void unpack_quad(const uint8_t* lut32, const uint8_t* const* rows, uint8_t*
 
 template <int R>
 VNNI void vnni_tile(const uint8_t* panel, const float* ws, const ActivationCodes* rows, int64_t segments,
-                    int64_t segment, int offset, float* y, int64_t ldy, int64_t cols) {
+                    int64_t segment, int offset, const int* lane_column, float* y, int64_t ldy, int64_t cols) {
   const int8_t* codes[R];
   for (int r = 0; r < R; ++r) codes[r] = rows[r].codes.data();
   __m512 out[R][2];
@@ -362,7 +385,7 @@ VNNI void vnni_tile(const uint8_t* panel, const float* ws, const ActivationCodes
     _mm512_store_ps(lanes, out[r][0]);
     _mm512_store_ps(lanes + 16, out[r][1]);
     for (int lane = 0; lane < 32; ++lane) {
-      const int c = quad_lane_column(lane);
+      const int c = lane_column[lane];
       if (c < cols) y[r * ldy + c] = lanes[lane];
     }
   }
@@ -560,9 +583,28 @@ void GemvKernel::gemm_panel_vnni(const PackedWeight& w, const ActivationCodes* r
   const bool vector_unpack = cols == kGemmColumns && !(w.n & 1);
   std::vector<uint8_t> panel(quads * 128 + 64);
   std::vector<float> ws(segments * 32);
+  int lane_column[32];
+  for (int lane = 0; lane < 32; ++lane) lane_column[lane] = packed4_ ? quad_lane_column(lane) : byte_quad_lane_column(lane);
+  const int offset = packed4_ ? nibble_offset_ : 128;
   for (int64_t q = 0; q < quads; ++q) {
     const int64_t k = 4 * q;
     uint8_t* out = panel.data() + 128 * q;
+    if (!packed4_) {
+      if (cols == kGemmColumns && k + 3 < w.k) {
+        const uint8_t* r0 = w.codes + k * w.n + n0;
+        const uint8_t* quad_rows[4] = {r0, r0 + w.n, r0 + 2 * w.n, r0 + 3 * w.n};
+        unpack_byte_quad(quad_rows, out);
+        continue;
+      }
+      for (int lane = 0; lane < 32; ++lane) {
+        const int64_t c = lane_column[lane];
+        for (int64_t d = 0; d < 4; ++d) {
+          const bool valid = k + d < w.k && c < cols;
+          out[4 * lane + d] = static_cast<uint8_t>((valid ? weight_int_[code_at(w, k + d, n0 + c)] : 0) + 128);
+        }
+      }
+      continue;
+    }
     if (vector_unpack && k + 3 < w.k) {
       const uint8_t* r0 = w.codes + (k * w.n + n0) / 2;
       const uint8_t* quad_rows[4] = {r0, r0 + w.n / 2, r0 + w.n, r0 + 3 * w.n / 2};
@@ -580,7 +622,7 @@ void GemvKernel::gemm_panel_vnni(const PackedWeight& w, const ActivationCodes* r
   for (int64_t s = 0; s < segments; ++s) {
     const uint8_t* e = w.exponents + (s * segment_ / weight_.block_size) * w.n + n0;
     for (int lane = 0; lane < 32; ++lane) {
-      const int64_t c = quad_lane_column(lane);
+      const int64_t c = lane_column[lane];
       ws[32 * s + lane] = c < cols ? weight_scale_[e[c]] : 0.0f;
     }
   }
@@ -590,14 +632,14 @@ void GemvKernel::gemm_panel_vnni(const PackedWeight& w, const ActivationCodes* r
     const ActivationCodes* tile = rows + r0;
     const uint8_t* p = panel.data();
     switch (std::min(kRows, m - r0)) {
-      case 8: vnni_tile<8>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
-      case 7: vnni_tile<7>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
-      case 6: vnni_tile<6>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
-      case 5: vnni_tile<5>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
-      case 4: vnni_tile<4>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
-      case 3: vnni_tile<3>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
-      case 2: vnni_tile<2>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
-      default: vnni_tile<1>(p, ws.data(), tile, segments, segment_, nibble_offset_, out, w.n, cols); break;
+      case 8: vnni_tile<8>(p, ws.data(), tile, segments, segment_, offset, lane_column, out, w.n, cols); break;
+      case 7: vnni_tile<7>(p, ws.data(), tile, segments, segment_, offset, lane_column, out, w.n, cols); break;
+      case 6: vnni_tile<6>(p, ws.data(), tile, segments, segment_, offset, lane_column, out, w.n, cols); break;
+      case 5: vnni_tile<5>(p, ws.data(), tile, segments, segment_, offset, lane_column, out, w.n, cols); break;
+      case 4: vnni_tile<4>(p, ws.data(), tile, segments, segment_, offset, lane_column, out, w.n, cols); break;
+      case 3: vnni_tile<3>(p, ws.data(), tile, segments, segment_, offset, lane_column, out, w.n, cols); break;
+      case 2: vnni_tile<2>(p, ws.data(), tile, segments, segment_, offset, lane_column, out, w.n, cols); break;
+      default: vnni_tile<1>(p, ws.data(), tile, segments, segment_, offset, lane_column, out, w.n, cols); break;
     }
   }
 #else

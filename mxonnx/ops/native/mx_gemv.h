@@ -55,8 +55,11 @@ class GemvKernel {
   // Integer route: the codes of one activation row x[K] (call once per row, share between column ranges).
   void quantize_row(const float* x, int64_t k, ActivationCodes& out) const;
 
-  // Integer GEMM for many rows (prefill): AVX2 available, integer route with 4-bit weights.
-  bool integer_gemm() const { return integer_ && packed4_ && vector_; }
+  // Integer GEMM for many rows (prefill).
+  // 4-bit weights (AVX2 or VNNI), MXINT8 weights on VNNI (AVX2 maddubs would saturate on 8-bit pairs).
+  bool integer_gemm() const {
+    return integer_ && vector_ && (packed4_ || (vnni_ && weight_.elem->bits == 8 && segment_ % 4 == 0));
+  }
   // Y[m, n] for the columns [n0, n0 + kGemmColumns) of every row (Y row-major [m, w.n]; columns past w.n are not
   // written): the panel's codes are unpacked once into (w_k + offset, w_k+1 + offset) byte pairs and reused by
   // every row tile (4 rows x 32 columns of int16 maddubs accumulators). Same sums as multiply, so the same error bound.
