@@ -5,9 +5,11 @@ Prefill: median wall time of ``--repeat`` runs of the whole prompt with an empty
 Decode: after the prefill, ``--decode`` greedy steps of one token each, feeding back ``present.*`` as
 ``past_key_values.*``; tokens/s = steps / their total wall time. Graphs without KV-cache inputs report no decode.
 Prompt ids are seeded random ids from the vocabulary (speed does not depend on the text). ``native_library``
-says whether the MX ops ran as native kernels or as their ONNX function bodies.
+says whether the MX ops ran as native kernels or as their ONNX function bodies, ``fused`` whether the quantized
+linears ran as fused MXMatMul. ``prefill_cpu_ms`` / ``decode_cpu_tokens_per_second`` are the same figures in the
+process's CPU time (all threads): at 1 thread they are the work itself, immune to other processes on a shared machine.
 
-    python bench/speed.py MODEL_FOLDER [--threads 1] [--prompt 512] [--decode 64] [--repeat 3]   # prints one JSON
+    python bench/speed.py MODEL_FOLDER [--threads 1] [--prompt 512] [--decode 64] [--repeat 3] [--no-fuse]  # one JSON
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: int) -> dict:
+def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: int, fuse: bool = True) -> dict:
     from transformers import AutoConfig
 
     from mxonnx.eval import OrtCausalLM
@@ -30,23 +32,26 @@ def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: 
 
     paths = resolve_model(folder)
     config = AutoConfig.from_pretrained(paths.folder)
-    lm = OrtCausalLM(paths.onnx, config=config, threads=threads)
+    lm = OrtCausalLM(paths.onnx, config=config, threads=threads, fuse=fuse)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(1, prompt), dtype=np.int64)
     feed = lm.feed(ids)
     output_names = [o.name for o in lm.session.get_outputs()]
     lm.session.run(output_names, feed)  # warm-up
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         outputs = dict(zip(output_names, lm.session.run(output_names, feed)))
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     native = native_library()
-    result = {"native_library": str(native) if native else None, "threads": threads, "prompt_tokens": prompt,
-              "prefill_ms": 1000 * statistics.median(times), "decode_tokens": None, "decode_tokens_per_second": None}
+    result = {"native_library": str(native) if native else None, "fused": fuse, "threads": threads,
+              "prompt_tokens": prompt,
+              "prefill_ms": 1000 * statistics.median(times), "prefill_cpu_ms": 1000 * statistics.median(cpu_times),
+              "decode_tokens": None, "decode_tokens_per_second": None, "decode_cpu_tokens_per_second": None}
     if not lm.past_names or decode == 0:
         return result
     length = prompt
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(decode):
         token = outputs["logits"][:, -1].argmax(-1).reshape(1, 1).astype(np.int64)
         step = {"input_ids": token}
@@ -58,8 +63,9 @@ def measure_speed(folder: Path, threads: int, prompt: int, decode: int, repeat: 
             step[name] = outputs[name.replace("past_key_values.", "present.")]
         outputs = dict(zip(output_names, lm.session.run(output_names, step)))
         length += 1
-    seconds = time.perf_counter() - start
-    result.update(decode_tokens=decode, decode_tokens_per_second=decode / seconds)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    result.update(decode_tokens=decode, decode_tokens_per_second=decode / seconds,
+                  decode_cpu_tokens_per_second=decode / cpu_seconds)
     return result
 
 
@@ -70,8 +76,10 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="fused MXMatMul linears (default; --no-fuse: the graph as saved)")
     args = parser.parse_args()
-    print(json.dumps(measure_speed(args.model, args.threads, args.prompt, args.decode, args.repeat)))
+    print(json.dumps(measure_speed(args.model, args.threads, args.prompt, args.decode, args.repeat, args.fuse)))
 
 
 if __name__ == "__main__":

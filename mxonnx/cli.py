@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=["torch"], default=None, help="evaluate the transformers model in torch instead")
     p.add_argument("--blockwise", action=argparse.BooleanOptionalAction, default=None,
                    help="run the graph one decoder block at a time (default: when its weights exceed the eval budget)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each quantized linear as one fused MXMatMul (native integer kernels; default); "
+                        "--no-fuse runs the graph as saved")
     _common(p)
 
     p = sub.add_parser("inspect", help="opset, custom ops, quantized MatMuls, bits per weight, bytes")
@@ -160,10 +163,11 @@ def _run(args: argparse.Namespace) -> None:
         from mxonnx.eval import evaluate_perplexity
 
         r = evaluate_perplexity(Path(args.model), data=args.data, seqlen=args.seqlen, max_windows=args.max_windows,
-                                reference=args.reference, progress=progress, blockwise=args.blockwise)
+                                reference=args.reference, progress=progress, blockwise=args.blockwise,
+                                fuse=args.fuse)
         _print_result(args, r, f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens "
                                f"({r['windows']} windows of {r['seqlen']}) in {r['seconds']:.1f} s, "
-                               f"{r['tokens_per_second']:.0f} tokens/s")
+                               f"{r['tokens_per_second']:.0f} tokens/s" + (", fused" if r["fused"] else ""))
     elif cmd == "inspect":
         from mxonnx.inspect import format_inspection, inspect_model
 

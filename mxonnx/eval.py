@@ -57,10 +57,10 @@ class OrtCausalLM:
     else from the model config); ``attention_mask`` (ones) and ``position_ids`` (0..T-1) are fed when present.
     """
 
-    def __init__(self, onnx_path: Path, config=None, threads: int | None = None):
+    def __init__(self, onnx_path: Path, config=None, threads: int | None = None, fuse: bool = False):
         from mxonnx.session import create_session
 
-        self.session = create_session(onnx_path, threads=threads)
+        self.session = create_session(onnx_path, threads=threads, fuse=fuse)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         if "input_ids" not in self.inputs or "logits" not in {o.name for o in self.session.get_outputs()}:
             raise InputError(f"{onnx_path}: not a causal language model graph (needs input_ids and logits)")
@@ -156,7 +156,8 @@ def _blockwise_nlls(lm, windows: np.ndarray) -> Iterator[float]:
         yield window_nll(logits, window)
 
 
-def _onnx_nlls(paths, windows: np.ndarray, blockwise: bool | None, progress: bool) -> tuple[str, Iterator[float]]:
+def _onnx_nlls(paths, windows: np.ndarray, blockwise: bool | None, progress: bool,
+               fuse: bool = False) -> tuple[str, Iterator[float]]:
     """``(path, per-window NLLs)``: block by block when ``blockwise``, or (None) when the whole-graph session would
     exceed ``mxonnx.stream_eval.eval_budget()``; a graph that cannot be cut then falls back to the whole graph."""
     from mxonnx.stream_eval import StreamedCausalLM, choose_blockwise
@@ -164,13 +165,13 @@ def _onnx_nlls(paths, windows: np.ndarray, blockwise: bool | None, progress: boo
     config = _model_config(paths)
     if choose_blockwise(paths.onnx, blockwise):
         try:
-            lm = StreamedCausalLM(paths.onnx, config=config, progress=progress)
+            lm = StreamedCausalLM(paths.onnx, config=config, progress=progress, fuse=fuse)
             return "blockwise", _blockwise_nlls(lm, windows)
         except InputError as exc:
             if blockwise:
                 raise
             warnings.warn(f"evaluating the whole graph at once: {exc}", stacklevel=2)
-    return "whole-graph", _nlls(OrtCausalLM(paths.onnx, config=config).logits, windows, progress)
+    return "whole-graph", _nlls(OrtCausalLM(paths.onnx, config=config, fuse=fuse).logits, windows, progress)
 
 
 def _torch_model(model: Path):
@@ -190,7 +191,8 @@ def _torch_model(model: Path):
 
 
 def evaluate_perplexity(model: Path, data: Path | None = None, seqlen: int = 2048, max_windows: int | None = None,
-                        reference: str | None = None, progress: bool = True, blockwise: bool | None = None) -> dict:
+                        reference: str | None = None, progress: bool = True, blockwise: bool | None = None,
+                        fuse: bool = False) -> dict:
     """Perplexity of ``model`` on ``data`` (default WikiText-2 raw test) with the protocol of this module.
 
     ``model`` is an ONNX model folder run in onnxruntime, or with ``reference="torch"`` a Hugging Face folder or
@@ -210,7 +212,7 @@ def evaluate_perplexity(model: Path, data: Path | None = None, seqlen: int = 204
     else:  # the session is opened only once the text has passed its checks
         paths, tokenizer = _onnx_folder(model)
         windows = token_windows(_tokenize(tokenizer, text), seqlen, max_windows)
-        path, nlls = _onnx_nlls(paths, windows, blockwise, progress)
+        path, nlls = _onnx_nlls(paths, windows, blockwise, progress, fuse)
     start = time.perf_counter()
     total_nll = sum(nlls, 0.0)
     seconds = time.perf_counter() - start
@@ -223,6 +225,7 @@ def evaluate_perplexity(model: Path, data: Path | None = None, seqlen: int = 204
         "seconds": seconds,
         "tokens_per_second": windows.size / seconds if seconds > 0 else float("inf"),
         "path": path,
+        "fused": bool(fuse and reference is None),
     }
 
 

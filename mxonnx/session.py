@@ -1,5 +1,6 @@
 """One place that opens onnxruntime sessions, so every session gets the native MX op library when it
-is built (``mxonnx.ops.native.native_library_path()``) and runs the ops' ONNX function bodies otherwise."""
+is built (``mxonnx.ops.native.native_library_path()``) and runs the ops' ONNX function bodies otherwise. Graphs
+run as saved; ``create_session(..., fuse=True)`` (CLI ``--fuse``) is the one switch that fuses quantized linears."""
 
 from __future__ import annotations
 
@@ -48,16 +49,20 @@ def _native_enabled(use_native: bool) -> bool:
 
 
 def create_session(model: str | os.PathLike | bytes, threads: int | None = None, use_native: bool = True,
-                   optimize: bool = True, fuse: bool = True,
+                   optimize: bool = True, fuse: bool = False,
                    external_data_folder: str | os.PathLike | None = None) -> ort.InferenceSession:
     """An InferenceSession on the CPU execution provider for a model path or serialized bytes
     (``external_data_folder``: where the external data files of serialized bytes are, ``EXTERNAL_DATA_FOLDER_CONFIG``).
 
-    With the native library and ``fuse``, a model file's ``MatMul(MXQuantizeDequantize, MXDequantize)`` pairs run as
-    the fused native ``MXMatMul`` (``passes/fuse_mx_matmul.py``; in memory only, the file is not changed)."""
+    The graph runs as given unless ``fuse``: then a model file's ``MatMul(MXQuantizeDequantize, MXDequantize)``
+    pairs run as the fused ``MXMatMul`` (``passes/fuse_mx_matmul.py``; in memory only, the file is not changed),
+    the native integer kernels when the library is registered, else MXMatMul's ONNX function (the same graph).
+    Serialized bytes are never rewritten: fuse them with ``fuse_mx_matmuls`` first."""
     so = session_options(threads=threads, use_native=use_native, optimize=optimize)
     target = model if isinstance(model, bytes) else str(model)
-    if fuse and not isinstance(model, bytes) and _native_enabled(use_native):
+    if fuse and isinstance(model, bytes):
+        raise ValueError("create_session(fuse=True) fuses model files; fuse serialized models with fuse_mx_matmuls")
+    if fuse:
         from mxonnx.passes.fuse_mx_matmul import fused_model_bytes
 
         fused = fused_model_bytes(model)

@@ -138,14 +138,12 @@ def _kv_shape(graph: ir.Graph, config) -> tuple[int, int]:
     return getattr(config, "num_key_value_heads", config.num_attention_heads), head_dim
 
 
-def _fuse_for_native(model: ir.Model) -> None:
-    """Fuse the quantized linears into ``MXMatMul`` as ``create_session`` does for files, when the native library runs
-    the session (the packed weights are then decoded inside the GEMM, never stored as float32)."""
+def _fuse_linears(model: ir.Model) -> None:
+    """Fuse the quantized linears into ``MXMatMul`` as ``create_session(fuse=True)`` does for files."""
     from mxonnx.ops import schema
     from mxonnx.passes.fuse_mx_matmul import fuse_mx_matmuls
-    from mxonnx.session import _native_enabled
 
-    if _native_enabled(True) and schema.DOMAIN in model.graph.opset_imports:
+    if schema.DOMAIN in model.graph.opset_imports:
         fuse_mx_matmuls(model)
 
 
@@ -187,7 +185,7 @@ class StreamedCausalLM:
     """
 
     def __init__(self, onnx_path: Path, config=None, threads: int | None = None, progress: bool = False,
-                 state_budget: int = STATE_BUDGET_BYTES):
+                 state_budget: int = STATE_BUDGET_BYTES, fuse: bool = False):
         self.model = ir.load(os.fspath(onnx_path))
         graph = self.model.graph
         if "input_ids" not in {v.name for v in graph.inputs} or "logits" not in {v.name for v in graph.outputs}:
@@ -195,7 +193,8 @@ class StreamedCausalLM:
         self.threads, self.progress, self.state_budget = threads, progress, state_budget
         self.kv_shape = _kv_shape(graph, config)
         _infer_shapes(self.model)
-        _fuse_for_native(self.model)
+        if fuse:
+            _fuse_linears(self.model)
         self.boundaries = residual_stream(graph)
         _complete_shapes(self.boundaries)
         self.shared = prefix_values(graph, self.boundaries[0])

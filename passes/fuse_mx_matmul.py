@@ -5,9 +5,11 @@ the native kernels:
         ->  MXMatMul(X, codes, exponents; weight_format=W, act_format=A)
     MatMul(X, MXDequantize(codes, exponents, W, axis=0))  ->  MXMatMul(X, codes, exponents; W, act_format="none")
 
-An activation quantizer shared by several linears (q/k/v, gate/up) stays a node of its own and the linears take
-its output with ``act_format="none"``: computed once instead of once per linear, same numbers. The native kernel
-decodes the packed weight panel by panel inside its GEMM, so the fp32 weight never exists in memory.
+An activation quantizer shared by several linears (q/k/v, gate/up) is folded into each of them when all its readers
+fuse: each MXMatMul quantizes the same X with the same format, so the numbers are those of the shared quantizer,
+and the native kernel gets the activation format it needs for its integer dot products (mx_gemv.h). A quantizer
+with any other reader stays, and its fused readers take its output with ``act_format="none"``. The native kernel
+reads the packed weight directly, so the fp32 weight never exists in memory.
 
 The saved graphs keep the plain form (any runtime reads them); this pass runs in memory only, on graphs about to
 be opened with the native library (``fused_model_bytes``). ``MXMatMul`` still gets an ONNX function (the
@@ -85,14 +87,18 @@ def _weight(matmul: ir.Node) -> ir.Node | None:
     return node
 
 
-def _private_quantizer(matmul: ir.Node, graph: ir.Graph) -> ir.Node | None:
-    """The MXQuantizeDequantize along the last axis feeding MatMul's A when this MatMul is its only reader."""
+def _foldable_quantizer(matmul: ir.Node, graph: ir.Graph) -> ir.Node | None:
+    """The MXQuantizeDequantize along the last axis feeding MatMul's A when every reader of its output is a MatMul
+    that fuses (A input, MXDequantize weight): each of them then quantizes X itself, so it can be dropped."""
     node = _producer(matmul.inputs[0], schema.QUANTIZE_DEQUANTIZE)
     if node is None or _axis(node) != -1:
         return None
     out = node.outputs[0]
-    if len(out.uses()) != 1 or out in graph.outputs:
+    if out in graph.outputs:
         return None
+    for user, index in out.uses():
+        if user.op_type != "MatMul" or user.domain not in ("", "ai.onnx") or index != 0 or _weight(user) is None:
+            return None
     return node
 
 
@@ -106,7 +112,7 @@ def _add_function(model: ir.Model, proto: onnx.FunctionProto) -> None:
 
 
 class FuseMxMatMulPass(ir.passes.InPlacePass):
-    """Replace each MatMul whose B is an ``MXDequantize`` (and A maybe a private ``MXQuantizeDequantize``) of the
+    """Replace each MatMul whose B is an ``MXDequantize`` (and A maybe a foldable ``MXQuantizeDequantize``) of the
     main graph by one ``MXMatMul``; other MatMuls are left alone. Dead quantizers and functions are removed."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -118,7 +124,7 @@ class FuseMxMatMulPass(ir.passes.InPlacePass):
             weight = _weight(matmul)
             if weight is None:
                 continue
-            quantizer = _private_quantizer(matmul, graph)
+            quantizer = _foldable_quantizer(matmul, graph)
             weights = _format(weight)
             acts = _format(quantizer) if quantizer is not None else formats.parse_format("none")
             x = quantizer.inputs[0] if quantizer is not None else matmul.inputs[0]

@@ -180,8 +180,9 @@ def test_pass_fuses_exactly_the_quantized_linears(tiny_quantized):
     assert after.count((schema.DOMAIN, MATMUL)) == fused_count
     assert after.count(("", "MatMul")) == before.count(("", "MatMul")) - fused_count > 0  # attention, lm_head
     assert (schema.DOMAIN, schema.DEQUANTIZE) not in after
-    # per layer the shared quantizers (before q/k/v and gate/up) stay; those of o_proj and down_proj are folded
-    assert after.count((schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE)) == 2 * 2
+    # every quantizer is folded into its readers, the shared ones (before q/k/v and gate/up) too
+    assert before.count((schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE)) == 2 * 4
+    assert (schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE) not in after
     assert fuse_mx_matmuls(model) == 0
 
 
@@ -189,18 +190,94 @@ def test_float_model_has_nothing_to_fuse(tiny_onnx):
     assert fused_model_bytes(tiny_onnx / "model.onnx") is None
 
 
-def test_logits_fused_vs_unfused(tiny_quantized):
+def test_logits_fused_vs_unfused(tiny_quantized, monkeypatch):
+    """OrtCausalLM with fuse=False runs the saved graph (native MXQuantizeDequantize / MXDequantize kernels and
+    onnxruntime's MatMul), fuse=True the fused MXMatMul kernels: both really run, and agree to float rounding."""
+    import mxonnx.passes.fuse_mx_matmul as fuse_pass
     from mxonnx.eval import OrtCausalLM
 
-    lm = OrtCausalLM(tiny_quantized / "model.onnx")
+    calls = []
+    real = fuse_pass.fused_model_bytes
+    monkeypatch.setattr(fuse_pass, "fused_model_bytes", lambda path: calls.append(path) or real(path))
     ids = np.random.default_rng(0).integers(3, 96, size=(2, 33))
-    feed = lm.feed(ids)
-    expected = lm.session.run(["logits"], feed)[0]
-    options = session_options(threads=2)
-    options.add_session_config_entry(EXTERNAL_DATA_FOLDER_CONFIG, str(tiny_quantized))
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(fused_model_bytes(tiny_quantized / "model.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
-    actual = session.run(["logits"], feed)[0]
+    unfused_lm = OrtCausalLM(tiny_quantized / "model.onnx")
+    assert calls == []  # no silent rewrite
+    fused_lm = OrtCausalLM(tiny_quantized / "model.onnx", fuse=True)
+    assert len(calls) == 1
+    expected = unfused_lm.logits(ids)
+    actual = fused_lm.logits(ids)
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    decode = fused_lm.logits(ids[:, :1])  # M = 1 per sequence row: the GEMV kernels
+    np.testing.assert_allclose(decode, unfused_lm.logits(ids[:, :1]), rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert (actual.argmax(-1) == expected.argmax(-1)).mean() > 0.99
+
+
+def test_create_session_fuses_only_when_asked(tiny_quantized):
+    with pytest.raises(ValueError, match="fuse"):
+        create_session((tiny_quantized / "model.onnx").read_bytes(), fuse=True)
+
+
+# ---------------------------------------------------------------- exactness of the native kernels (mx_gemv.h)
+
+U = 2.0**-24  # unit roundoff of float32
+ISAS = ["portable", "avx2", "avx512vnni"]  # MXONNX_NATIVE_ISA caps; a cap above the CPU falls back to what it has
+
+
+def run_with_isa(model: onnx.ModelProto, x: np.ndarray, isa: str, monkeypatch, threads: int = 1) -> np.ndarray:
+    monkeypatch.setenv("MXONNX_NATIVE_ISA", isa)  # read when the session creates its kernels
+    try:
+        return run(model, x, threads=threads)
+    finally:
+        monkeypatch.delenv("MXONNX_NATIVE_ISA")
+
+
+def exact_product(x, codes, exponents, weights, acts):
+    """MatMul(MXQDQ(x), MXDequantize(W)) in float64 (exact: the float32 products of MX values have few bits) and
+    sum_k |xq_k w_kn|."""
+    xq = (x if acts == "none" else formats.quantize_dequantize(x, acts, -1)).astype(np.float64)
+    w = formats.dequantize(codes, exponents, weights, 0).astype(np.float64)
+    return xq @ w, np.abs(xq) @ np.abs(w)
+
+
+@pytest.mark.parametrize("weights,acts,k", [
+    ("mxint4-16", "mxint8-16", 4096), ("mxint4-32", "mxint8-32", 4096), ("mxint4-128", "mxint8-128", 4096),
+    ("mxint4-1024", "mxint8-1024", 4096), ("mxint4-128", "mxint8-32", 1023), ("mxint4-32", "mxint8-128", 577),
+    ("mxfp4-32", "mxint8-32", 4095), ("mxint8-32", "mxint8-32", 4096), ("mxint8-1024", "mxint8-16", 1025),
+    ("mxint4-128", "none", 4096), ("mxfp4-16", "none", 999), ("mxfp8e4m3-32", "mxint8-32", 2049),
+    ("mxfp6e3m2-128", "none", 4096)])
+def test_error_bound_at_large_k(weights, acts, k, monkeypatch):
+    """|y - exact| <= (S_f + K / S + 2) * 2^-24 * sum_k |xq_k w_kn| for every ISA, M = 1 (GEMV) and M = 40 (GEMM):
+    S the segment of constant exponents (min of the two blocks; the weight block on the float route), S_f = 0 on
+    the integer route (MXINT activations, MXINT/MXFP4 weights: exact integer segment sums) and S on the float route
+    (FMA within a block). The unfused graph (onnxruntime MatMul) is held to the same bound plus K * 2^-24."""
+    n = 96  # one 64-column GEMV unit + a 32-column tail; three 32-column GEMM panels
+    x, codes, exponents = weight_and_input((1, 40, k), n, weights, seed=k)
+    wf = formats.parse_format(weights)
+    integer = acts != "none" and (wf.elem.integer_codes or wf.elem.name == "e2m1")
+    segment = min(wf.block_size, formats.parse_format(acts).block_size) if integer else wf.block_size
+    bound_terms = (0 if integer else segment) + -(-k // segment) + 2
+    exact, magnitude = exact_product(x, codes, exponents, weights, acts)
+    model = unfused_model(3, codes, exponents, weights, acts)
+    unfused = run(model, x, threads=1).astype(np.float64)
+    assert np.all(np.abs(unfused - exact) <= (bound_terms + k) * U * magnitude)
+    fused_model = fused(model)
+    for isa in ISAS:
+        for rows in (x[:, :1], x):
+            y = run_with_isa(fused_model, np.ascontiguousarray(rows), isa, monkeypatch).astype(np.float64)
+            err = np.abs(y - exact[:, : rows.shape[1]]) / np.maximum(magnitude[:, : rows.shape[1]], 1e-30)
+            assert err.max() <= bound_terms * U, f"{isa}, M = {rows.shape[1]}: error {err.max() / U:.1f} u"
+
+
+@pytest.mark.parametrize("weights,acts", [("mxint4-32", "mxint8-32"), ("mxint4-128", "mxint8-16"),
+                                          ("mxfp4-32", "mxint8-32"), ("mxint8-64", "mxint8-64"),
+                                          ("mxint2-2", "mxint8-2")])
+def test_integer_route_is_the_same_bits_on_every_path(weights, acts, monkeypatch):
+    """The integer route sums exact integers and then does the same float operations in the same order, so the
+    portable, AVX2 and VNNI kernels, GEMV row by row and the GEMM, and 1 or 2 threads all give the same bits."""
+    x, codes, exponents = weight_and_input((1, 37, 333), 200, weights, seed=3)
+    model = fused(unfused_model(3, codes, exponents, weights, acts))
+    reference = run_with_isa(model, x, "portable", monkeypatch)
+    for isa in ISAS:
+        np.testing.assert_array_equal(run_with_isa(model, x, isa, monkeypatch, threads=2), reference)
+        rows = np.concatenate([run_with_isa(model, x[:, i:i + 1], isa, monkeypatch) for i in range(x.shape[1])], 1)
+        np.testing.assert_array_equal(rows, reference)

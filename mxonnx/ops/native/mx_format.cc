@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 
 namespace mxonnx {
@@ -18,6 +20,14 @@ constexpr const char* kValid =
 }
 
 }  // namespace
+
+Isa isa_cap() {
+  const char* name = std::getenv("MXONNX_NATIVE_ISA");
+  if (name == nullptr) return Isa::kAvx512Vnni;
+  if (std::strcmp(name, "portable") == 0) return Isa::kPortable;
+  if (std::strcmp(name, "avx2") == 0) return Isa::kAvx2;
+  return Isa::kAvx512Vnni;
+}
 
 MxFormat parse_mx_format(const std::string& name) {
   std::string key = name;

@@ -65,4 +65,9 @@ inline float pow2f(int k) {
   return k >= -126 ? bits_float(static_cast<uint32_t>(k + 127) << 23) : bits_float(1u << (k + 149));
 }
 
+// Highest instruction set the kernels may use, read when a kernel is created: $MXONNX_NATIVE_ISA = "portable",
+// "avx2" or "avx512vnni" (unset: the best the CPU has). Tests use it to run every path on one machine.
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+Isa isa_cap();
+
 }  // namespace mxonnx

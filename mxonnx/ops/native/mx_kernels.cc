@@ -102,7 +102,32 @@ MXONNX_VECTOR_CLONES void decode_elements(const DequantizeTables& tables, bool p
   if (j < count) out[j] = tables.element[codes[(first + j) >> 1] & 0xF];
 }
 
+// One contiguous block as integer codes (see quantize_codes); returns the block's scale.
+MXONNX_VECTOR_CLONES float codes_contiguous_block(const Grid& grid, int emax, float unit, const float* x,
+                                                  int8_t* codes, int64_t len) {
+  uint32_t absmax = 0;
+  for (int64_t i = 0; i < len; ++i) absmax = std::max(absmax, float_bits(x[i]) & kAbsMask);
+  const BlockScale s = block_scale(absmax, emax);
+  if (s.scale != s.scale) {
+    std::fill(codes, codes + len, int8_t{0});
+    return kNaN;
+  }
+  const float inverse_unit = 1.0f / unit;  // a power of two: exact
+  for (int64_t i = 0; i < len; ++i) {
+    codes[i] = static_cast<int8_t>(static_cast<int>(round_to_grid(x[i] * s.inverse, grid) * inverse_unit));
+  }
+  return s.scale * unit;
+}
+
 }  // namespace
+
+void quantize_codes(const ElemFormat& elem, const float* x, int64_t n, int64_t block, int8_t* codes, float* scales) {
+  const Grid grid(elem);
+  const float unit = pow2f(elem.emin - elem.mbits);
+  for (int64_t first = 0, b = 0; first < n; first += block, ++b) {
+    scales[b] = codes_contiguous_block(grid, elem.emax, unit, x + first, codes + first, std::min(block, n - first));
+  }
+}
 
 void quantize_dequantize(const ElemFormat& elem, const BlockLayout& layout, const float* x, float* y,
                          int64_t begin, int64_t end) {

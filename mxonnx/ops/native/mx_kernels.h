@@ -29,6 +29,12 @@ struct BlockLayout {
 void quantize_dequantize(const ElemFormat& elem, const BlockLayout& layout, const float* x, float* y,
                          int64_t begin, int64_t end);
 
+// MXQuantizeDequantize of one row x[n] along its length, as integer codes (integer_codes formats only):
+//   codes[i] = Q_elem(x_i / 2^E) / u  (exact integers, u = 2^(emin - mbits)),  scales[b] = 2^E_b * u
+// so that codes[i] * scales[i / block] is bit for bit quantize_dequantize's y_i. A block holding NaN/Inf gets scale
+// NaN and codes 0 (quantize_dequantize makes it all NaN).
+void quantize_codes(const ElemFormat& elem, const float* x, int64_t n, int64_t block, int8_t* codes, float* scales);
+
 // Decoding tables of one format: element value per stored code byte (masked to d bits; MXFP patterns above
 // max_norm are NaN), the two values of a byte of packed 4-bit codes (low nibble first) and 2^(c - 127) per
 // E8M0 code c (NaN at 255).

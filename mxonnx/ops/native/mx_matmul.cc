@@ -148,7 +148,7 @@ void multiply_panel(const float* x, int64_t ldx, int64_t rows, const float* pane
 MatMulKernel::MatMulKernel(const MxFormat& weight_format)
     : format_(weight_format),
       packed4_(weight_format.elem->storage == CodeStorage::kInt4 || weight_format.elem->storage == CodeStorage::kUInt4),
-      vector_(cpu_has_avx2_fma()) {
+      vector_(cpu_has_avx2_fma() && isa_cap() >= Isa::kAvx2) {
   const ElemFormat& elem = *format_.elem;
   const DequantizeTables tables = make_dequantize_tables(elem);
   decode_ = packed4_ ? Decode::kNibbleTable : elem.integer_codes ? Decode::kSignedBits : Decode::kGather;

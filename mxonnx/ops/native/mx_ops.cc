@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "mx_format.h"
+#include "mx_gemv.h"
 #include "mx_kernels.h"
 #include "mx_matmul.h"
 
@@ -29,6 +30,8 @@ constexpr const char* kDomain = "com.mxonnx";
 constexpr auto kTensorUInt4 = static_cast<ONNXTensorElementDataType>(21);
 constexpr auto kTensorInt4 = static_cast<ONNXTensorElementDataType>(22);
 constexpr int64_t kElementsPerTask = 1 << 15;  // smallest share of work worth handing to another thread
+constexpr int64_t kGemvMaxRows = 8;            // MXMatMul with at most this many rows of X: row by row (mx_gemv.h)
+constexpr int64_t kGemvSplits = 4;             // column ranges per row of a GEMV (tasks for the thread pool)
 
 [[noreturn]] void invalid(const std::string& message) {
   throw Ort::Exception(std::string(message), ORT_INVALID_ARGUMENT);
@@ -212,6 +215,25 @@ struct FusedMatMulKernel {
   MatMulKernel gemm;
   MxFormat weight_format;
   std::unique_ptr<MxFormat> act_format;  // nullptr: X enters the GEMM as is
+  GemvKernel gemv;
+
+  // Y[m, n] row by row (GemvKernel::multiply), each row split into kGemvSplits ranges of whole kGemvColumns units
+  // (tasks of the thread pool; few and wide, so that each reads long runs of every weight row). Integer route:
+  // `rows` the activation codes of each row; float route: `x` the (quantized) rows.
+  void multiply_rows(OrtKernelContext* context, const PackedWeight& w, const ActivationCodes* rows, const float* x,
+                     float* y, int64_t m) const {
+    const int64_t units = (w.n + kGemvColumns - 1) / kGemvColumns;
+    const int64_t splits = std::min(units, kGemvSplits);
+    auto work = [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r = t / splits, part = t % splits;
+        const int64_t n0 = units * part / splits * kGemvColumns;
+        const int64_t n1 = std::min(units * (part + 1) / splits * kGemvColumns, w.n);
+        gemv.multiply(w, rows ? rows + r : nullptr, x ? x + r * w.k : nullptr, y + r * w.n, n0, n1);
+      }
+    };
+    parallel_for(context, m * splits, (w.n / splits + 1) * w.k, work);
+  }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded([&] {
@@ -242,6 +264,26 @@ struct FusedMatMulKernel {
         return;
       }
       const float* in = x.GetTensorData<float>();
+      const PackedWeight w{static_cast<const uint8_t*>(codes.GetTensorRawData()), exponents.GetTensorData<uint8_t>(),
+                           k, n};
+      if (m <= kGemvMaxRows && gemv.integer_route()) {
+        std::vector<ActivationCodes> rows(m);
+        for (int64_t r = 0; r < m; ++r) gemv.quantize_row(in + r * k, k, rows[r]);
+        multiply_rows(context, w, rows.data(), nullptr, out, m);
+        return;
+      }
+      if (gemv.integer_gemm()) {
+        std::vector<ActivationCodes> rows(m);
+        auto quantize = [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) gemv.quantize_row(in + r * k, k, rows[r]);
+        };
+        parallel_for(context, m, k, quantize);
+        auto multiply = [&](int64_t begin, int64_t end) {
+          for (int64_t p = begin; p < end; ++p) gemv.gemm_panel(w, rows.data(), m, p * kGemmColumns, out);
+        };
+        parallel_for(context, (n + kGemmColumns - 1) / kGemmColumns, m * kGemmColumns * k, multiply);
+        return;
+      }
       std::vector<float> quantized;
       if (act_format) {
         quantized.resize(m * k);
@@ -252,8 +294,10 @@ struct FusedMatMulKernel {
         parallel_for(context, layout.block_rows(), layout.block, qdq);
         in = quantized.data();
       }
-      const PackedWeight w{static_cast<const uint8_t*>(codes.GetTensorRawData()), exponents.GetTensorData<uint8_t>(),
-                           k, n};
+      if (m <= kGemvMaxRows) {
+        multiply_rows(context, w, nullptr, in, out, m);
+        return;
+      }
       const int64_t panels = MatMulKernel::column_panels(n), tiles = MatMulKernel::row_tiles(m);
       auto multiply = [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
@@ -300,8 +344,9 @@ struct MatMulOp : Ort::CustomOpBase<MatMulOp, FusedMatMulKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return guarded([&] {
       const MxFormat weights = format_attribute(info, GetName(), "weight_format");
-      *kernel = new FusedMatMulKernel{MatMulKernel(weights), weights,
-                                      optional_format_attribute(info, GetName(), "act_format")};
+      std::unique_ptr<MxFormat> acts = optional_format_attribute(info, GetName(), "act_format");
+      GemvKernel gemv(weights, acts.get());
+      *kernel = new FusedMatMulKernel{MatMulKernel(weights), weights, std::move(acts), std::move(gemv)};
     });
   }
   const char* GetName() const { return "MXMatMul"; }
