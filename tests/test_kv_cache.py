@@ -290,3 +290,23 @@ def test_lowering_keeps_the_kv_quantizers_as_standard_ops(target, kv_model, tmp_
     if target != "matmulnbits":
         np.testing.assert_array_equal(lowered["logits"], reference["logits"])
     assert _greedy_with_cache(lowered_session, PROMPT, 6)[0] == _greedy_recomputed(lowered_session, PROMPT, 6)[0]
+
+
+def _initializers(folder) -> dict[str, np.ndarray]:
+    model = ir.load(folder / "model.onnx")
+    return {name: v.const_value.numpy() for name, v in model.graph.initializers.items()}
+
+
+def test_gptq_calibrates_on_the_quantized_cache(tiny_onnx, tiny_text, tmp_path):
+    """In a sequential run the KV quantizers are in place while blocks are calibrated: o_proj's Hessian (its input is
+    the attention over the quantized cache) and every later block see them; ``kv_in_calibration=False`` adds them
+    after the linears, which then equal those of the run without --kv."""
+    gptq = {**W4A8, "method": "gptq", "calib_path": tiny_text, "calib_samples": 8, "calib_seqlen": 64}
+    during = _initializers(_quantized(tiny_onnx, tmp_path / "during", **gptq))
+    after = _initializers(_quantized(tiny_onnx, tmp_path / "after", kv_in_calibration=False, **gptq))
+    plain = _initializers(_quantized(tiny_onnx, tmp_path / "plain", kv="none", **gptq))
+    assert during.keys() == after.keys() == plain.keys()
+    assert all(np.array_equal(after[name], plain[name]) for name in plain)
+    differ = {name for name in plain if not np.array_equal(during[name], plain[name])}
+    assert "layers.0.o_proj.weight_codes" in differ and "layers.1.q_proj.weight_codes" in differ
+    assert "layers.0.q_proj.weight_codes" not in differ  # q/k/v of block 0 read the float embedding's norm
