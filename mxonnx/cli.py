@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acts", default="mxint8-128",
                    help="activation format: MX, int8 (static per channel, calibrated), or none (default mxint8-128)")
     p.add_argument("--method", default="awq+gptq", choices=METHODS, help="default awq+gptq")
+    p.add_argument("--kv", default="none",
+                   help="KV-cache format: keys (after rope) and values MX-quantized along head_dim as they enter the "
+                        "cache, e.g. mxint8-64, mxfp8e4m3-32 (block dividing head_dim); default none")
     p.add_argument("--alpha", type=_unit_float, default=None, help="SmoothQuant strength (default 0.5) or a fixed AWQ alpha (default: grid search)")
     p.add_argument("--calib", type=Path, default=None, help="calibration text (default: WikiText-2 validation)")
     p.add_argument("--calib-samples", type=_positive_int, default=128)
@@ -149,7 +152,7 @@ def _run(args: argparse.Namespace) -> None:
         from mxonnx.quantize import quantize_model
 
         cfg = QuantizeConfig(
-            weights=args.weights, acts=args.acts, method=args.method, alpha=args.alpha, calib_path=args.calib,
+            weights=args.weights, acts=args.acts, method=args.method, kv=args.kv, alpha=args.alpha, calib_path=args.calib,
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
             act_order=not args.no_act_order, sequential=not args.no_sequential, exponent_search=args.exponent_search,
@@ -157,7 +160,7 @@ def _run(args: argparse.Namespace) -> None:
         )
         r = quantize_model(Path(args.model), Path(args.output), cfg, resume=args.resume)
         _print_result(args, r, f"quantized {args.model} -> {r['output']}: weights {r['weights']}, acts {r['acts']}, "
-                               f"method {r['method']} in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
+                               f"KV cache {r['kv']}, method {r['method']} in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
                                + (f" ({r['resumed_blocks']} blocks resumed)" if r["resumed_blocks"] else ""))
     elif cmd == "eval":
         from mxonnx.eval import evaluate_perplexity

@@ -32,6 +32,7 @@ class QuantizeConfig:
     weights: str = "mxint4-128"
     acts: str = "mxint8-128"
     method: str = "awq+gptq"
+    kv: str = "none"  # KV-cache format (keys after rope and values, along head_dim): an MX format or none
     alpha: float | None = None  # SmoothQuant migration strength (0.5) or a fixed AWQ alpha; None = default/grid
     calib_path: Path | None = None
     calib_samples: int = 128
@@ -44,6 +45,8 @@ class QuantizeConfig:
     sequential: bool = True
     exponent_search: bool = False  # GPTQ: shared exponents chosen among E-1, E, E+1 by the GPTQ loss (issue 19)
     quantize_lm_head: bool = False
+    # the KV-cache quantizers in place while blocks are calibrated (sequential runs); False adds them at the end
+    kv_in_calibration: bool = True
     progress: bool = True
 
     @property

@@ -5,6 +5,9 @@ initializers; a *float* MatMul reads a float initializer (also through Identity/
 Cast, e.g. a weight stored in float16 or bfloat16 by ``mxonnx export --dtype``).
 ``bits_per_weight`` = stored bits of the quantized weights (codes + exponents or scales, as laid out on disk) /
 number of weights; MXINT4 with blocks of 128 gives 4 + 8/128 = 4.0625.
+An ``MXQuantizeDequantize`` read only as the input A of MatMuls quantizes activations; one read otherwise (by the
+``present`` Concat of the KV cache, or by the attention in a graph without past) quantizes keys or values entering
+the KV cache (``mxonnx quantize --kv``): ``kv_cache`` counts those by format.
 """
 
 from __future__ import annotations
@@ -58,13 +61,22 @@ def _weight_format(node: onnx.NodeProto, codes: onnx.TensorProto) -> str:
 
 
 def inspect_model(path: Path) -> dict:
-    """``{opset, custom_ops, quantized_matmuls, float_matmuls, bits_per_weight, file_bytes, formats}`` of the
-    model at ``path`` (folder or .onnx). ``formats`` counts weight and activation formats."""
+    """``{opset, custom_ops, quantized_matmuls, float_matmuls, bits_per_weight, file_bytes, formats, kv_cache}`` of
+    the model at ``path`` (folder or .onnx). ``formats`` counts weight and activation formats, ``kv_cache`` the
+    formats of the key and value quantizers (``{}``: the cache holds floats)."""
     paths = resolve_model(path)
     model = onnx.load(str(paths.onnx), load_external_data=False)
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
+    readers = collections.defaultdict(list)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            readers[name].append((node, index))
+
+    def reads_as_matmul_input(name: str) -> bool:
+        return all(node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and index == 0
+                   for node, index in readers[name])
 
     def constant(name: str) -> onnx.TensorProto | None:
         while name not in initializers and name in producers and producers[name].op_type in _PASS_THROUGH:
@@ -72,10 +84,11 @@ def inspect_model(path: Path) -> dict:
         return initializers.get(name)
 
     quantized = floating = weights = stored_bits = 0
-    weight_formats, act_formats = collections.Counter(), collections.Counter()
+    weight_formats, act_formats, kv_formats = collections.Counter(), collections.Counter(), collections.Counter()
     for node in graph.node:
         if node.domain == schema.DOMAIN and node.op_type == schema.QUANTIZE_DEQUANTIZE:
-            act_formats[_format_attribute(node)] += 1
+            counter = act_formats if reads_as_matmul_input(node.output[0]) else kv_formats
+            counter[_format_attribute(node)] += 1
         if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx") and len(node.input) == 3:
             scale, zero = initializers.get(node.input[1]), initializers.get(node.input[2])
             if scale is not None and zero is not None and zero.data_type == onnx.TensorProto.INT8:
@@ -100,6 +113,7 @@ def inspect_model(path: Path) -> dict:
         "bits_per_weight": stored_bits / weights if weights else None,
         "file_bytes": _file_bytes(paths.onnx, model),
         "formats": {"weights": dict(weight_formats), "acts": dict(act_formats)},
+        "kv_cache": dict(kv_formats),
     }
 
 
@@ -113,6 +127,7 @@ def format_inspection(d: dict) -> str:
         ("float MatMuls", str(d["float_matmuls"])),
         ("weight formats", ", ".join(f"{f} x{n}" for f, n in d["formats"]["weights"].items()) or "none"),
         ("activation formats", ", ".join(f"{f} x{n}" for f, n in d["formats"]["acts"].items()) or "none"),
+        ("KV cache", ", ".join(f"{f} x{n}" for f, n in d["kv_cache"].items()) or "none"),
         ("bits per weight", bits),
         ("file size", f"{d['file_bytes'] / 2**20:.1f} MiB ({d['file_bytes']} bytes)"),
     ]

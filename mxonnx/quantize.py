@@ -15,6 +15,11 @@ The driver, for every method, in the spirit of the GPTQ reference's sequential l
    (:mod:`mxonnx.workdir`): they leave memory, and the block counts as finished;
 6. **advance** the calibration hidden states through the quantized block.
 
+``--kv FORMAT`` quantizes the keys and values entering the KV cache (:mod:`mxonnx.passes.kv_cache`). In a sequential
+run its quantizers go into the graph before the first block is calibrated, so every block's statistics and Hessians
+(o_proj reads the attention of quantized keys and values; later blocks the hidden states they give) are those of
+the model as it will run; ``--no-sequential`` (and ``kv_in_calibration=False``) adds them after the linears.
+
 ``--no-sequential`` takes every block's statistics and Hessians on the float model's inputs instead (the runner
 advances through block ``i`` before it is rewritten). Round to nearest with MX or no activations needs no
 calibration. lm_head, on request, is rounded to nearest at the end. Memory holds one block's float weights,
@@ -46,6 +51,7 @@ from mxonnx.gptq import GptqWeightProvider, check_blocks
 from mxonnx.genai_config import GenaiUnsupportedError, write_mx_genai_config
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, ModelPaths, copy_model_assets, resolve_model
 from mxonnx.passes.awq import SAMPLE_TOKENS, awq_block_scales, record_alphas
+from mxonnx.passes.kv_cache import KvCachePass, check_kv_format
 from mxonnx.passes.llama_structure import DecoderBlock, find_decoder_blocks, find_lm_head
 from mxonnx.passes.mx_matmul import (
     MxMatMulPass, RoundToNearest, WeightProvider, check_activation_format, static_activation_scales)
@@ -73,11 +79,12 @@ def check_config(config: QuantizeConfig) -> None:
     weights = formats.parse_format(config.weights)
     acts = formats.parse_format(config.acts)
     check_activation_format(acts)
+    kv = check_kv_format(config.kv)
     if acts.kind == "int" and config.quantize_lm_head:
         raise InputError(f"--quantize-lm-head with {acts.name} activations is not supported: only the decoder "
                          "linears' inputs are calibrated")
-    if weights.kind == "none" and acts.kind == "none":
-        raise InputError("weights and activations are both 'none': nothing to quantize")
+    if weights.kind == "none" and acts.kind == "none" and kv.kind == "none":
+        raise InputError("weights, activations and KV cache are all 'none': nothing to quantize")
     if config.exponent_search and not (config.method.endswith("gptq") and weights.kind == "mx"):
         raise InputError("--exponent-search chooses MX shared exponents inside GPTQ: use a +gptq method "
                          "and an MX weight format")
@@ -231,7 +238,7 @@ def run_fingerprint(paths: ModelPaths, config: QuantizeConfig) -> str:
 def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool = False) -> dict:
     """Quantize the ONNX Llama at ``model`` (folder or .onnx) into the new folder ``out`` (``model.onnx`` with
     its weights in ``model.onnx_data``, plus the config/tokenizer files); ``resume`` continues an interrupted run
-    of the same settings. Returns ``{output, method, weights, acts, seconds, peak_rss_mb, resumed_blocks}``."""
+    of the same settings. Returns ``{output, method, weights, acts, kv, seconds, peak_rss_mb, resumed_blocks}``."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -240,6 +247,8 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
     paths = resolve_model(model)
     onnx_model = ir.load(paths.onnx)
     blocks = find_decoder_blocks(onnx_model)
+    kv_cache = KvCachePass(blocks, config.kv)  # refuses a block size not dividing head_dim before any work
+    kv_first = config.sequential and config.kv_in_calibration
     if config.uses_gptq:  # before any calibration pass: a too small set fails at once
         check_calibration_size(blocks, config)
     if plan.calibrates and (paths.folder is None or not paths.folder.is_dir()):
@@ -247,6 +256,8 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
     lm_head = find_lm_head(onnx_model, blocks) if config.quantize_lm_head else None
     with resumable_output_dir(out, run_fingerprint(paths, config), resume, paths.folder or paths.onnx) as work:
         persisted = {id(v.const_value): v.const_value for v in onnx_model.graph.initializers.values()}
+        if kv_first:
+            kv_cache(onnx_model)
         resumed = work.finished
         runner = rows = None
         if plan.calibrates and resumed < len(blocks):  # on the float graph: the runner reads every block's shapes
@@ -270,6 +281,8 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
                                {"alphas": result.alphas} if result.alphas else None, hidden)
             results.append(result)
         del runner
+        if not kv_first:
+            kv_cache(onnx_model)
         if config.uses_awq:
             record_alphas(onnx_model, [r.alphas or {} for r in results])
         if lm_head is not None:
@@ -285,6 +298,7 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
         "method": config.method,
         "weights": plan.weights.name,
         "acts": plan.acts.name,
+        "kv": kv_cache.fmt.name,
         "seconds": time.perf_counter() - start,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "resumed_blocks": resumed,

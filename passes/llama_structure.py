@@ -9,7 +9,14 @@ as float32), optionally followed by a bias ``Add(b, X W)`` with a constant 1-D `
   q reaches input 0 and k input 1 of the score ``MatMul`` (Q K^T), v reaches input 1 of the ``MatMul`` of
   the softmax weights with V; o_proj is the first linear after that product;
 - the MLP RMSNorm and its two linears: gate passes through the SiLU (a ``Sigmoid``), up goes straight into
-  the product; down_proj is the first linear after the product.
+  the product; down_proj is the first linear after the product;
+- the key and value tensors entering the KV cache (:class:`KVCacheEntry`), ``[batch, kv_heads, seq, head_dim]``:
+  with past, optimum writes ``present.N.key = Concat(past_key_values.N.key, k_new)`` on the path from k_proj to the
+  score ``MatMul``, and ``k_new`` is that Concat's other input (values likewise). Without past the same tensors are
+  found as cuts of that path (values every path from the projection to its attention ``MatMul`` goes through):
+  the key is the output of the rotary embedding, the first cut whose producer joins two branches of the path
+  (``k cos + rotate_half(k) sin``), and the value the output of the path's first ``Transpose`` (the head split,
+  ``[batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]``).
 
 RMSNorm is recognised as optimum exports it (``Pow/ReduceMean/Add/Sqrt/Div/Mul`` followed by
 ``Mul(weight, .)``), as ``SimplifiedLayerNormalization`` and as opset-23 ``RMSNormalization``.
@@ -91,6 +98,16 @@ class RMSNorm:
 
 
 @dataclasses.dataclass
+class KVCacheEntry:
+    """Where one of a block's key or value tensors enters the KV cache: ``tensor`` ``[batch, kv_heads, seq,
+    head_dim]`` (keys after the rotary embedding), and ``concat``, the node ``present = Concat(past, tensor)`` (None
+    in a graph exported without past)."""
+
+    tensor: ir.Value
+    concat: ir.Node | None
+
+
+@dataclasses.dataclass
 class DecoderBlock:
     index: int
     attn_norm: RMSNorm
@@ -103,6 +120,8 @@ class DecoderBlock:
     up: Linear
     down: Linear
     head_dim: int
+    key: KVCacheEntry | None = None
+    value: KVCacheEntry | None = None
 
     @property
     def num_heads(self) -> int:
@@ -352,10 +371,11 @@ def _leads_to_softmax(matmul: ir.Node) -> bool:
     return any(n.op_type == "Softmax" for n, _ in _reach(matmul.outputs[0], lambda n: n.op_type in ("Softmax", "MatMul")))
 
 
-def _attention(linears: list[ir.Node]) -> tuple[ir.Node, ir.Node, ir.Node, ir.Node] | None:
-    """(q, k, v, o) among the three linears reading one norm; None when the attention pattern does not match."""
+def _attention(linears: list[ir.Node]) -> tuple[tuple[ir.Node, ir.Node, ir.Node, ir.Node], ir.Node, ir.Node] | None:
+    """((q, k, v, o), score MatMul, MatMul of the weights with V) among the three linears reading one norm; None
+    when the attention pattern does not match."""
     roles: dict[str, ir.Node] = {}
-    weights_times_v = None
+    weights_times_v = scores = None
     for lin in linears:
         hits = [(n, i) for n, i in _reach(linear_output(lin), lambda n: is_linear(n) or _is_attention_matmul(n))
                 if _is_attention_matmul(n)]
@@ -364,6 +384,7 @@ def _attention(linears: list[ir.Node]) -> tuple[ir.Node, ir.Node, ir.Node, ir.No
         matmul, idx = hits[0]
         if _leads_to_softmax(matmul):
             role = "q" if idx == 0 else "k"
+            scores = matmul
         elif idx == 1:
             role, weights_times_v = "v", matmul
         else:
@@ -374,7 +395,83 @@ def _attention(linears: list[ir.Node]) -> tuple[ir.Node, ir.Node, ir.Node, ir.No
     if len(roles) != 3:
         return None
     o = _first_linear_after(weights_times_v.outputs[0])
-    return None if o is None else (roles["q"], roles["k"], roles["v"], o)
+    return None if o is None else ((roles["q"], roles["k"], roles["v"], o), scores, weights_times_v)
+
+
+def _path_nodes(start: ir.Value, end: ir.Node) -> list[ir.Node]:
+    """The nodes on data paths from ``start`` to ``end`` (``end`` included), in graph order; shape computations
+    are not followed."""
+    forward: set[int] = set()
+    queue = deque([start])
+    while queue:
+        for node in _consumers(queue.popleft()):
+            if node.op_type in _SHAPE_OPS or id(node) in forward:
+                continue
+            forward.add(id(node))
+            if node is not end:
+                queue.extend(node.outputs)
+    on_path, stack = {id(end)}, [end]
+    while stack:
+        for value in stack.pop().inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and id(producer) in forward and id(producer) not in on_path:
+                on_path.add(id(producer))
+                stack.append(producer)
+    return [node for node in end.graph if id(node) in on_path]
+
+
+def _path_cuts(start: ir.Value, path: list[ir.Node]) -> list[ir.Value]:
+    """The values every path from ``start`` through ``path`` (graph order) goes through, in order: before each node,
+    the values computed so far that still have consumers on the path; when only one is left, it is a cut."""
+    on_path = {id(node) for node in path}
+
+    def path_uses(value: ir.Value) -> int:
+        return sum(1 for node, _ in value.uses() if id(node) in on_path)
+
+    pending = {start: path_uses(start)}
+    cuts = []
+    for node in path:
+        live = [value for value, uses in pending.items() if uses]
+        if len(live) == 1 and (not cuts or cuts[-1] is not live[0]):
+            cuts.append(live[0])
+        for value in node.inputs:
+            if value in pending:
+                pending[value] -= 1
+        pending.update({out: path_uses(out) for out in node.outputs})
+    return cuts
+
+
+def _cache_concat(path: list[ir.Node]) -> tuple[ir.Node, ir.Value] | None:
+    """(node, its input on the path) for ``present = Concat(past, new)`` on ``path``: a Concat reading a graph input
+    and producing a graph output."""
+    on_path = {id(node) for node in path}
+    for node in path:
+        if node.op_type != "Concat" or not any(out.is_graph_output() for out in node.outputs):
+            continue
+        from_path = [v for v in node.inputs if v is not None and v.producer() is not None and id(v.producer()) in on_path]
+        if len(from_path) == 1 and any(v is not None and v.is_graph_input() for v in node.inputs):
+            return node, from_path[0]
+    return None
+
+
+def _joins_two_branches(node: ir.Node, path: list[ir.Node]) -> bool:
+    on_path = {id(n) for n in path}
+    return sum(1 for v in node.inputs if v is not None and v.producer() is not None and id(v.producer()) in on_path) >= 2
+
+
+def _kv_cache_entry(linear: ir.Node, attention: ir.Node, rotary: bool) -> KVCacheEntry | None:
+    """Where the output of the k (``rotary``) or v projection ``linear`` enters the cache before ``attention`` (the
+    score MatMul or the MatMul of the weights with V); see the module docstring."""
+    path = _path_nodes(linear.outputs[0], attention)
+    concat = _cache_concat(path)
+    if concat is not None:
+        return KVCacheEntry(concat[1], concat[0])
+    cuts = _path_cuts(linear.outputs[0], path)[1:]
+    if rotary:
+        found = [v for v in cuts if _joins_two_branches(v.producer(), path)]
+    else:
+        found = [v for v in cuts if v.producer().op_type == "Transpose"]
+    return KVCacheEntry(found[0], None) if found else None
 
 
 def _mlp(linears: list[ir.Node]) -> tuple[ir.Node, ir.Node, ir.Node] | None:
@@ -424,7 +521,7 @@ def find_decoder_blocks(model: ir.Model, config: Mapping | None = None) -> list[
             mlp = _mlp(linears)
             if mlp is None:
                 raise InputError(f"norm {norm.node.name!r} feeds two MatMuls that are not a Llama MLP (gate, up)")
-            attn_norm, (q, k, v, o) = pending_attn
+            attn_norm, ((q, k, v, o), scores, weights_times_v) = pending_attn
             pending_attn = None
             index = len(blocks)
             head_dim = _head_dim_from_reshape(q) or _config_head_dim(config)
@@ -432,7 +529,9 @@ def find_decoder_blocks(model: ir.Model, config: Mapping | None = None) -> list[
                 raise InputError("cannot tell the attention head size from the graph; pass the model's config.json")
             named = {role: Linear(f"layers.{index}.{_ROLE_NAME[role]}", role, node)
                      for role, node in zip(ROLES, (q, k, v, o, *mlp))}
-            blocks.append(DecoderBlock(index, attn_norm, norm, head_dim=head_dim, **named))
+            blocks.append(DecoderBlock(index, attn_norm, norm, head_dim=head_dim, **named,
+                                       key=_kv_cache_entry(k, scores, rotary=True),
+                                       value=_kv_cache_entry(v, weights_times_v, rotary=False)))
     if not blocks:
         raise InputError("no Llama decoder block found in the graph (RMSNorm -> q/k/v ... gate/up -> down)")
     for b in blocks:

@@ -143,15 +143,12 @@ class MxMatMulPass(ir.passes.InPlacePass):
                 x = linear.input
                 if x not in quantized_inputs:
                     if self.acts.kind == "mx":
-                        quantized_inputs[x] = _insert_quantize_dequantize(graph, x, self.acts)
+                        quantized_inputs[x] = insert_quantize_dequantize(graph, x, self.acts)
                         used.add((schema.QUANTIZE_DEQUANTIZE, self.acts))
                     else:
                         quantized_inputs[x] = _insert_static_int8(graph, x, self.act_scales[linear.name])
                 linear.node.replace_input_with(0, quantized_inputs[x])
-        _declare_opsets(model, with_domain=bool(used))
-        for op_type, fmt in sorted(used, key=lambda u: (u[0], u[1].name)):
-            function = ir.serde.deserialize_function(functions.function_proto(op_type, fmt))
-            model.functions[function.identifier()] = function
+        add_mx_functions(model, used)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.linears))
 
@@ -192,7 +189,7 @@ def _dequantize_linear(graph: ir.Graph, name: str, codes: ir.Value, scales: np.n
     return ir.node("DequantizeLinear", [codes, scale], attributes=attributes, name=f"{name}/DequantizeLinear")
 
 
-def _insert_quantize_dequantize(graph: ir.Graph, x: ir.Value, fmt: formats.MXFormat) -> ir.Value:
+def insert_quantize_dequantize(graph: ir.Graph, x: ir.Value, fmt: formats.MXFormat) -> ir.Value:
     """``MXQuantizeDequantize(x)`` along the last axis, placed right after x's producer."""
     node = ir.node(schema.QUANTIZE_DEQUANTIZE, [x], domain=schema.DOMAIN, overload=schema.overload(fmt),
                    attributes={schema.FORMAT_ATTR: fmt.name, schema.AXIS_ATTR: -1},
@@ -228,6 +225,15 @@ def _insert_static_int8(graph: ir.Graph, x: ir.Value, scales: np.ndarray) -> ir.
     dequantize.outputs[0].shape, dequantize.outputs[0].type = x.shape, x.type
     _insert_after_producer(graph, x, [quantize, dequantize])
     return dequantize.outputs[0]
+
+
+def add_mx_functions(model: ir.Model, used: set[tuple[str, formats.MXFormat]]) -> None:
+    """Declare the opsets (standard 21, IR 10, the custom domain when ``used``) and add the function of every
+    ``(op, format)`` in ``used`` that the model does not hold yet."""
+    _declare_opsets(model, with_domain=bool(used))
+    for op_type, fmt in sorted(used, key=lambda u: (u[0], u[1].name)):
+        function = ir.serde.deserialize_function(functions.function_proto(op_type, fmt))
+        model.functions.setdefault(function.identifier(), function)
 
 
 def _declare_opsets(model: ir.Model, with_domain: bool) -> None:

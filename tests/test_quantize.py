@@ -105,8 +105,8 @@ def test_cli_quantize_json(tiny_onnx, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_onnx), "-o", str(out), "--method", "rtn", "--weights", "mxint4-32", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"output", "method", "weights", "acts", "seconds", "peak_rss_mb", "resumed_blocks"}
-    assert (result["weights"], result["acts"], result["method"]) == ("mxint4-32", "mxint8-128", "rtn")
+    assert set(result) == {"output", "method", "weights", "acts", "kv", "seconds", "peak_rss_mb", "resumed_blocks"}
+    assert (result["weights"], result["acts"], result["method"], result["kv"]) == ("mxint4-32", "mxint8-128", "rtn", "none")
 
 
 def _nan_weight_model(src: Path, dst: Path) -> Path:
