@@ -497,18 +497,23 @@ class GptqWeightProvider:
     """Weight provider for the rewrite pass: ``provider(name, w) -> (codes, scales)`` GPTQ-quantizes the linear
     ``name`` (e.g. "layers.3.q_proj") with the Hessian of its input. ``hessians`` is keyed by linear name or by
     input group ("layers.3.qkv", "layers.3.o", "layers.3.gate_up", "layers.3.down"); linears of one group share the
-    factored inverse Hessian. Dampening raised for a badly conditioned Hessian is recorded in ``raised_damp``."""
+    factored inverse Hessian (one per act-order unit when their formats' blocks differ). ``fmt``: one format, or a
+    mapping of linear name to format (``--override``). Dampening raised for a badly conditioned Hessian is
+    recorded in ``raised_damp``."""
 
     _GROUP = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
               "up_proj": "gate_up", "down_proj": "down"}
 
-    def __init__(self, hessians: Mapping[str, np.ndarray], fmt: str | formats.MXFormat, block_size: int = 128,
-                 micro_block: int | None = None, damp: float = 0.01, act_order: bool = False):
+    def __init__(self, hessians: Mapping[str, np.ndarray], fmt: "str | formats.MXFormat | Mapping[str, str | formats.MXFormat]",
+                 block_size: int = 128, micro_block: int | None = None, damp: float = 0.01, act_order: bool = False):
         self.hessians = hessians
-        self.fmt = formats.parse_format(fmt)
+        self.fmt = fmt if isinstance(fmt, Mapping) else formats.parse_format(fmt)
         self.block_size, self.micro_block, self.damp, self.act_order = block_size, micro_block, damp, act_order
         self.raised_damp: dict[str, float] = {}
-        self._factors: dict[str, InverseHessianFactor] = {}
+        self._factors: dict[tuple[str, int | None], InverseHessianFactor] = {}
+
+    def format_of(self, name: str) -> formats.MXFormat:
+        return formats.parse_format(self.fmt[name] if isinstance(self.fmt, Mapping) else self.fmt)
 
     def hessian_key(self, name: str) -> str:
         if name in self.hessians:
@@ -520,17 +525,16 @@ class GptqWeightProvider:
         return key
 
     def factor(self, name: str) -> InverseHessianFactor:
-        """The factored inverse Hessian of ``name``'s input, computed once per input group."""
+        """The factored inverse Hessian of ``name``'s input, computed once per input group and act-order unit."""
         key = self.hessian_key(name)
-        if key not in self._factors:
-            factor = inverse_hessian_factor(self.hessians[key], self.damp,
-                                            order_unit=(self.fmt.block_size or 1) if self.act_order else None,
-                                            name=key)
+        unit = (self.format_of(name).block_size or 1) if self.act_order else None
+        if (key, unit) not in self._factors:
+            factor = inverse_hessian_factor(self.hessians[key], self.damp, order_unit=unit, name=key)
             if factor.damp != self.damp:
                 self.raised_damp[key] = factor.damp
-            self._factors[key] = factor
-        return self._factors[key]
+            self._factors[(key, unit)] = factor
+        return self._factors[(key, unit)]
 
     def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return gptq_quantize(w, self.factor(name), self.fmt, block_size=self.block_size,
+        return gptq_quantize(w, self.factor(name), self.format_of(name), block_size=self.block_size,
                              micro_block=self.micro_block, name=name)
