@@ -151,7 +151,7 @@ class BlockwiseRunner:
         replaced = 0
         try:
             for window, arrays in enumerate(self._run_block(index, wanted, f"block {index}", head)):
-                each(arrays[:len(outputs)])
+                each(arrays[:len(arrays) - 1] if advance else arrays)  # a head may turn one output into several
                 if advance:
                     self.hidden_states[window] = arrays[-1]
                     replaced += 1
