@@ -151,7 +151,7 @@ def inspect_model(path: Path) -> dict:
 def _layer_rows(linears: list[dict]) -> tuple[list[str], list[tuple[str, list[str]]], list[dict], str]:
     """The decoder linears as a table: the roles present, and per run of consecutive layers with the same formats
     ``("layers 0-29", [cell per role])``, a cell ``weights`` or ``weights/acts`` when the acts differ from the most
-    common ones; the linears that are not ``layers.{i}.{role}`` come back as they are."""
+    common ones of the quantized linears; the linears that are not ``layers.{i}.{role}`` come back as they are."""
     layered: dict[int, dict[str, dict]] = collections.defaultdict(dict)
     others = []
     for linear in linears:
@@ -160,7 +160,7 @@ def _layer_rows(linears: list[dict]) -> tuple[list[str], list[tuple[str, list[st
             layered[int(parts[1])][parts[2]] = linear
         else:
             others.append(linear)
-    common = collections.Counter(l["acts"] for l in linears).most_common(1)
+    common = collections.Counter(l["acts"] for l in linears if l["weights"] != "none").most_common(1)
     usual = common[0][0] if common else "none"
     roles = [r for r in ROLE_ORDER if any(r in row for row in layered.values())]
 
