@@ -179,11 +179,12 @@ def measure_losses(runner, blocks, names: Sequence[str], candidates: Sequence[st
     wanted = set(names)
     none = formats.parse_format("none")
     losses: dict[str, list[float]] = {}
+    tokens = runner.windows.size
     last = max((b.index for b in blocks if any(l.name in wanted for l in b.linears())), default=-1)
     for block in tqdm(blocks[: last + 1], desc="sensitivity", unit="block", disable=not progress, leave=False):
         hessians = block_hessians(runner, block, none, advance=block.index < last)
         for group, linears in block.groups().items():
-            h = hessians[group_key(block, group)] / 2.0  # block_hessians gives 2/n X^T X; the sum's scale is common
+            h = hessians[group_key(block, group)] * (tokens / 2.0)  # block_hessians gives 2/n X^T X
             for linear in linears:
                 if linear.name in wanted:
                     w = linear.weight_array
