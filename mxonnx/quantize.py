@@ -15,6 +15,11 @@ The driver, for every method, in the spirit of the GPTQ reference's sequential l
    (:mod:`mxonnx.workdir`): they leave memory, and the block counts as finished;
 6. **advance** the calibration hidden states through the quantized block.
 
+Formats are per linear (:class:`BlockPlan`): ``--weights``/``--acts`` for all, then the ``--override`` globs
+(:mod:`mxonnx.layer_formats`), then, with ``--target-bits``, the allocation (:mod:`mxonnx.allocate`) chosen
+before step 1 of block 0 from one pass over the float model's blocks (stored in the work folder, so a resumed
+run keeps it). Every step takes each linear's own formats.
+
 ``--no-sequential`` takes every block's statistics and Hessians on the float model's inputs instead (the runner
 advances through block ``i`` before it is rewritten). Round to nearest with MX or no activations needs no
 calibration. lm_head, on request, is rounded to nearest at the end. Memory holds one block's float weights,
