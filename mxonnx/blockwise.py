@@ -111,17 +111,32 @@ class BlockwiseRunner:
         ``group_scales[group]``): both computed by onnxruntime in the block's run, so only K x K values per group
         come back."""
         groups = self.group_inputs[index]
-        if acts.kind == "int" and not all(group in (group_scales or {}) for group in groups):
-            raise ValueError(f"{acts.name} activations need the scales of every group: {list(groups)}")
+        self.capture_gram_sets(index, {group: [acts] for group in groups},
+                               lambda group, fmt, xtx, n: callback(group, xtx, n), advance, group_scales)
+
+    def capture_gram_sets(self, index: int, acts: Mapping[str, Sequence[formats.MXFormat]],
+                          callback: Callable[[str, formats.MXFormat, np.ndarray, int], None], advance: bool = False,
+                          group_scales: Mapping[str, np.ndarray] | None = None) -> None:
+        """:meth:`capture_grams` with several activation formats per group (linears of one input quantized in
+        different formats, ``--override``): ``callback(group, fmt, xtx, tokens)`` for every ``fmt`` in
+        ``acts[group]`` (every group of the block must be there), in one run of the block."""
+        groups = self.group_inputs[index]
+        if set(acts) != set(groups):
+            raise ValueError(f"activation formats for groups {sorted(acts)}, the block has {list(groups)}")
+        int_groups = [group for group in groups if any(fmt.kind == "int" for fmt in acts[group])]
+        if not all(group in (group_scales or {}) for group in int_groups):
+            raise ValueError(f"int8 activations need the scales of every group: {int_groups}")
         tokens = self.windows.shape[1]
+        order = [(group, fmt) for group in groups for fmt in acts[group]]
 
         def each(arrays: list[np.ndarray]) -> None:
-            for name, xtx in zip(groups, arrays):
-                callback(name, xtx, tokens)
+            for (group, fmt), xtx in zip(order, arrays):
+                callback(group, fmt, xtx, tokens)
 
         widths = {value.name: self.group_widths[index][group] for group, value in groups.items()}
-        scales = {value.name: group_scales[group] for group, value in groups.items()} if acts.kind == "int" else None
-        self._pass(index, list(groups.values()), each, advance, head=gram_head(acts, widths, scales))
+        sets = {groups[group].name: list(acts[group]) for group in groups}
+        scales = {groups[group].name: group_scales[group] for group in int_groups}
+        self._pass(index, list(groups.values()), each, advance, head=gram_sets_head(sets, widths, scales))
 
     def advance(self, index: int) -> None:
         """Run block ``index`` on every window and store its outputs as the next block's inputs."""
@@ -136,7 +151,7 @@ class BlockwiseRunner:
         replaced = 0
         try:
             for window, arrays in enumerate(self._run_block(index, wanted, f"block {index}", head)):
-                each(arrays[:len(outputs)])
+                each(arrays[:len(arrays) - 1] if advance else arrays)  # a head may turn one output into several
                 if advance:
                     self.hidden_states[window] = arrays[-1]
                     replaced += 1
@@ -386,33 +401,42 @@ def gram_head(acts: formats.MXFormat, widths: dict[str, int], scales: dict[str, 
     """A rewrite of a region's proto: each output ``x [..., K]`` named in ``widths`` (name -> K) becomes
     ``x.xtx = A^T A`` with ``A = reshape(Q_acts(x), [-1, K])`` (Gemm, transA), in place in the output list;
     static ``int8`` acts quantize with ``scales[x]`` (per channel, zero point 0), as the rewritten graph will."""
+    return gram_sets_head({name: [acts] for name in widths}, widths, scales)
+
+
+def gram_sets_head(acts: Mapping[str, Sequence[formats.MXFormat]], widths: dict[str, int],
+                   scales: Mapping[str, np.ndarray] | None = None) -> Head:
+    """:func:`gram_head` with a list of activation formats per output: ``x`` is replaced, in place in the output
+    list, by one ``A^T A`` per format of ``acts[x]``, in that order."""
 
     def rewrite(proto: onnx.ModelProto) -> None:
         graph = proto.graph
-        if acts.kind == "mx":
-            _declare_quantize_dequantize(proto, acts)
+        for fmt in dict.fromkeys(f for fmts in acts.values() for f in fmts):
+            if fmt.kind == "mx":
+                _declare_quantize_dequantize(proto, fmt)
         outputs = list(graph.output)
         del graph.output[:]
         for out in outputs:
-            x = out.name
-            if x not in widths:
+            if out.name not in widths:
                 graph.output.append(out)
                 continue
-            if acts.kind == "mx":
-                qdq = onnx.helper.make_node(schema.QUANTIZE_DEQUANTIZE, [x], [f"{x}.qdq"], domain=schema.DOMAIN,
-                                            **{schema.FORMAT_ATTR: acts.name, schema.AXIS_ATTR: -1})
-                qdq.overload = schema.overload(acts)
-                graph.node.append(qdq)
-                x = qdq.output[0]
-            elif acts.kind == "int":
-                x = _append_static_int8(graph, x, scales[x])
             graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, widths[out.name]], np.int64),
                                                                   f"{out.name}.rows_shape"))
-            graph.node.extend([
-                onnx.helper.make_node("Reshape", [x, f"{out.name}.rows_shape"], [f"{out.name}.rows"]),
-                onnx.helper.make_node("Gemm", [f"{out.name}.rows", f"{out.name}.rows"], [f"{out.name}.xtx"], transA=1),
-            ])
-            graph.output.append(onnx.ValueInfoProto(name=f"{out.name}.xtx"))
+            for i, fmt in enumerate(acts[out.name]):
+                x, tag = out.name, out.name if i == 0 else f"{out.name}.{i}"
+                if fmt.kind == "mx":
+                    qdq = onnx.helper.make_node(schema.QUANTIZE_DEQUANTIZE, [x], [f"{tag}.qdq"], domain=schema.DOMAIN,
+                                                **{schema.FORMAT_ATTR: fmt.name, schema.AXIS_ATTR: -1})
+                    qdq.overload = schema.overload(fmt)
+                    graph.node.append(qdq)
+                    x = qdq.output[0]
+                elif fmt.kind == "int":
+                    x = _append_static_int8(graph, x, scales[x])
+                graph.node.extend([
+                    onnx.helper.make_node("Reshape", [x, f"{out.name}.rows_shape"], [f"{tag}.rows"]),
+                    onnx.helper.make_node("Gemm", [f"{tag}.rows", f"{tag}.rows"], [f"{tag}.xtx"], transA=1),
+                ])
+                graph.output.append(onnx.ValueInfoProto(name=f"{tag}.xtx"))
 
     return rewrite
 

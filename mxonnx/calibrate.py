@@ -109,19 +109,37 @@ def block_statistics(runner: BlockwiseRunner, block: DecoderBlock, hessians: boo
     return {group_key(block, group): acc.result() for group, acc in accumulators.items()}
 
 
-def block_hessians(runner: BlockwiseRunner, block: DecoderBlock, acts: formats.MXFormat, advance: bool = False,
+def block_hessians(runner: BlockwiseRunner, block: DecoderBlock,
+                   acts: formats.MXFormat | Mapping[str, formats.MXFormat], advance: bool = False,
                    act_scales: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """``{group_key: 2/n A^T A}`` for the four linear groups of ``block`` over every window, with ``A`` the group's
     input quantize-dequantized to ``acts`` (the activations the rewritten MatMul reads; both ``A`` and ``A^T A``
     computed in onnxruntime, summed here in float64; paper Eq. 7); ``act_scales``: static int8 scales by linear
-    name; ``advance`` also moves the runner past the block."""
+    name; ``advance`` also moves the runner past the block.
+
+    ``acts`` may give one format per linear name (``--override``): a group whose linears read its input in
+    different formats gets one Hessian per linear, keyed by the linear's name, instead of the group's."""
     groups = block.groups()
-    accumulators = {group: HessianAccumulator(linears[0].shape[0]) for group, linears in groups.items()}
-    group_scales = ({group: act_scales[linears[0].name] for group, linears in groups.items()}
-                    if acts.kind == "int" else None)
-    runner.capture_grams(block.index, acts, lambda group, xtx, n: accumulators[group].add_gram(xtx, n),
-                         advance=advance, group_scales=group_scales)
-    return {group_key(block, group): acc.hessian for group, acc in accumulators.items()}
+    per_linear = {linear.name: acts[linear.name] if isinstance(acts, Mapping) else acts
+                  for linears in groups.values() for linear in linears}
+    group_acts = {group: list(dict.fromkeys(per_linear[linear.name] for linear in linears))
+                  for group, linears in groups.items()}
+    accumulators = {(group, fmt): HessianAccumulator(linears[0].shape[0])
+                    for group, linears in groups.items() for fmt in group_acts[group]}
+    group_scales = ({group: act_scales[linears[0].name] for group, linears in groups.items()
+                     if any(fmt.kind == "int" for fmt in group_acts[group])} if act_scales is not None else None)
+    runner.capture_gram_sets(block.index, group_acts,
+                             lambda group, fmt, xtx, n: accumulators[(group, fmt)].add_gram(xtx, n),
+                             advance=advance, group_scales=group_scales)
+    computed = {pair: acc.hessian for pair, acc in accumulators.items()}
+    del accumulators
+    hessians = {}
+    for group, linears in groups.items():
+        if len(group_acts[group]) == 1:
+            hessians[group_key(block, group)] = computed[(group, group_acts[group][0])]
+        else:  # one array per format, shared by the linears reading it
+            hessians.update({linear.name: computed[(group, per_linear[linear.name])] for linear in linears})
+    return hessians
 
 
 def collect_statistics(model: ir.Model, blocks: list[DecoderBlock], tokenizer_folder: str | os.PathLike | None,

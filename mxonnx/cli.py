@@ -48,8 +48,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
+    return value
+
+
+def _format_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of weight formats")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from mxonnx.config import METHODS
+    from mxonnx.config import DEFAULT_CANDIDATES, METHODS
 
     parser = _Parser(prog="mxonnx", description="mxonnx: Llama models to microscaling (MX) quantized ONNX graphs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -87,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished block")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=FORMAT",
+                   help="formats of the linears a glob names (layers.3.down_proj, layers.*.mlp.down_proj, lm_head): "
+                        "a weight format, WEIGHTS/ACTS, or none (left float); repeatable, later ones win")
+    p.add_argument("--target-bits", type=_positive_float, default=None, metavar="B",
+                   help="choose a weight format per linear from --candidates so that the stored bits per weight "
+                        "average at most B with the least estimated loss")
+    p.add_argument("--candidates", type=_format_list, default=None, metavar="F,F,...",
+                   help=f"weight formats --target-bits chooses from (default {','.join(DEFAULT_CANDIDATES)})")
     _common(p)
 
     p = sub.add_parser("eval", help="WikiText-2 perplexity through onnxruntime")
@@ -157,11 +182,14 @@ def _run(args: argparse.Namespace) -> None:
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
             act_order=not args.no_act_order, sequential=not args.no_sequential, exponent_search=args.exponent_search,
             quantize_lm_head=args.quantize_lm_head, progress=progress,
+            overrides=tuple(args.override), target_bits=args.target_bits,
+            **({"candidates": args.candidates} if args.candidates is not None else {}),
         )
         r = quantize_model(Path(args.model), Path(args.output), cfg, resume=args.resume)
         _print_result(args, r, f"quantized {args.model} -> {r['output']}: weights {r['weights']}, acts {r['acts']}, "
                                f"KV cache {r['kv']}, method {r['method']} in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
-                               + (f" ({r['resumed_blocks']} blocks resumed)" if r["resumed_blocks"] else ""))
+                               + (f" ({r['resumed_blocks']} blocks resumed)" if r["resumed_blocks"] else "")
+                               + (_allocation_text(r["allocation"]) if "allocation" in r else ""))
     elif cmd == "eval":
         from mxonnx.eval import evaluate_perplexity
 
@@ -195,6 +223,14 @@ def _run(args: argparse.Namespace) -> None:
 
             generate(Path(args.model), args.prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, emit=emit)
             out.write("\n")
+
+
+def _allocation_text(allocation: dict) -> str:
+    from collections import Counter
+
+    counts = Counter(allocation["formats"].values())
+    return (f"\n--target-bits {allocation['target_bits']:g}: {allocation['bits_per_weight']:.4f} bits per weight; "
+            + ", ".join(f"{fmt} x{n}" for fmt, n in sorted(counts.items())))
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

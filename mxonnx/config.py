@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 METHODS = ("rtn", "gptq", "sq", "awq", "sq+gptq", "awq+gptq")
+DEFAULT_CANDIDATES = ("mxint4-128", "mxint4-32", "mxint4-16", "mxint8-32")  # --target-bits' weight formats
 
 
 def default_data_dir() -> Path:
@@ -47,6 +48,9 @@ class QuantizeConfig:
     quantize_lm_head: bool = False
     # the KV-cache quantizers in place while blocks are calibrated (sequential runs); False adds them at the end
     kv_in_calibration: bool = True
+    overrides: tuple[str, ...] = ()  # "PATTERN=FORMAT" or "PATTERN=WEIGHTS/ACTS", later ones win (mxonnx.layer_formats)
+    target_bits: float | None = None  # stored bits per weight the allocation may average (mxonnx.allocate)
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     progress: bool = True
 
     @property

@@ -546,49 +546,74 @@ class GptqWeightProvider:
     """Weight provider for the rewrite pass: ``provider(name, w) -> (codes, scales)`` GPTQ-quantizes the linear
     ``name`` (e.g. "layers.3.q_proj") with the Hessian of its input. ``hessians`` is keyed by linear name or by
     input group ("layers.3.qkv", "layers.3.o", "layers.3.gate_up", "layers.3.down"); linears of one group share the
-    factored inverse Hessian. Dampening raised for a badly conditioned Hessian is recorded in ``raised_damp``.
+    factored inverse Hessian (one per act-order unit when their formats' blocks differ). ``fmt``: one format, or a
+    mapping of linear name to format (``--override``). Dampening raised for a badly conditioned Hessian is
+    recorded in ``raised_damp``.
     ``release``: ``hessians`` is a dict given away, asked for one group at a time (the rewrite visits q, k, v, o,
-    gate, up, down in order): a Hessian is dropped from it once factored and only the latest factor is kept, so
-    at most one group's Hessian and factor are held (a 7B down_proj's float64 Hessian alone is 0.97 GB)."""
+    gate, up, down in order): when a group is reached, the factors and Hessians of the groups before it are dropped,
+    and its own Hessian too once every act-order unit its linears need is factored, so at most one group's Hessian
+    and factor are held (a 7B down_proj's float64 Hessian alone is 0.97 GB)."""
 
     _GROUP = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
               "up_proj": "gate_up", "down_proj": "down"}
 
-    def __init__(self, hessians: Mapping[str, np.ndarray], fmt: str | formats.MXFormat, block_size: int = 128,
-                 micro_block: int | None = None, damp: float = 0.01, act_order: bool = False,
+    def __init__(self, hessians: Mapping[str, np.ndarray], fmt: "str | formats.MXFormat | Mapping[str, str | formats.MXFormat]",
+                 block_size: int = 128, micro_block: int | None = None, damp: float = 0.01, act_order: bool = False,
                  exponent_search: bool = False, release: bool = False):
         self.hessians, self.release = hessians, release
-        self.fmt = formats.parse_format(fmt)
+        self.fmt = fmt if isinstance(fmt, Mapping) else formats.parse_format(fmt)
         self.block_size, self.micro_block, self.damp, self.act_order = block_size, micro_block, damp, act_order
         self.exponent_search = exponent_search
         self.raised_damp: dict[str, float] = {}
-        self._factors: dict[str, InverseHessianFactor] = {}
+        self._factors: dict[tuple[str, int | None], InverseHessianFactor] = {}
+        self._released: set[str] = set()
+
+    def format_of(self, name: str) -> formats.MXFormat:
+        return formats.parse_format(self.fmt[name] if isinstance(self.fmt, Mapping) else self.fmt)
 
     def hessian_key(self, name: str) -> str:
-        if name in self.hessians or name in self._factors:
+        known = set(self.hessians) | self._released
+        if name in known:
             return name
         prefix, _, role = name.rpartition(".")
         key = f"{prefix}.{self._GROUP.get(role, role)}"
-        if key not in self.hessians and key not in self._factors:
+        if key not in known:
             raise InputError(f"no calibration Hessian for linear {name!r}")
         return key
 
+    def _unit(self, name: str) -> int | None:
+        return (self.format_of(name).block_size or 1) if self.act_order else None
+
+    def _units_needed(self, key: str) -> set[int | None]:
+        """The act-order units of the linears of group ``key`` (every format of the mapping that falls in it)."""
+        if not isinstance(self.fmt, Mapping):
+            return {self._unit(key)}
+        return {self._unit(n) for n in self.fmt
+                if (n == key or self.hessian_key_of(n) == key) and self.format_of(n).kind != "none"}
+
+    def hessian_key_of(self, name: str) -> str:
+        prefix, _, role = name.rpartition(".")
+        return f"{prefix}.{self._GROUP.get(role, role)}"
+
     def factor(self, name: str) -> InverseHessianFactor:
-        """The factored inverse Hessian of ``name``'s input, computed once per input group."""
+        """The factored inverse Hessian of ``name``'s input, computed once per input group and act-order unit."""
         key = self.hessian_key(name)
-        if key not in self._factors:
+        unit = self._unit(name)
+        if (key, unit) not in self._factors:
+            if key in self._released:
+                raise RuntimeError(f"GPTQ provider: the Hessian of {key} was released before {name} asked for it")
             if self.release:
-                self._factors.clear()
-            factor = inverse_hessian_factor(self.hessians[key], self.damp,
-                                            order_unit=(self.fmt.block_size or 1) if self.act_order else None,
-                                            name=key)
+                for old in [k for k in self._factors if k[0] != key]:
+                    del self._factors[old]
+            factor = inverse_hessian_factor(self.hessians[key], self.damp, order_unit=unit, name=key)
             if factor.damp != self.damp:
                 self.raised_damp[key] = factor.damp
-            self._factors[key] = factor
-            if self.release:
+            self._factors[(key, unit)] = factor
+            if self.release and self._units_needed(key) <= {u for k, u in self._factors if k == key}:
                 del self.hessians[key]
-        return self._factors[key]
+                self._released.add(key)
+        return self._factors[(key, unit)]
 
     def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return gptq_quantize(w, self.factor(name), self.fmt, block_size=self.block_size,
+        return gptq_quantize(w, self.factor(name), self.format_of(name), block_size=self.block_size,
                              micro_block=self.micro_block, exponent_search=self.exponent_search, name=name)

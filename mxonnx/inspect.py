@@ -13,6 +13,7 @@ the KV cache (``mxonnx quantize --kv``): ``kv_cache`` counts those by format.
 from __future__ import annotations
 
 import collections
+import re
 from pathlib import Path
 
 import onnx
@@ -22,6 +23,8 @@ from mxonnx.ops import schema
 
 _WEIGHT_DEQUANTIZERS = {(schema.DOMAIN, schema.DEQUANTIZE), ("", "DequantizeLinear")}
 _PASS_THROUGH = ("Identity", "Transpose", "Cast")
+_OPTIMUM_LINEAR = re.compile(r"/model/layers\.(\d+)/(?:self_attn|mlp)/(\w+_proj)/MatMul$")  # an exported linear's node
+ROLE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def stored_bytes(tensor: onnx.TensorProto) -> int:
@@ -60,10 +63,41 @@ def _weight_format(node: onnx.NodeProto, codes: onnx.TensorProto) -> str:
     return f"int{bits}" + (f"-g{attrs['block_size']}" if attrs.get("block_size") else "")
 
 
+def _linear_name(matmul: onnx.NodeProto, dequantizer: onnx.NodeProto | None) -> str:
+    """The structure pass's name of a linear (``layers.3.down_proj``, ``lm_head``): from its weight dequantizer
+    (``layers.3.down_proj/MXDequantize``), else from optimum's node name, else the MatMul's own name."""
+    if dequantizer is not None and "/" in dequantizer.name and not dequantizer.name.startswith("/"):
+        return dequantizer.name.split("/")[0]
+    found = _OPTIMUM_LINEAR.search(matmul.name)
+    if found:
+        return f"layers.{found.group(1)}.{found.group(2)}"
+    return "lm_head" if matmul.name.startswith("/lm_head/") else matmul.name
+
+
+def _act_format(x: str, producers: dict, initializers: dict) -> str:
+    """The activation format of a MatMul input: MXQuantizeDequantize's ``format``, ``int8`` for a static
+    QuantizeLinear/DequantizeLinear pair, else ``none``."""
+    node = producers.get(x)
+    if node is None:
+        return "none"
+    if node.domain == schema.DOMAIN and node.op_type == schema.QUANTIZE_DEQUANTIZE:
+        return _format_attribute(node)
+    if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+        source = producers.get(node.input[0])
+        if source is not None and source.op_type == "QuantizeLinear" and len(source.input) == 3:
+            zero = initializers.get(source.input[2])
+            if zero is not None and zero.data_type == onnx.TensorProto.INT8:
+                return "int8"
+    return "none"
+
+
 def inspect_model(path: Path) -> dict:
-    """``{opset, custom_ops, quantized_matmuls, float_matmuls, bits_per_weight, file_bytes, formats, kv_cache}`` of
-    the model at ``path`` (folder or .onnx). ``formats`` counts weight and activation formats, ``kv_cache`` the
-    formats of the key and value quantizers (``{}``: the cache holds floats)."""
+    """``{opset, custom_ops, quantized_matmuls, float_matmuls, bits_per_weight, file_bytes, formats, linears,
+    kv_cache}`` of the model at ``path`` (folder or .onnx). ``formats`` counts weight and activation formats;
+    ``linears`` lists every MatMul with a constant weight: ``{name, weights, acts, bits_per_weight, weights_count}``
+    (float ones with weights ``none`` and their storage bits); ``bits_per_weight`` is the quantized linears' average
+    weighted by their weight counts; ``kv_cache`` the formats of the key and value quantizers (``{}``: the cache
+    holds floats)."""
     paths = resolve_model(path)
     model = onnx.load(str(paths.onnx), load_external_data=False)
     graph = model.graph
@@ -85,6 +119,7 @@ def inspect_model(path: Path) -> dict:
 
     quantized = floating = weights = stored_bits = 0
     weight_formats, act_formats, kv_formats = collections.Counter(), collections.Counter(), collections.Counter()
+    linears = []
     for node in graph.node:
         if node.domain == schema.DOMAIN and node.op_type == schema.QUANTIZE_DEQUANTIZE:
             counter = act_formats if reads_as_matmul_input(node.output[0]) else kv_formats
@@ -99,11 +134,20 @@ def inspect_model(path: Path) -> dict:
         inputs = [initializers.get(name) for name in producer.input] if producer is not None else []
         if producer is not None and (producer.domain, producer.op_type) in _WEIGHT_DEQUANTIZERS and all(inputs):
             quantized += 1
-            weights += _numel(inputs[0])
-            stored_bits += 8 * sum(stored_bytes(t) for t in inputs)
-            weight_formats[_weight_format(producer, inputs[0])] += 1
+            count, bits = _numel(inputs[0]), 8 * sum(stored_bytes(t) for t in inputs)
+            weights += count
+            stored_bits += bits
+            fmt = _weight_format(producer, inputs[0])
+            weight_formats[fmt] += 1
+            linears.append({"name": _linear_name(node, producer), "weights": fmt,
+                            "acts": _act_format(node.input[0], producers, initializers),
+                            "bits_per_weight": bits / count, "weights_count": count})
         elif (weight := constant(node.input[1])) is not None and len(weight.dims) == 2:
             floating += 1
+            linears.append({"name": _linear_name(node, None), "weights": "none",
+                            "acts": _act_format(node.input[0], producers, initializers),
+                            "bits_per_weight": 8 * stored_bytes(weight) / _numel(weight),
+                            "weights_count": _numel(weight)})
     return {
         "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         "custom_ops": dict(collections.Counter(f"{n.domain}.{n.op_type}" for n in graph.node
@@ -113,8 +157,57 @@ def inspect_model(path: Path) -> dict:
         "bits_per_weight": stored_bits / weights if weights else None,
         "file_bytes": _file_bytes(paths.onnx, model),
         "formats": {"weights": dict(weight_formats), "acts": dict(act_formats)},
+        "linears": linears,
         "kv_cache": dict(kv_formats),
     }
+
+
+def _layer_rows(linears: list[dict]) -> tuple[list[str], list[tuple[str, list[str]]], list[dict], str]:
+    """The decoder linears as a table: the roles present, and per run of consecutive layers with the same formats
+    ``("layers 0-29", [cell per role])``, a cell ``weights`` or ``weights/acts`` when the acts differ from the most
+    common ones of the quantized linears; the linears that are not ``layers.{i}.{role}`` come back as they are."""
+    layered: dict[int, dict[str, dict]] = collections.defaultdict(dict)
+    others = []
+    for linear in linears:
+        parts = linear["name"].split(".")
+        if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] in ROLE_ORDER:
+            layered[int(parts[1])][parts[2]] = linear
+        else:
+            others.append(linear)
+    common = collections.Counter(l["acts"] for l in linears if l["weights"] != "none").most_common(1)
+    usual = common[0][0] if common else "none"
+    roles = [r for r in ROLE_ORDER if any(r in row for row in layered.values())]
+
+    def cell(linear: dict | None) -> str:
+        if linear is None:
+            return "-"
+        return linear["weights"] if linear["acts"] == usual else f"{linear['weights']}/{linear['acts']}"
+
+    runs: list[tuple[int, int, list[str]]] = []
+    for index in sorted(layered):
+        cells = [cell(layered[index].get(role)) for role in roles]
+        if runs and runs[-1][2] == cells and runs[-1][1] == index - 1:
+            runs[-1] = (runs[-1][0], index, cells)
+        else:
+            runs.append((index, index, cells))
+    rows = [(f"layer {a}" if a == b else f"layers {a}-{b}", cells) for a, b, cells in runs]
+    return roles, rows, others, usual
+
+
+def format_linears(linears: list[dict]) -> str:
+    """The per-linear formats as a compact table: one row per run of layers with equal formats, one column per
+    projection (weight format; ``weights/acts`` where the acts differ from the usual ones), then lm_head and
+    any other linear."""
+    roles, rows, others, usual = _layer_rows(linears)
+    lines = []
+    if rows:
+        header = ["", *[r.removesuffix("_proj") for r in roles]]
+        table = [header, *[[label, *cells] for label, cells in rows]]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        lines += ["  ".join(f"{value:<{widths[i]}}" for i, value in enumerate(row)).rstrip() for row in table]
+    lines += [f"{l['name']}  {l['weights']}/{l['acts']}" for l in others]
+    lines.append(f"(activations {usual} unless shown as weights/acts)")
+    return "\n".join(lines)
 
 
 def format_inspection(d: dict) -> str:
@@ -132,4 +225,7 @@ def format_inspection(d: dict) -> str:
         ("file size", f"{d['file_bytes'] / 2**20:.1f} MiB ({d['file_bytes']} bytes)"),
     ]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    if d.get("linears"):
+        text += "\n\nformats per linear (weights, per decoder layer):\n" + format_linears(d["linears"])
+    return text

@@ -20,6 +20,11 @@ run its quantizers go into the graph before the first block is calibrated, so ev
 (o_proj reads the attention of quantized keys and values; later blocks the hidden states they give) are those of
 the model as it will run; ``--no-sequential`` (and ``kv_in_calibration=False``) adds them after the linears.
 
+Formats are per linear (:class:`BlockPlan`): ``--weights``/``--acts`` for all, then the ``--override`` globs
+(:mod:`mxonnx.layer_formats`), then, with ``--target-bits``, the allocation (:mod:`mxonnx.allocate`) chosen
+before step 1 of block 0 from one pass over the float model's blocks (stored in the work folder, so a resumed
+run keeps it). Every step takes each linear's own formats.
+
 ``--no-sequential`` takes every block's statistics and Hessians on the float model's inputs instead (the runner
 advances through block ``i`` before it is rewritten). Round to nearest with MX or no activations needs no
 calibration. lm_head, on request, is rounded to nearest at the end. Memory holds one block's float weights,
@@ -43,18 +48,20 @@ import numpy as np
 import onnx_ir as ir
 
 from mxonnx import formats
+from mxonnx.allocate import Allocation, choose_formats, measure_losses, stored_bits
 from mxonnx.blockwise import BlockwiseRunner
 from mxonnx.calibrate import block_hessians, block_statistics, config_windows, sample_rows
 from mxonnx.config import METHODS, QuantizeConfig, default_calib_text
 from mxonnx.errors import InputError
 from mxonnx.gptq import GptqWeightProvider, check_blocks
 from mxonnx.genai_config import GenaiUnsupportedError, write_mx_genai_config
+from mxonnx.layer_formats import LinearFormat, matches, parse_override, resolve_formats
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, ModelPaths, copy_model_assets, resolve_model
 from mxonnx.passes.awq import SAMPLE_TOKENS, awq_block_scales, record_alphas
 from mxonnx.passes.kv_cache import KvCachePass, check_kv_format
-from mxonnx.passes.llama_structure import DecoderBlock, find_decoder_blocks, find_lm_head
+from mxonnx.passes.llama_structure import DecoderBlock, Linear, find_decoder_blocks, find_lm_head
 from mxonnx.passes.mx_matmul import (
-    MxMatMulPass, RoundToNearest, WeightProvider, check_activation_format, static_activation_scales)
+    MxMatMulPass, RoundToNearest, check_activation_format, static_activation_scales)
 from mxonnx.passes.smoothing import BlockScales, fold_smoothing_scales, folded_rows
 from mxonnx.passes.smoothquant import smoothquant_scales
 from mxonnx.stats import ActivationStats
@@ -64,34 +71,81 @@ AVAILABLE_METHODS = METHODS
 
 
 def check_gptq_config(config: QuantizeConfig) -> None:
-    """Refuse GPTQ settings that cannot work, before anything is loaded: weights ``none``, a micro-block that is not
-    a multiple of the weight format's block, a bad block size or dampening."""
+    """Refuse GPTQ settings that cannot work, before anything is loaded: weights ``none`` (with no override or
+    target that quantizes some), a micro-block that is not a multiple of a weight format's block, a bad block size
+    or dampening."""
     weights = formats.parse_format(config.weights)
-    if weights.kind == "none":
+    if weights.kind == "none" and not config.overrides and config.target_bits is None:
         raise InputError(f"method {config.method} quantizes weights with GPTQ; --weights none leaves nothing to do")
-    check_blocks(weights, config.gptq_block, config.gptq_micro_block)
+    for fmt in weight_formats_named(config):
+        if fmt.kind != "none":
+            check_blocks(fmt, config.gptq_block, config.gptq_micro_block)
     if not (math.isfinite(config.damp) and config.damp >= 0):
         raise InputError(f"GPTQ dampening must be a finite number >= 0, got {config.damp}")
 
 
+def weight_formats_named(config: QuantizeConfig) -> list[formats.MXFormat]:
+    """Every weight format the settings name: ``--weights``, the overrides' and (with ``--target-bits``) the
+    candidates."""
+    named = [config.weights, *(o.weights for o in map(parse_override, config.overrides))]
+    if config.target_bits is not None:
+        named += list(config.candidates)
+    return list(dict.fromkeys(formats.parse_format(f) for f in named))
+
+
+def check_target_bits(config: QuantizeConfig) -> None:
+    """``--target-bits`` must be a positive number and the candidates quantized weight formats."""
+    if config.target_bits is None:
+        return
+    if not (math.isfinite(config.target_bits) and config.target_bits > 0):
+        raise InputError(f"--target-bits must be a positive number of bits per weight, got {config.target_bits}")
+    if not config.candidates:
+        raise InputError("--candidates is empty: --target-bits needs at least one weight format to choose from")
+    for name in config.candidates:
+        if formats.parse_format(name).kind == "none":
+            raise InputError("--candidates must be quantized weight formats, not 'none'")
+
+
 def check_config(config: QuantizeConfig) -> None:
-    """Refuse unknown formats (the error lists the valid ones), unsupported combinations and methods early."""
+    """Refuse unknown formats (the error lists the valid ones), bad overrides, unsupported combinations and
+    methods early (the overrides' patterns are matched once the model's linears are known:
+    :func:`check_linear_formats`)."""
     weights = formats.parse_format(config.weights)
     acts = formats.parse_format(config.acts)
     check_activation_format(acts)
     kv = check_kv_format(config.kv)
-    if acts.kind == "int" and config.quantize_lm_head:
+    overrides = [parse_override(text) for text in config.overrides]
+    for override in overrides:
+        if override.acts is not None:
+            check_activation_format(override.acts)
+    if acts.kind == "int" and config.quantize_lm_head and not overrides:
         raise InputError(f"--quantize-lm-head with {acts.name} activations is not supported: only the decoder "
                          "linears' inputs are calibrated")
-    if weights.kind == "none" and acts.kind == "none" and kv.kind == "none":
+    if (weights.kind == "none" and acts.kind == "none" and kv.kind == "none" and not overrides
+            and config.target_bits is None):
         raise InputError("weights, activations and KV cache are all 'none': nothing to quantize")
-    if config.exponent_search and not (config.method.endswith("gptq") and weights.kind == "mx"):
+    if config.exponent_search and not (config.method.endswith("gptq")
+                                       and (weights.kind == "mx" or overrides or config.target_bits is not None)):
         raise InputError("--exponent-search chooses MX shared exponents inside GPTQ: use a +gptq method "
                          "and an MX weight format")
     if config.method not in AVAILABLE_METHODS:
         raise InputError(f"unknown method {config.method!r}; choose one of {', '.join(AVAILABLE_METHODS)}")
+    check_target_bits(config)
     if config.uses_gptq:
         check_gptq_config(config)
+
+
+def check_linear_formats(linear_formats: Mapping[str, LinearFormat], config: QuantizeConfig) -> None:
+    """What the resolved per-linear formats must satisfy: something is quantized, GPTQ has a weight to work on,
+    lm_head's input is not static int8 (it is not calibrated)."""
+    if not any(f.quantized for f in linear_formats.values()):
+        raise InputError("every linear is left in float ('none' weights and activations): nothing to quantize")
+    if config.uses_gptq and all(f.weights.kind == "none" for f in linear_formats.values()):
+        raise InputError(f"method {config.method} quantizes weights with GPTQ; every linear's weights are 'none'")
+    head = linear_formats.get("lm_head")
+    if head is not None and head.acts.kind == "int":
+        raise InputError(f"lm_head with {head.acts.name} activations is not supported: only the decoder linears' "
+                         "inputs are calibrated")
 
 
 def min_calibration_tokens(blocks: Sequence[DecoderBlock]) -> int:
@@ -108,26 +162,39 @@ def check_calibration_size(blocks: Sequence[DecoderBlock], config: QuantizeConfi
                          f"{config.calib_samples} x {config.calib_seqlen} = {tokens}; raise --calib-samples or --calib-seqlen")
 
 
-def weight_provider(config: QuantizeConfig) -> WeightProvider:
-    """The weight provider of the methods without GPTQ: round to nearest."""
-    return RoundToNearest(config.weights)
-
-
 @dataclasses.dataclass(frozen=True)
 class BlockPlan:
-    """What the driver does to every block under ``config``."""
+    """What the driver does to every block under ``config``: ``linear_formats`` gives each linear (decoder
+    linears, and lm_head when quantized) its weight and activation formats (``--weights``/``--acts``, then
+    ``--override``s and the ``--target-bits`` allocation); ``weights``/``acts`` are the run's defaults."""
 
     config: QuantizeConfig
     weights: formats.MXFormat
     acts: formats.MXFormat
+    linear_formats: Mapping[str, LinearFormat]
 
     @classmethod
-    def of(cls, config: QuantizeConfig) -> BlockPlan:
-        return cls(config, formats.parse_format(config.weights), formats.parse_format(config.acts))
+    def of(cls, config: QuantizeConfig, linear_formats: Mapping[str, LinearFormat] | None = None,
+           names: Sequence[str] = ()) -> BlockPlan:
+        """The plan of ``config``; ``linear_formats`` default: ``config``'s formats and overrides on ``names``."""
+        if linear_formats is None:
+            linear_formats = resolve_formats(names, config.weights, config.acts, config.overrides)
+        return cls(config, formats.parse_format(config.weights), formats.parse_format(config.acts),
+                   dict(linear_formats))
+
+    def weights_of(self, linears: Sequence[Linear]) -> dict[str, formats.MXFormat]:
+        return {linear.name: self.linear_formats[linear.name].weights for linear in linears}
+
+    def acts_of(self, linears: Sequence[Linear]) -> dict[str, formats.MXFormat]:
+        return {linear.name: self.linear_formats[linear.name].acts for linear in linears}
+
+    def pairs_of(self, block: DecoderBlock) -> dict[str, tuple[formats.MXFormat, formats.MXFormat]]:
+        return {l.name: (self.linear_formats[l.name].weights, self.linear_formats[l.name].acts)
+                for l in block.linears()}
 
     @property
     def static_acts(self) -> bool:
-        return self.acts.kind == "int"
+        return any(f.acts.kind == "int" for f in self.linear_formats.values())
 
     @property
     def smoothing(self) -> bool:
@@ -139,7 +206,7 @@ class BlockPlan:
 
     @property
     def calibrates(self) -> bool:
-        return self.needs_statistics or self.config.uses_gptq
+        return self.needs_statistics or self.config.uses_gptq or self.config.target_bits is not None
 
     @property
     def awq_search(self) -> bool:
@@ -160,7 +227,7 @@ def smoothing_scales(plan: BlockPlan, block: DecoderBlock,
     if plan.config.uses_smoothquant:
         return smoothquant_scales(block, stats, plan.config), None
     if plan.config.uses_awq:
-        return awq_block_scales(block, stats, plan.config)
+        return awq_block_scales(block, stats, plan.config, linear_formats=plan.pairs_of(block))
     return {}, None
 
 
@@ -178,16 +245,19 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
         fold_smoothing_scales(model, [block], {block.index: scales})
     act_scales = static_activation_scales(stats, [block], folded_rows(block, scales)) if plan.static_acts else None
     del stats
-    if config.uses_gptq:
-        hessians = block_hessians(runner, block, plan.acts, advance=advance_float, act_scales=act_scales)
-        provider = GptqWeightProvider(hessians, plan.weights, block_size=config.gptq_block,
+    weights, acts = plan.weights_of(block.linears()), plan.acts_of(block.linears())
+    if config.uses_gptq and any(f.kind != "none" for f in weights.values()):
+        hessians = block_hessians(runner, block, acts, advance=advance_float, act_scales=act_scales)
+        provider = GptqWeightProvider(hessians, weights, block_size=config.gptq_block,
                                       micro_block=config.gptq_micro_block, damp=config.damp,
                                       act_order=config.act_order, exponent_search=config.exponent_search,
                                       release=True)
         del hessians  # the provider drops each one once factored
     else:
-        provider = weight_provider(config)
-    MxMatMulPass(block.linears(), plan.weights, plan.acts, provider, act_scales)(model)
+        if advance_float and config.uses_gptq:  # GPTQ had no weight here: the Hessian run would have advanced
+            runner.advance(block.index)
+        provider = RoundToNearest(weights)
+    MxMatMulPass(block.linears(), weights, acts, provider, act_scales)(model)
     if runner is not None and config.sequential and not last:
         runner.advance(block.index)  # the next block's inputs from this block quantized
     return BlockResult(scales, alphas)
@@ -197,11 +267,11 @@ class PlaceholderWeights:
     """A weight provider giving all-zero codes of the right layout: replaying a finished block's rewrite only needs
     the graph it makes, its tensors are then read from the work folder."""
 
-    def __init__(self, fmt: formats.MXFormat):
+    def __init__(self, fmt: Mapping[str, formats.MXFormat]):
         self.fmt = fmt
 
     def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return formats.quantize(np.zeros_like(w), self.fmt, axis=0)
+        return formats.quantize(np.zeros_like(w), self.fmt[name], axis=0)
 
 
 def replay_block(model: ir.Model, block: DecoderBlock, plan: BlockPlan, work: WorkFolder,
@@ -214,8 +284,8 @@ def replay_block(model: ir.Model, block: DecoderBlock, plan: BlockPlan, work: Wo
         fold_smoothing_scales(model, [block], {block.index: scales})
     act_scales = ({linear.name: np.ones(linear.shape[0], np.float32) for linear in block.linears()}
                   if plan.static_acts else None)
-    weights = PlaceholderWeights(plan.weights)
-    MxMatMulPass(block.linears(), plan.weights, plan.acts, weights, act_scales)(model)
+    weights = plan.weights_of(block.linears())
+    MxMatMulPass(block.linears(), weights, plan.acts_of(block.linears()), PlaceholderWeights(weights), act_scales)(model)
     work.adopt_block(model, block.index, persisted)
     return BlockResult(scales, record.get("alphas"))
 
@@ -235,33 +305,106 @@ def run_fingerprint(paths: ModelPaths, config: QuantizeConfig) -> str:
     return digest.hexdigest()
 
 
+def override_targets(names: Sequence[str], config: QuantizeConfig) -> set[str]:
+    """The linears some ``--override`` names (pinned: ``--target-bits`` leaves them as they are). A pattern that
+    matches only an lm_head not being quantized gets its own error."""
+    pinned: set[str] = set()
+    for override in map(parse_override, config.overrides):
+        hit = {name for name in names if matches(override.pattern, name)}
+        if not hit and "lm_head" not in names and matches(override.pattern, "lm_head"):
+            raise InputError(f"--override {override.text!r}: lm_head is only quantized with --quantize-lm-head")
+        pinned |= hit
+    return pinned
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetProblem:
+    """The linears ``--target-bits`` allocates (``shapes``) and the quantized weights it does not choose for
+    (pinned by ``--override``, lm_head): their stored bits and weight count."""
+
+    shapes: dict[str, tuple[int, int]]
+    fixed_bits: int
+    fixed_weights: int
+
+    @classmethod
+    def of(cls, linears: Sequence[Linear], linear_formats: Mapping[str, LinearFormat], pinned: set[str]) -> BudgetProblem:
+        free = [l for l in linears if l.role != "lm_head" and l.name not in pinned]
+        fixed = [l for l in linears if l not in free and linear_formats[l.name].weights.kind != "none"]
+        if not free:
+            raise InputError("--target-bits has no linear to choose a format for: --override fixes them all")
+        return cls({l.name: l.shape for l in free},
+                   sum(stored_bits(linear_formats[l.name].weights, *l.shape) for l in fixed),
+                   sum(l.shape[0] * l.shape[1] for l in fixed))
+
+    def check(self, config: QuantizeConfig) -> None:
+        """Refuse a target below the cheapest candidate everywhere (before any calibration)."""
+        choose_formats(config.target_bits, config.candidates, self.shapes,
+                       {name: [0.0] * len(config.candidates) for name in self.shapes}, self.fixed_bits,
+                       self.fixed_weights)
+
+
+def allocate_formats(onnx_model: ir.Model, blocks: Sequence[DecoderBlock], windows: np.ndarray,
+                     problem: BudgetProblem, config: QuantizeConfig) -> Allocation:
+    """``--target-bits``: the Hessian-weighted RTN losses of every free linear under every candidate, measured in
+    one pass over the float model's blocks (before any is changed), and the allocation meeting the budget."""
+    runner = BlockwiseRunner(onnx_model, blocks, windows, progress=config.progress)
+    losses = measure_losses(runner, blocks, list(problem.shapes), config.candidates, progress=config.progress)
+    del runner
+    return choose_formats(config.target_bits, config.candidates, problem.shapes, losses, problem.fixed_bits,
+                          problem.fixed_weights)
+
+
 def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool = False) -> dict:
     """Quantize the ONNX Llama at ``model`` (folder or .onnx) into the new folder ``out`` (``model.onnx`` with
     its weights in ``model.onnx_data``, plus the config/tokenizer files); ``resume`` continues an interrupted run
-    of the same settings. Returns ``{output, method, weights, acts, kv, seconds, peak_rss_mb, resumed_blocks}``."""
+    of the same settings. Returns ``{output, method, weights, acts, kv, seconds, peak_rss_mb, resumed_blocks}`` and,
+    with ``--target-bits``, ``allocation`` (format per linear, achieved bits per weight)."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     check_config(config)
-    plan = BlockPlan.of(config)
     paths = resolve_model(model)
     onnx_model = ir.load(paths.onnx)
     blocks = find_decoder_blocks(onnx_model)
     kv_cache = KvCachePass(blocks, config.kv)  # refuses a block size not dividing head_dim before any work
     kv_first = config.sequential and config.kv_in_calibration
+    lm_head = find_lm_head(onnx_model, blocks) if config.quantize_lm_head else None
+    linears = [linear for block in blocks for linear in block.linears()] + ([lm_head] if lm_head is not None else [])
+    names = [linear.name for linear in linears]
+    pinned = override_targets(names, config)
+    linear_formats = resolve_formats(names, config.weights, config.acts, config.overrides)
+    problem = BudgetProblem.of(linears, linear_formats, pinned) if config.target_bits is not None else None
+    if problem is not None:
+        problem.check(config)
+        first = formats.parse_format(config.candidates[0])  # any candidate: the checks do not depend on which
+        check_linear_formats({**linear_formats, **{name: LinearFormat(first, linear_formats[name].acts)
+                                                   for name in problem.shapes}}, config)
+    else:
+        check_linear_formats(linear_formats, config)
     if config.uses_gptq:  # before any calibration pass: a too small set fails at once
         check_calibration_size(blocks, config)
+    plan = BlockPlan.of(config, linear_formats)
     if plan.calibrates and (paths.folder is None or not paths.folder.is_dir()):
         raise InputError("calibration needs the model folder with its tokenizer, not a bare .onnx file")
-    lm_head = find_lm_head(onnx_model, blocks) if config.quantize_lm_head else None
     with resumable_output_dir(out, run_fingerprint(paths, config), resume, paths.folder or paths.onnx) as work:
         persisted = {id(v.const_value): v.const_value for v in onnx_model.graph.initializers.values()}
         if kv_first:
             kv_cache(onnx_model)
         resumed = work.finished
+        windows = config_windows(paths.folder, config) if plan.calibrates else None
+        allocation = None
+        if problem is not None:
+            stored = work.plan()
+            allocation = (Allocation.from_dict(stored) if stored is not None
+                          else allocate_formats(onnx_model, blocks, windows, problem, config))
+            if stored is None:
+                work.save_plan(allocation.as_dict())
+            linear_formats = {**linear_formats, **{name: LinearFormat(formats.parse_format(fmt), linear_formats[name].acts)
+                                                   for name, fmt in allocation.formats.items()}}
+            check_linear_formats(linear_formats, config)
+            plan = BlockPlan.of(config, linear_formats)
         runner = rows = None
         if plan.calibrates and resumed < len(blocks):  # on the float graph: the runner reads every block's shapes
-            windows = config_windows(paths.folder, config)
             rows = sample_rows(*windows.shape, SAMPLE_TOKENS, config.seed) if plan.awq_search else None
             runner = BlockwiseRunner(onnx_model, blocks, windows, progress=config.progress)
         results = [replay_block(onnx_model, block, plan, work, persisted) for block in blocks[:resumed]]
@@ -280,20 +423,21 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
             work.persist_block(onnx_model, block.index, persisted, result.scales,
                                {"alphas": result.alphas} if result.alphas else None, hidden)
             results.append(result)
-        del runner
+        del runner, windows
         if not kv_first:
             kv_cache(onnx_model)
         if config.uses_awq:
             record_alphas(onnx_model, [r.alphas or {} for r in results])
         if lm_head is not None:
-            MxMatMulPass([lm_head], plan.weights, plan.acts, RoundToNearest(plan.weights))(onnx_model)
+            head = plan.linear_formats[lm_head.name]
+            MxMatMulPass([lm_head], head.weights, head.acts, RoundToNearest(head.weights))(onnx_model)
         ir.save(onnx_model, work.path / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
         copy_model_assets(paths.folder, work.path)
         try:
             write_mx_genai_config(work.path, ONNX_NAME)
         except GenaiUnsupportedError:  # no KV cache or no config.json: not a folder onnxruntime-genai runs
             pass
-    return {
+    result = {
         "output": str(out),
         "method": config.method,
         "weights": plan.weights.name,
@@ -303,3 +447,8 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "resumed_blocks": resumed,
     }
+    if config.overrides:
+        result["overrides"] = list(config.overrides)
+    if allocation is not None:
+        result["allocation"] = allocation.as_dict()
+    return result

@@ -8,6 +8,7 @@ It holds what the run has finished, so that a run killed at any point (SIGKILL, 
   quantized weights of finished blocks leave memory;
 - ``blocks/NNNNN.npz``: the block's smoothing scales (plain data, replayed on resume);
 - ``hidden-NNNNN.npy``: the calibration hidden states entering block NNNNN (one ``[1, T, hidden]`` per window);
+- ``plan.json``: decisions taken before the first block (the ``--target-bits`` allocation), replayed on resume;
 - ``progress.json``: the run's fingerprint (settings and input) and one record per finished block, naming its
   files and tensors. It is the commit point: replaced atomically after a block's files are on disk (fsync).
 
@@ -32,6 +33,7 @@ from mxonnx.errors import InputError
 from mxonnx.modelio import check_output, publish
 
 PROGRESS = "progress.json"
+PLAN = "plan.json"  # decisions taken before the first block (the --target-bits allocation)
 BLOCKS = "blocks"
 FORMAT_VERSION = 1
 ALIGNMENT = 64  # bytes between tensors in a block file
@@ -110,6 +112,15 @@ class WorkFolder:
         if previous and previous != hidden_name:
             (self.path / previous).unlink(missing_ok=True)
 
+    def save_plan(self, plan: Mapping) -> None:
+        """Store the run's plain-data decisions taken before its first block (on disk before returning)."""
+        _fsync_write(self.path / PLAN, json.dumps(plan, indent=1, sort_keys=True).encode())
+
+    def plan(self) -> dict | None:
+        """The decisions :meth:`save_plan` stored, or None."""
+        path = self.path / PLAN
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def block_scales(self, index: int) -> dict[str, np.ndarray]:
         """The smoothing scales stored with finished block ``index``."""
         with np.load(self.path / self.records[index]["scales"]) as stored:
@@ -163,7 +174,7 @@ class WorkFolder:
         """Drop everything but the saved model (the last step before the folder becomes OUT)."""
         shutil.rmtree(self.path / BLOCKS, ignore_errors=True)
         for item in self.path.iterdir():
-            if item.name == PROGRESS or item.name.startswith("hidden-"):
+            if item.name in (PROGRESS, PLAN) or item.name.startswith("hidden-"):
                 item.unlink()
 
 

@@ -59,18 +59,27 @@ def quantized_inputs(x: np.ndarray, rows: np.ndarray, acts_fmt, peak: np.ndarray
     return quantize_dequantize_with_scale(xs, static_int8_scales(np.asarray(peak, np.float64) / rows), acts_fmt)
 
 
+def _per_weight(fmt, count: int) -> list:
+    """One format per weight of a group: ``fmt`` repeated, or ``fmt`` itself when it is already a list of them."""
+    return list(fmt) if isinstance(fmt, (list, tuple)) else [fmt] * count
+
+
 def group_error(x: np.ndarray, weights: Sequence[np.ndarray], rows: np.ndarray, weights_fmt, acts_fmt,
                 references: Sequence[np.ndarray] | None = None, peak: np.ndarray | None = None) -> float:
     """``sum_W ||Q_a(X / s) Q_w(s W) - X W||^2`` for row scales ``s`` (``Q_a``: :func:`quantized_inputs`, ``peak``
     its calibrated per-channel peak); ``references``: the float outputs ``X W`` when already computed (they do not
-    depend on ``s``)."""
-    xq = quantized_inputs(x, rows, acts_fmt, peak)
+    depend on ``s``). ``weights_fmt``/``acts_fmt``: one format, or a list with one per weight (per-linear formats:
+    each W with its own ``Q_w`` and ``Q_a``)."""
+    weights_fmts, acts_fmts = _per_weight(weights_fmt, len(weights)), _per_weight(acts_fmt, len(weights))
+    inputs = {parse_format(a): None for a in acts_fmts}
+    for a in inputs:
+        inputs[a] = quantized_inputs(x, rows, a, peak)
     if references is None:
         references = [x @ w for w in weights]
     error = 0.0
-    for w, reference in zip(weights, references):
-        wq = quantize_dequantize((w * rows[:, None]).astype(np.float32), weights_fmt, axis=0)
-        error += float(np.square(xq @ wq - reference, dtype=np.float64).sum())
+    for w, reference, w_fmt, a_fmt in zip(weights, references, weights_fmts, acts_fmts):
+        wq = quantize_dequantize((w * rows[:, None]).astype(np.float32), w_fmt, axis=0)
+        error += float(np.square(inputs[parse_format(a_fmt)] @ wq - reference, dtype=np.float64).sum())
     return error
 
 
@@ -100,15 +109,24 @@ def alpha_grid(config: QuantizeConfig, alphas: Sequence[float] | None = None) ->
 
 
 def awq_block_scales(block: DecoderBlock, stats: Mapping[str, ActivationStats], config: QuantizeConfig,
-                     alphas: Sequence[float] | None = None) -> tuple[BlockScales, dict[str, float]]:
+                     alphas: Sequence[float] | None = None,
+                     linear_formats: Mapping[str, tuple] | None = None) -> tuple[BlockScales, dict[str, float]]:
     """AWQ's scales of every group of ``block`` and the alpha chosen for each (:func:`alpha_grid`), each searched
     on the weights the group has once the groups before it in ``FOLD_ORDER`` are folded; plain data, the model
-    is not changed."""
+    is not changed. ``linear_formats``: ``{linear name: (weights, acts)}`` when formats differ per linear
+    (``--override``, ``--target-bits``), else ``config.weights``/``config.acts`` for all."""
     grid = alpha_grid(config, alphas)
-    weights_fmt, acts_fmt = parse_format(config.weights), parse_format(config.acts)
     chosen: dict[str, float] = {}
 
+    def formats_of(group: str) -> tuple[list, list]:
+        linears = block.groups()[group]
+        if linear_formats is None:
+            return [parse_format(config.weights)] * len(linears), [parse_format(config.acts)] * len(linears)
+        return ([parse_format(linear_formats[l.name][0]) for l in linears],
+                [parse_format(linear_formats[l.name][1]) for l in linears])
+
     def choose(group: str, weights) -> np.ndarray:
+        weights_fmt, acts_fmt = formats_of(group)
         s, alpha = search_group(block, group, stats[group_key(block, group)], grid, weights_fmt, acts_fmt,
                                 weights(group))
         chosen[group] = round(alpha, 4)

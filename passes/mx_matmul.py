@@ -26,7 +26,7 @@ the same semantics at opset 21.
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, Union
 
 import numpy as np
 import onnx_ir as ir
@@ -35,9 +35,18 @@ import onnx_ir.passes.common
 from mxonnx import formats
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
+from mxonnx.layer_formats import resolve_formats
 from mxonnx.ops import functions, packing, schema
 from mxonnx.passes.llama_structure import DecoderBlock, Linear, find_decoder_blocks, find_lm_head
 from mxonnx.stats import ActivationStats, group_key
+
+
+FormatSpec = Union[str, formats.MXFormat, Mapping[str, "str | formats.MXFormat"]]
+
+
+def format_of(spec: FormatSpec, name: str) -> formats.MXFormat:
+    """The format ``spec`` gives the linear ``name``: one format for all, or a mapping by linear name."""
+    return formats.parse_format(spec[name] if isinstance(spec, Mapping) else spec)
 
 
 class WeightProvider(Protocol):
@@ -48,13 +57,14 @@ class WeightProvider(Protocol):
 
 
 class RoundToNearest:
-    """The RTN weight provider: ``mxonnx.formats.quantize(w, fmt, axis=0)``."""
+    """The RTN weight provider: ``mxonnx.formats.quantize(w, fmt, axis=0)``, ``fmt`` one format or one per linear
+    name."""
 
-    def __init__(self, fmt: str | formats.MXFormat):
-        self.fmt = formats.parse_format(fmt)
+    def __init__(self, fmt: FormatSpec):
+        self.fmt = fmt if isinstance(fmt, Mapping) else formats.parse_format(fmt)
 
     def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return formats.quantize(w, self.fmt, axis=0)
+        return formats.quantize(w, format_of(self.fmt, name), axis=0)
 
 
 def selected_linears(model: ir.Model, quantize_lm_head: bool = False) -> list[Linear]:
@@ -75,15 +85,14 @@ def check_activation_format(acts: formats.MXFormat) -> None:
                          f"{STATIC_ACTIVATIONS!r} (per channel, calibrated range); or use an MX format or none")
 
 
-def require_static_scales(acts: formats.MXFormat, linears: list[Linear],
+def require_static_scales(acts: FormatSpec, linears: list[Linear],
                           act_scales: Mapping[str, np.ndarray] | None) -> None:
     """For static ``int8`` activations, refuse linears without a calibrated input scale in ``act_scales``."""
-    if acts.kind != "int":
-        return
-    missing = [linear.name for linear in linears if linear.name not in (act_scales or {})]
+    missing = [linear.name for linear in linears
+               if format_of(acts, linear.name).kind == "int" and linear.name not in (act_scales or {})]
     if missing:
-        raise InputError(f"{acts.name} activations need a calibrated scale for every linear input; none for "
-                         f"{missing[0]}")
+        raise InputError(f"{format_of(acts, missing[0]).name} activations need a calibrated scale for every linear "
+                         f"input; none for {missing[0]}")
 
 
 def static_int8_scales(peak: np.ndarray) -> np.ndarray:
@@ -116,15 +125,18 @@ def static_activation_scales(stats: Mapping[str, ActivationStats], blocks: list[
 
 class MxMatMulPass(ir.passes.InPlacePass):
     """Replace the weight of each of ``linears`` by its dequantized codes and quantize-dequantize its input
-    (``int8`` activations: with the scales ``act_scales[linear.name]``)."""
+    (``int8`` activations: with the scales ``act_scales[linear.name]``). ``weights`` and ``acts``: one format for
+    all, or one per linear name (``--override``); linears reading one input in one activation format share its
+    quantizer, in different formats each gets its own."""
 
-    def __init__(self, linears: list[Linear], weights: str | formats.MXFormat, acts: str | formats.MXFormat,
+    def __init__(self, linears: list[Linear], weights: FormatSpec, acts: FormatSpec,
                  provider: WeightProvider, act_scales: Mapping[str, np.ndarray] | None = None):
         super().__init__()
         self.linears = linears
-        self.weights = formats.parse_format(weights)
-        self.acts = formats.parse_format(acts)
-        check_activation_format(self.acts)
+        self.weights = {linear.name: format_of(weights, linear.name) for linear in linears}
+        self.acts = {linear.name: format_of(acts, linear.name) for linear in linears}
+        for fmt in dict.fromkeys(self.acts.values()):
+            check_activation_format(fmt)
         require_static_scales(self.acts, linears, act_scales)
         self.act_scales = act_scales or {}
         self.provider = provider
@@ -132,39 +144,43 @@ class MxMatMulPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         used: set[tuple[str, formats.MXFormat]] = set()
-        quantized_inputs: dict[ir.Value, ir.Value] = {}
+        quantized_inputs: dict[tuple[ir.Value, str], ir.Value] = {}
         for linear in self.linears:
-            if self.weights.kind != "none":
-                weight = self._quantized_weight(graph, linear)
+            weights, acts = self.weights[linear.name], self.acts[linear.name]
+            if weights.kind != "none":
+                weight = self._quantized_weight(graph, linear, weights)
                 linear.node.replace_input_with(1, weight)
-                if self.weights.kind == "mx":
-                    used.add((schema.DEQUANTIZE, self.weights))
-            if self.acts.kind != "none":
+                if weights.kind == "mx":
+                    used.add((schema.DEQUANTIZE, weights))
+            if acts.kind != "none":
                 x = linear.input
-                if x not in quantized_inputs:
-                    if self.acts.kind == "mx":
-                        quantized_inputs[x] = insert_quantize_dequantize(graph, x, self.acts)
-                        used.add((schema.QUANTIZE_DEQUANTIZE, self.acts))
+                key = (x, acts.name)
+                if key not in quantized_inputs:
+                    if acts.kind == "mx":
+                        again = any(v is x and f != "int8" for v, f in quantized_inputs)  # x in a second MX format
+                        quantized_inputs[key] = insert_quantize_dequantize(graph, x, acts,
+                                                                           f".{acts.name}" if again else "")
+                        used.add((schema.QUANTIZE_DEQUANTIZE, acts))
                     else:
-                        quantized_inputs[x] = _insert_static_int8(graph, x, self.act_scales[linear.name])
-                linear.node.replace_input_with(0, quantized_inputs[x])
+                        quantized_inputs[key] = _insert_static_int8(graph, x, self.act_scales[linear.name])
+                linear.node.replace_input_with(0, quantized_inputs[key])
         add_mx_functions(model, used)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.linears))
 
-    def _quantized_weight(self, graph: ir.Graph, linear: Linear) -> ir.Value:
+    def _quantized_weight(self, graph: ir.Graph, linear: Linear, fmt: formats.MXFormat) -> ir.Value:
         """The dequantized weight value, produced by a new node inserted before the linear."""
         w = np.asarray(linear.weight_array, np.float32)
         formats.check_finite(w, f"weight of {linear.name}")
         codes, scales = self.provider(linear.name, w)
-        codes_value = _initializer(graph, packing.code_tensor(codes, self.weights, f"{linear.name}.weight_codes"))
-        if self.weights.kind == "mx":
-            scales_value = _initializer(graph, packing.scale_tensor(scales, self.weights, f"{linear.name}.weight_exponents"))
+        codes_value = _initializer(graph, packing.code_tensor(codes, fmt, f"{linear.name}.weight_codes"))
+        if fmt.kind == "mx":
+            scales_value = _initializer(graph, packing.scale_tensor(scales, fmt, f"{linear.name}.weight_exponents"))
             node = ir.node(schema.DEQUANTIZE, [codes_value, scales_value], domain=schema.DOMAIN,
-                           overload=schema.overload(self.weights), name=f"{linear.name}/MXDequantize",
-                           attributes={schema.FORMAT_ATTR: self.weights.name, schema.AXIS_ATTR: 0})
+                           overload=schema.overload(fmt), name=f"{linear.name}/MXDequantize",
+                           attributes={schema.FORMAT_ATTR: fmt.name, schema.AXIS_ATTR: 0})
         else:
-            node = _dequantize_linear(graph, linear.name, codes_value, scales, self.weights)
+            node = _dequantize_linear(graph, linear.name, codes_value, scales, fmt)
         node.outputs[0].name = f"{linear.name}.weight_dequantized"
         graph.insert_before(linear.node, node)
         return node.outputs[0]
@@ -189,12 +205,13 @@ def _dequantize_linear(graph: ir.Graph, name: str, codes: ir.Value, scales: np.n
     return ir.node("DequantizeLinear", [codes, scale], attributes=attributes, name=f"{name}/DequantizeLinear")
 
 
-def insert_quantize_dequantize(graph: ir.Graph, x: ir.Value, fmt: formats.MXFormat) -> ir.Value:
-    """``MXQuantizeDequantize(x)`` along the last axis, placed right after x's producer."""
+def insert_quantize_dequantize(graph: ir.Graph, x: ir.Value, fmt: formats.MXFormat, suffix: str = "") -> ir.Value:
+    """``MXQuantizeDequantize(x)`` along the last axis, placed right after x's producer (``suffix`` tells the names
+    of a second quantizer of x, in another format, apart)."""
     node = ir.node(schema.QUANTIZE_DEQUANTIZE, [x], domain=schema.DOMAIN, overload=schema.overload(fmt),
                    attributes={schema.FORMAT_ATTR: fmt.name, schema.AXIS_ATTR: -1},
-                   name=f"{x.name}/MXQuantizeDequantize")
-    node.outputs[0].name = f"{x.name}_mxqdq"
+                   name=f"{x.name}/MXQuantizeDequantize{suffix}")
+    node.outputs[0].name = f"{x.name}_mxqdq{suffix}"
     node.outputs[0].shape, node.outputs[0].type = x.shape, x.type
     _insert_after_producer(graph, x, [node])
     return node.outputs[0]
@@ -247,9 +264,11 @@ def _declare_opsets(model: ir.Model, with_domain: bool) -> None:
 def rewrite_mx_matmuls(model: ir.Model, config: QuantizeConfig, provider: WeightProvider | None = None,
                        act_scales: Mapping[str, np.ndarray] | None = None) -> ir.Model:
     """The pass ``model, config -> model``: quantize the linears ``config`` selects with ``config.weights`` and
-    ``config.acts``; weights from ``provider`` (default round to nearest), int8 activation scales from
+    ``config.acts`` and its ``overrides``; weights from ``provider`` (default round to nearest), int8 activation scales from
     ``act_scales`` (linear name -> scales [K]). Modifies ``model`` in place."""
-    weights = formats.parse_format(config.weights)
     linears = selected_linears(model, config.quantize_lm_head)
-    MxMatMulPass(linears, weights, config.acts, provider or RoundToNearest(weights), act_scales)(model)
+    chosen = resolve_formats([linear.name for linear in linears], config.weights, config.acts, config.overrides)
+    weights = {name: f.weights for name, f in chosen.items()}
+    acts = {name: f.acts for name, f in chosen.items()}
+    MxMatMulPass(linears, weights, acts, provider or RoundToNearest(weights), act_scales)(model)
     return model

@@ -84,7 +84,9 @@ def kill_and_resume(src: Path, text: Path, tmp_path: Path, flags: tuple[str, ...
     (("--method", "awq+gptq", "--weights", "mxint4-32", "--acts", "mxint8-32"), ("committed", "committing")),
     (("--method", "sq", "--weights", "int4", "--acts", "int8"), ("committed",)),
     (("--method", "gptq", "--weights", "mxint4-32", "--acts", "mxint8-32", "--kv", "mxint4-8"), ("committed",)),
-], ids=["awq+gptq", "sq-int8", "gptq-kv"])
+    (("--method", "awq+gptq", "--target-bits", "4.6", "--override", "layers.0.q_proj=mxint8-16/mxint8-16"),
+     ("committed",)),
+], ids=["awq+gptq", "sq-int8", "gptq-kv", "target-bits"])
 def test_resume_after_sigkill_gives_the_same_bytes(flags, modes, tiny_onnx, tiny_text, tmp_path, capsys):
     reference = tmp_path / "reference"
     assert main(quantize_args(tiny_onnx, reference, tiny_text, *flags, "--json")) == 0
