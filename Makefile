@@ -51,7 +51,7 @@ demo: models $(FP32)/model.onnx
 	@echo "== perplexity on the first $(DEMO_WINDOWS) windows of 2048 tokens of WikiText-2 test"
 	$(MX) eval $(FP32) --max-windows $(DEMO_WINDOWS)
 	$(MX) eval $(W4A8) --max-windows $(DEMO_WINDOWS)
-	$(MX) generate $(W4A8) "The capital of France is" --max-new-tokens 12
+	$(MX) generate $(W4A8) "What is the capital of France?" --max-new-tokens 16
 
 bench: models
 	$(PY) bench/run.py
