@@ -333,7 +333,7 @@ def _block_inverse(r: np.ndarray) -> np.ndarray:
     return np.triu(np.linalg.inv(r.astype(np.float64))).astype(np.float32)
 
 
-EXPONENT_OFFSETS = (-1, 0, 1)  # candidates around the OCP exponent E tried by the output-aware choice
+EXPONENT_OFFSETS = (0, -1, 1)  # candidates around the OCP exponent E tried by the output-aware choice (E first)
 
 
 def choose_exponents(w: np.ndarray, u: np.ndarray, weight: np.ndarray, rows: _MxRows, exponent: np.ndarray,
@@ -362,7 +362,7 @@ def choose_exponents(w: np.ndarray, u: np.ndarray, weight: np.ndarray, rows: _Mx
             np.subtract(x_j, q, out=err[j])
             err[j] /= u[j, j]
             loss += float(weight[j]) * np.square(err[j], dtype=np.float64)
-    best = np.argmin(loss.reshape(c, n), axis=0)  # ties: the first offset, so list E itself before E + 1
+    best = np.argmin(loss.reshape(c, n), axis=0)  # ties go to the first offset: E itself, as listed
     return trial.reshape(c, n)[best, np.arange(n)]
 
 
