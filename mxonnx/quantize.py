@@ -138,7 +138,7 @@ def check_config(config: QuantizeConfig) -> None:
 def check_linear_formats(linear_formats: Mapping[str, LinearFormat], config: QuantizeConfig) -> None:
     """What the resolved per-linear formats must satisfy: something is quantized, GPTQ has a weight to work on,
     lm_head's input is not static int8 (it is not calibrated)."""
-    if not any(f.quantized for f in linear_formats.values()):
+    if not any(f.quantized for f in linear_formats.values()) and formats.parse_format(config.kv).kind == "none":
         raise InputError("every linear is left in float ('none' weights and activations): nothing to quantize")
     if config.uses_gptq and all(f.weights.kind == "none" for f in linear_formats.values()):
         raise InputError(f"method {config.method} quantizes weights with GPTQ; every linear's weights are 'none'")

@@ -310,3 +310,14 @@ def test_gptq_calibrates_on_the_quantized_cache(tiny_onnx, tiny_text, tmp_path):
     differ = {name for name in plain if not np.array_equal(during[name], plain[name])}
     assert "layers.0.o_proj.weight_codes" in differ and "layers.1.q_proj.weight_codes" in differ
     assert "layers.0.q_proj.weight_codes" not in differ  # q/k/v of block 0 read the float embedding's norm
+
+
+def test_kv_cache_alone_is_something_to_quantize(tiny_onnx, tmp_path, capsys):
+    """Weights and activations left in float with an MX cache: only the 2 x layers KV quantizers are added."""
+    out = tmp_path / "kv_only"
+    assert main(["quantize", str(tiny_onnx), "-o", str(out), "--method", "rtn", "--weights", "none", "--acts", "none",
+                 "--kv", KV, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantized_matmuls"] == 0 and report["kv_cache"] == {KV: 2 * LAYERS}
