@@ -572,14 +572,16 @@ class GptqWeightProvider:
         return formats.parse_format(self.fmt[name] if isinstance(self.fmt, Mapping) else self.fmt)
 
     def hessian_key(self, name: str) -> str:
-        known = set(self.hessians) | self._released
-        if name in known:
-            return name
+        """``name`` when the Hessians are keyed by linear, else its input group's key."""
+        for key in (name, self._group_key(name)):
+            if key in self.hessians or key in self._released:
+                return key
+        raise InputError(f"no calibration Hessian for linear {name!r}")
+
+    def _group_key(self, name: str) -> str:
+        """``layers.3.q_proj`` -> ``layers.3.qkv``."""
         prefix, _, role = name.rpartition(".")
-        key = f"{prefix}.{self._GROUP.get(role, role)}"
-        if key not in known:
-            raise InputError(f"no calibration Hessian for linear {name!r}")
-        return key
+        return f"{prefix}.{self._GROUP.get(role, role)}"
 
     def _unit(self, name: str) -> int | None:
         return (self.format_of(name).block_size or 1) if self.act_order else None
@@ -589,11 +591,7 @@ class GptqWeightProvider:
         if not isinstance(self.fmt, Mapping):
             return {self._unit(key)}
         return {self._unit(n) for n in self.fmt
-                if (n == key or self.hessian_key_of(n) == key) and self.format_of(n).kind != "none"}
-
-    def hessian_key_of(self, name: str) -> str:
-        prefix, _, role = name.rpartition(".")
-        return f"{prefix}.{self._GROUP.get(role, role)}"
+                if key in (n, self._group_key(n)) and self.format_of(n).kind != "none"}
 
     def factor(self, name: str) -> InverseHessianFactor:
         """The factored inverse Hessian of ``name``'s input, computed once per input group and act-order unit."""
