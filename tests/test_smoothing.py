@@ -208,23 +208,36 @@ def _output_error(x: np.ndarray, weights: list[np.ndarray], rows: np.ndarray) ->
     return total
 
 
-def test_awq_search_beats_alpha_zero(tiny_onnx, tiny_text):
-    """Every group's quantized output error on the calibration sample is, with the scales the searched AWQ pass folds
-    into the model, at most the error of plain RTN (alpha 0), and below it where a non-zero alpha was chosen; the
-    error is computed here in numpy, with the row scales read from the weights before and after the pass."""
+@pytest.fixture
+def searched_awq(tiny_onnx, tiny_text):
+    """The tiny model through the searched AWQ pass: ``(blocks, stats, alphas, groups)`` with, per ``(block, group)``,
+    the row factors the pass folded (read from the weights before and after it; q, o, gate, down have no column
+    folding) and the group's weights as they were before its own scales (``after / rows``)."""
     model = ir.load(tiny_onnx / "model.onnx")
     blocks = find_decoder_blocks(model)
     config = _config(tiny_text, method="awq")
     stats = _statistics(model, blocks, tiny_onnx, config)
-    before = {(b.index, g): [np.array(w) for w in _group_weights(b, g)] for b in blocks for g in GROUPS}
+    before = {(b.index, g): np.array(_group_weights(b, g)[0]) for b in blocks for g in GROUPS}
     awq(model, blocks, stats, config)
     alphas = json.loads(model.metadata_props["mxonnx.awq_alpha"])
-    improved = 0
+    groups = {}
     for block in blocks:
         for group in GROUPS:
             after = _group_weights(block, group)
-            rows = _row_factors(before[block.index, group][0], after[0])  # q, o, gate, down: no column folding
-            unscaled = [w.astype(np.float64) / rows[:, None] for w in after]  # as before this group's own scales
+            rows = _row_factors(before[block.index, group], after[0])
+            groups[block.index, group] = rows, [w.astype(np.float64) / rows[:, None] for w in after]
+    return blocks, stats, alphas, groups
+
+
+def test_awq_search_beats_alpha_zero(searched_awq):
+    """Every group's quantized output error on the calibration sample is, with the scales the searched AWQ pass folds
+    into the model, at most the error of plain RTN (alpha 0), and below it where a non-zero alpha was chosen; the
+    error is computed here in numpy, with the row scales read from the weights before and after the pass."""
+    blocks, stats, alphas, groups = searched_awq
+    improved = 0
+    for block in blocks:
+        for group in GROUPS:
+            rows, unscaled = groups[block.index, group]
             x = stats[f"layers.{block.index}.{group}"].sample.astype(np.float64)
             searched, rtn = _output_error(x, unscaled, rows), _output_error(x, unscaled, np.ones_like(rows))
             assert searched <= rtn * (1 + 1e-6), (block.index, group, alphas[block.index][group], searched, rtn)
@@ -236,24 +249,17 @@ def test_awq_search_beats_alpha_zero(tiny_onnx, tiny_text):
     assert improved >= 2  # the search moved some groups away from RTN
 
 
-def test_awq_alpha_is_the_grid_minimum(tiny_onnx, tiny_text):
+def test_awq_alpha_is_the_grid_minimum(searched_awq):
     """The folded scales reach the smallest output error over the alpha grid, both computed here: Eq. 5
     ``s = m^a / sqrt(max(m^a) min(m^a))`` with ``m = mean|X|`` (floored at 1e-5 of its max; o_proj: averaged over
     the query heads of a KV head, repeated over them) and the error of ``_output_error``."""
     from mxonnx.passes.awq import default_grid
 
-    model = ir.load(tiny_onnx / "model.onnx")
-    blocks = find_decoder_blocks(model)
-    config = _config(tiny_text, method="awq")
-    stats = _statistics(model, blocks, tiny_onnx, config)
-    before = {(b.index, g): [np.array(w) for w in _group_weights(b, g)] for b in blocks for g in GROUPS}
-    awq(model, blocks, stats, config)
+    blocks, stats, _, groups = searched_awq
     for block in blocks:
         rep = block.num_heads // block.num_kv_heads
         for group in GROUPS:
-            after = _group_weights(block, group)
-            rows = _row_factors(before[block.index, group][0], after[0])
-            unscaled = [w.astype(np.float64) / rows[:, None] for w in after]
+            rows, unscaled = groups[block.index, group]
             st = stats[f"layers.{block.index}.{group}"]
             m = st.mean_abs.astype(np.float64)
             if group == "o":
