@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exponent-search", action="store_true",
                    help="GPTQ: choose each MX block's shared exponent among E-1, E, E+1 by the GPTQ loss (default: E, the OCP rule)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head")
+    p.add_argument("--rotate", action="store_true",
+                   help="block Hadamard rotation before calibration (MR-GPTQ): residual stream and V/O folded into the "
+                        "weights, an online BlockHadamard before down_proj")
+    p.add_argument("--rotate-block", type=_positive_int, default=None, metavar="B",
+                   help="--rotate's block, a power of two (default: the weight format's block, else the activations')")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished block")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=FORMAT",
@@ -181,7 +186,8 @@ def _run(args: argparse.Namespace) -> None:
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
             act_order=not args.no_act_order, sequential=not args.no_sequential, exponent_search=args.exponent_search,
-            quantize_lm_head=args.quantize_lm_head, progress=progress,
+            quantize_lm_head=args.quantize_lm_head, rotate=args.rotate, rotate_block=args.rotate_block,
+            progress=progress,
             overrides=tuple(args.override), target_bits=args.target_bits,
             **({"candidates": args.candidates} if args.candidates is not None else {}),
         )

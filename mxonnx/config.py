@@ -46,6 +46,8 @@ class QuantizeConfig:
     sequential: bool = True
     exponent_search: bool = False  # GPTQ: shared exponents chosen among E-1, E, E+1 by the GPTQ loss (issue 19)
     quantize_lm_head: bool = False
+    rotate: bool = False  # block Hadamard rotation of the float model before calibration (passes/rotation.py)
+    rotate_block: int | None = None  # its block; None: the weight format's block, else the activations'
     # the KV-cache quantizers in place while blocks are calibrated (sequential runs); False adds them at the end
     kv_in_calibration: bool = True
     overrides: tuple[str, ...] = ()  # "PATTERN=FORMAT" or "PATTERN=WEIGHTS/ACTS", later ones win (mxonnx.layer_formats)

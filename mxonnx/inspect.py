@@ -7,12 +7,14 @@ Cast, e.g. a weight stored in float16 or bfloat16 by ``mxonnx export --dtype``).
 number of weights; MXINT4 with blocks of 128 gives 4 + 8/128 = 4.0625.
 An ``MXQuantizeDequantize`` read only as the input A of MatMuls quantizes activations; one read otherwise (by the
 ``present`` Concat of the KV cache, or by the attention in a graph without past) quantizes keys or values entering
-the KV cache (``mxonnx quantize --kv``): ``kv_cache`` counts those by format.
+the KV cache (``mxonnx quantize --kv``): ``kv_cache`` counts those by format. ``rotation``: the blocks of
+``mxonnx quantize --rotate`` and its online ``BlockHadamard`` nodes, or None.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import re
 from pathlib import Path
 
@@ -159,7 +161,18 @@ def inspect_model(path: Path) -> dict:
         "formats": {"weights": dict(weight_formats), "acts": dict(act_formats)},
         "linears": linears,
         "kv_cache": dict(kv_formats),
+        "rotation": _rotation(model),
     }
+
+
+def _rotation(model: onnx.ModelProto) -> dict | None:
+    """``--rotate``'s blocks ``{block, residual, head, down}`` (the metadata ``mxonnx.rotation``) and ``online``,
+    the number of ``BlockHadamard`` nodes; None for a model that is not rotated."""
+    recorded = next((p.value for p in model.metadata_props if p.key == schema.ROTATION_METADATA), None)
+    if recorded is None:
+        return None
+    online = sum(1 for n in model.graph.node if n.domain == schema.DOMAIN and n.op_type == schema.BLOCK_HADAMARD)
+    return {**json.loads(recorded), "online": online}
 
 
 def _layer_rows(linears: list[dict]) -> tuple[list[str], list[tuple[str, list[str]]], list[dict], str]:
@@ -221,6 +234,8 @@ def format_inspection(d: dict) -> str:
         ("weight formats", ", ".join(f"{f} x{n}" for f, n in d["formats"]["weights"].items()) or "none"),
         ("activation formats", ", ".join(f"{f} x{n}" for f, n in d["formats"]["acts"].items()) or "none"),
         ("KV cache", ", ".join(f"{f} x{n}" for f, n in d["kv_cache"].items()) or "none"),
+        ("rotation", "none" if not (r := d.get("rotation")) else
+         f"block Hadamard {r['block']} (residual {r['residual']}, heads {r['head']}, down_proj {r['down']} online x{r['online']})"),
         ("bits per weight", bits),
         ("file size", f"{d['file_bytes'] / 2**20:.1f} MiB ({d['file_bytes']} bytes)"),
     ]

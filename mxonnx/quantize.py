@@ -62,6 +62,7 @@ from mxonnx.passes.kv_cache import KvCachePass, check_kv_format
 from mxonnx.passes.llama_structure import DecoderBlock, Linear, find_decoder_blocks, find_lm_head
 from mxonnx.passes.mx_matmul import (
     MxMatMulPass, RoundToNearest, check_activation_format, static_activation_scales)
+from mxonnx.passes.rotation import ROTATION_METADATA, block_rotation, rotation_block
 from mxonnx.passes.smoothing import BlockScales, fold_smoothing_scales, folded_rows
 from mxonnx.passes.smoothquant import smoothquant_scales
 from mxonnx.stats import ActivationStats
@@ -122,8 +123,12 @@ def check_config(config: QuantizeConfig) -> None:
         raise InputError(f"--quantize-lm-head with {acts.name} activations is not supported: only the decoder "
                          "linears' inputs are calibrated")
     if (weights.kind == "none" and acts.kind == "none" and kv.kind == "none" and not overrides
-            and config.target_bits is None):
+            and config.target_bits is None and not config.rotate):
         raise InputError("weights, activations and KV cache are all 'none': nothing to quantize")
+    if config.rotate_block is not None and not config.rotate:
+        raise InputError("--rotate-block is the block of --rotate; add --rotate")
+    if config.rotate:
+        rotation_block(config)
     if config.exponent_search and not (config.method.endswith("gptq")
                                        and (weights.kind == "mx" or overrides or config.target_bits is not None)):
         raise InputError("--exponent-search chooses MX shared exponents inside GPTQ: use a +gptq method "
@@ -138,7 +143,8 @@ def check_config(config: QuantizeConfig) -> None:
 def check_linear_formats(linear_formats: Mapping[str, LinearFormat], config: QuantizeConfig) -> None:
     """What the resolved per-linear formats must satisfy: something is quantized, GPTQ has a weight to work on,
     lm_head's input is not static int8 (it is not calibrated)."""
-    if not any(f.quantized for f in linear_formats.values()) and formats.parse_format(config.kv).kind == "none":
+    if (not any(f.quantized for f in linear_formats.values()) and formats.parse_format(config.kv).kind == "none"
+            and not config.rotate):
         raise InputError("every linear is left in float ('none' weights and activations): nothing to quantize")
     if config.uses_gptq and all(f.weights.kind == "none" for f in linear_formats.values()):
         raise InputError(f"method {config.method} quantizes weights with GPTQ; every linear's weights are 'none'")
@@ -365,6 +371,8 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
     check_config(config)
     paths = resolve_model(model)
     onnx_model = ir.load(paths.onnx)
+    if config.rotate:  # before anything reads the weights: every later step sees the rotated float model
+        onnx_model = block_rotation(onnx_model, config)
     blocks = find_decoder_blocks(onnx_model)
     kv_cache = KvCachePass(blocks, config.kv)  # refuses a block size not dividing head_dim before any work
     kv_first = config.sequential and config.kv_in_calibration
@@ -447,6 +455,8 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "resumed_blocks": resumed,
     }
+    if config.rotate:
+        result["rotation"] = json.loads(onnx_model.metadata_props[ROTATION_METADATA])
     if config.overrides:
         result["overrides"] = list(config.overrides)
     if allocation is not None:

@@ -34,6 +34,9 @@ import onnx_ir as ir
 from mxonnx.errors import InputError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+# smoothing folds (passes.smoothing): v_proj's and up_proj's columns are scaled (o, down) before their rows (qkv,
+# gate_up), so the scales of the norm-side groups are computed on the weights they will really have
+FOLD_ORDER = ("o", "down", "qkv", "gate_up")
 _SHAPE_OPS = ("Shape", "Size")
 _NORM_OPS = ("SimplifiedLayerNormalization", "RMSNormalization")
 _ROLE_NAME = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
@@ -122,6 +125,12 @@ class DecoderBlock:
     head_dim: int
     key: KVCacheEntry | None = None
     value: KVCacheEntry | None = None
+    down_rotation: ir.Node | None = None  # a com.mxonnx BlockHadamard between the gate*up product and down_proj
+
+    def smoothable_groups(self) -> tuple[str, ...]:
+        """The groups whose smoothing scales fold into weights, in ``FOLD_ORDER``: down's fold into
+        up_proj's columns, which an online rotation of down's input (``--rotate``) no longer allows."""
+        return tuple(g for g in FOLD_ORDER if not (g == "down" and self.down_rotation is not None))
 
     @property
     def num_heads(self) -> int:
@@ -531,13 +540,25 @@ def find_decoder_blocks(model: ir.Model, config: Mapping | None = None) -> list[
                      for role, node in zip(ROLES, (q, k, v, o, *mlp))}
             blocks.append(DecoderBlock(index, attn_norm, norm, head_dim=head_dim, **named,
                                        key=_kv_cache_entry(k, scores, rotary=True),
-                                       value=_kv_cache_entry(v, weights_times_v, rotary=False)))
+                                       value=_kv_cache_entry(v, weights_times_v, rotary=False),
+                                       down_rotation=_online_rotation(mlp[2].inputs[0])))
     if not blocks:
         raise InputError("no Llama decoder block found in the graph (RMSNorm -> q/k/v ... gate/up -> down)")
     for b in blocks:
         if b.q.shape[1] % b.head_dim or b.k.shape[1] % b.head_dim or b.num_heads % b.num_kv_heads:
             raise InputError(f"decoder block {b.index}: head sizes do not divide the projection widths")
     return blocks
+
+
+def _online_rotation(value: ir.Value) -> ir.Node | None:
+    """The ``com.mxonnx`` ``BlockHadamard`` producing ``value``, or None."""
+    node = value.producer()
+    return node if node is not None and (node.domain, node.op_type) == ("com.mxonnx", "BlockHadamard") else None
+
+
+def rmsnorm_producing(value: ir.Value) -> RMSNorm | None:
+    """The RMSNorm whose output is ``value`` (e.g. the final norm read by lm_head), or None."""
+    return _match_rmsnorm(value)
 
 
 def _config_head_dim(config: Mapping | None) -> int | None:

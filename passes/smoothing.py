@@ -28,13 +28,10 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from mxonnx.passes.llama_structure import (
-    DecoderBlock, Linear, RMSNorm, bias_index, constant_array, constant_dtype, constant_reader, constant_shape)
+from mxonnx.passes.llama_structure import (  # noqa: F401 (FOLD_ORDER is also read from here)
+    FOLD_ORDER, DecoderBlock, Linear, RMSNorm, bias_index, constant_array, constant_dtype, constant_reader, constant_shape)
 
 SCALE_MIN, SCALE_MAX = 1e-5, 1e5
-# v_proj's and up_proj's columns are scaled (o, down) before their rows (qkv, gate_up), so the scales of the
-# norm-side groups are computed on the weights they will really have
-FOLD_ORDER = ("o", "down", "qkv", "gate_up")
 ScaleFunction = Callable[[DecoderBlock, str], "np.ndarray | None"]
 BlockScales = dict  # {group: s} of one block, the scales of Eq. 1/4 before sane_scales
 
@@ -108,19 +105,24 @@ def write_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray | 
     return own
 
 
-def scaled_tensor(value: ir.Value, factor: np.ndarray) -> ir.LazyTensor:
-    """``W * factor`` (broadcast; computed in float64, stored in W's dtype) for the constant ``W`` that ``value``
-    reads, evaluated each time it is read: the folded weight costs no memory of its own, the model keeps reading
-    the source tensor (memory-mapped external data for an exported model) and the factor."""
+def transformed_tensor(value: ir.Value, transform: Callable[[np.ndarray], np.ndarray]) -> ir.LazyTensor:
+    """``transform(W)`` (W in float64, the result stored in W's dtype and of W's shape) for the constant ``W`` that
+    ``value`` reads, evaluated each time it is read: the new weight costs no memory of its own, the model keeps
+    reading the source tensor (memory-mapped external data for an exported model)."""
     read, dtype = constant_reader(value), constant_dtype(value)
     shape = constant_shape(value)
 
     def evaluate() -> ir.Tensor:
         w = read().astype(np.float64)
         read.release()  # no pages of the source stay mapped between reads
-        return ir.Tensor(np.ascontiguousarray(w * factor, dtype=dtype.numpy()))
+        return ir.Tensor(np.ascontiguousarray(transform(w), dtype=dtype.numpy()))
 
     return ir.LazyTensor(evaluate, dtype=dtype, shape=ir.Shape(shape))
+
+
+def scaled_tensor(value: ir.Value, factor: np.ndarray) -> ir.LazyTensor:
+    """``W * factor`` (broadcast) for the constant ``W`` that ``value`` reads (:func:`transformed_tensor`)."""
+    return transformed_tensor(value, lambda w: w * factor)
 
 
 def scale_rows(graph: ir.Graph, linear: Linear, s: np.ndarray) -> None:
@@ -186,7 +188,7 @@ def choose_block_scales(block: DecoderBlock, choose: Callable[[str, GroupWeights
         return arrays
 
     chosen: BlockScales = {}
-    for group in FOLD_ORDER:
+    for group in block.smoothable_groups():
         s = choose(group, weights)
         if s is not None:
             chosen[group] = np.asarray(s, np.float64)
@@ -222,7 +224,7 @@ class SmoothingPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for block in self.blocks:
-            for group in FOLD_ORDER:
+            for group in block.smoothable_groups():
                 s = self.scales(block, group)
                 if s is not None:
                     fold_group(model.graph, block, group, s)

@@ -48,7 +48,7 @@ def test_cli_json_and_table(quantized_folder, capsys):
     assert main(["inspect", str(quantized_folder), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert set(d) == {"opset", "custom_ops", "quantized_matmuls", "float_matmuls", "bits_per_weight", "file_bytes",
-                      "formats", "kv_cache", "linears"}
+                      "formats", "kv_cache", "linears", "rotation"}
     assert main(["inspect", str(quantized_folder)]) == 0
     table = capsys.readouterr().out
     assert table.strip() == format_inspection(d).strip()

@@ -5,6 +5,11 @@
 |---|---|---|
 | ``MXQuantizeDequantize`` | X float32 -> Y float32 (same shape) | ``format`` (string), ``axis`` (int, default -1) |
 | ``MXDequantize`` | codes, exponents (uint8 E8M0) -> W float32 | ``format``, ``axis`` (default 0) |
+| ``BlockHadamard`` | X float32 -> Y float32 (same shape) | ``block`` (int, a power of two dividing X's last dim) |
+
+``BlockHadamard`` is the online rotation of ``--rotate`` (``passes/rotation.py``): ``Y = X blockdiag(H_b / sqrt(b))``
+along the last axis, computed as a fast Walsh-Hadamard transform (``mxonnx.ops.hadamard``); its overload is
+``b{block}``.
 
 ``MXDequantize`` storage: ``codes`` has the output's shape (no padding), dtype ``code_dtype(format)``;
 ``exponents`` is uint8 with the output's shape but dim ``axis`` = ceil(n / b); W = element(code) * 2^(exponent - 127).
@@ -25,6 +30,9 @@ DOMAIN_VERSION = 1
 QUANTIZE_DEQUANTIZE = "MXQuantizeDequantize"
 DEQUANTIZE = "MXDequantize"
 OPS = (QUANTIZE_DEQUANTIZE, DEQUANTIZE)
+BLOCK_HADAMARD = "BlockHadamard"
+BLOCK_ATTR = "block"
+ROTATION_METADATA = "mxonnx.rotation"  # model metadata: --rotate's blocks (JSON), read by inspect
 FORMAT_ATTR = "format"
 AXIS_ATTR = "axis"
 DEFAULT_AXIS = {QUANTIZE_DEQUANTIZE: -1, DEQUANTIZE: 0}

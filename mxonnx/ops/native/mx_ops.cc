@@ -1,5 +1,5 @@
-// onnxruntime CPU kernels of the com.mxonnx domain (version 1: MXQuantizeDequantize, MXDequantize, MXMatMul) and
-// the library entry point RegisterCustomOps.
+// onnxruntime CPU kernels of the com.mxonnx domain (version 1: MXQuantizeDequantize, MXDequantize, MXMatMul,
+// BlockHadamard) and the library entry point RegisterCustomOps.
 //
 // Built against headers only (ORT_API_MANUAL_INIT): every onnxruntime call goes through the OrtApi table handed
 // to RegisterCustomOps, so the library links no onnxruntime. Kernels return an OrtStatus for every failure (bad
@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -310,6 +311,65 @@ struct FusedMatMulKernel {
   }
 };
 
+// BlockHadamard(X float32; block) -> Y float32: every block of `block` elements along the last axis times
+// H_block / sqrt(block), as a fast Walsh-Hadamard transform (stages h = 1, 2, .., block/2, then one product by
+// fl(1/sqrt(block))): the same float32 operations as the function body (mxonnx/ops/hadamard.py), bit for bit.
+struct BlockHadamardKernel {
+  int64_t block;
+  float scale;
+
+  static void transform(float* x, int64_t block, float scale) {
+    for (int64_t h = 1; h < block; h *= 2) {
+      for (int64_t i = 0; i < block; i += 2 * h) {
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = x[j], c = x[j + h];
+          x[j] = a + c;
+          x[j + h] = a - c;
+        }
+      }
+    }
+    for (int64_t j = 0; j < block; ++j) x[j] *= scale;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      const Ort::ConstValue x = ctx.GetInput(0);
+      const auto info = x.GetTensorTypeAndShapeInfo();
+      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) invalid("BlockHadamard: X must be float32");
+      const std::vector<int64_t> shape = info.GetShape();
+      if (shape.empty() || shape.back() % block != 0) {
+        invalid("BlockHadamard: the last dimension of X is not a multiple of block " + std::to_string(block));
+      }
+      Ort::UnownedValue y = ctx.GetOutput(0, shape);
+      const auto count = static_cast<int64_t>(info.GetElementCount());
+      if (count == 0) return;
+      const float* in = x.GetTensorData<float>();
+      float* out = y.GetTensorMutableData<float>();
+      auto work = [&](int64_t begin, int64_t end) {
+        std::copy(in + begin * block, in + end * block, out + begin * block);
+        for (int64_t r = begin; r < end; ++r) transform(out + r * block, block, scale);
+      };
+      parallel_for(context, count / block, block, work);
+    });
+  }
+};
+
+struct BlockHadamardOp : Ort::CustomOpBase<BlockHadamardOp, BlockHadamardKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] {
+      const int64_t block = int_attribute_or(info, "block", 0);
+      if (block < 1 || (block & (block - 1)) != 0) invalid("BlockHadamard: block must be a power of two");
+      *kernel = new BlockHadamardKernel{block, static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)))};
+    });
+  }
+  const char* GetName() const { return "BlockHadamard"; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 struct QuantizeDequantizeOp : Ort::CustomOpBase<QuantizeDequantizeOp, QuantizeDequantizeKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return guarded([&] {
@@ -363,6 +423,7 @@ struct MatMulOp : Ort::CustomOpBase<MatMulOp, FusedMatMulKernel, true> {
 const QuantizeDequantizeOp kQuantizeDequantizeOp;
 const DequantizeOp kDequantizeOp;
 const MatMulOp kMatMulOp;
+const BlockHadamardOp kBlockHadamardOp;
 
 }  // namespace
 }  // namespace mxonnx
@@ -378,6 +439,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     domain.Add(&mxonnx::kQuantizeDequantizeOp);
     domain.Add(&mxonnx::kDequantizeOp);
     domain.Add(&mxonnx::kMatMulOp);
+    domain.Add(&mxonnx::kBlockHadamardOp);
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(mutex);
     domains.push_back(std::move(domain));
