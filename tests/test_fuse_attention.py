@@ -147,3 +147,14 @@ def test_generation_through_optimum_with_the_fused_session(tiny_onnx):
     fused = generate(tiny_onnx, "w1 w2 w3 w4", max_new_tokens=12, raw=True, fuse=True)
     unfused = generate(tiny_onnx, "w1 w2 w3 w4", max_new_tokens=12, raw=True)
     assert fused["tokens"] == 12 and fused["token_ids"] == unfused["token_ids"]
+
+
+def test_positions_beyond_the_rotary_caches_fail_the_run(tiny_onnx):
+    """The caches hold ``max_position_embeddings`` positions; a later one is an error, never a wrong number."""
+    config = model_config(tiny_onnx / "model.onnx")
+    session = create_session(tiny_onnx / "model.onnx", fuse=True)
+    ids, mask, _ = _padded_batch(config["vocab_size"], pad=0)
+    late = np.arange(ids.shape[1])[None].repeat(2, 0) + config["max_position_embeddings"]
+    with pytest.raises(Exception, match="out of range"):
+        _run_steps(session, config, ids, mask, late, steps=0)
+    assert _run_steps(session, config, ids, mask, late - ids.shape[1], steps=0)[0]["logits"].shape[:2] == ids.shape
