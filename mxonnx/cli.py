@@ -127,9 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=["torch"], default=None, help="evaluate the transformers model in torch instead")
     p.add_argument("--blockwise", action=argparse.BooleanOptionalAction, default=None,
                    help="run the graph one decoder block at a time (default: when its weights exceed the eval budget)")
-    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
-                   help="run each quantized linear as one fused MXMatMul (native integer kernels; default); "
-                        "--no-fuse runs the graph as saved")
+    _fuse_option(p)
     _common(p)
 
     p = sub.add_parser("inspect", help="opset, custom ops, quantized MatMuls, bits per weight, bytes")
@@ -148,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--raw", action="store_true",
                    help="feed the prompt as it is (default: as a user message through the tokenizer's chat template)")
+    _fuse_option(p)
     _common(p)
 
     p = sub.add_parser("formats", help="list every element format with its bits per weight")
@@ -219,7 +218,8 @@ def _run(args: argparse.Namespace) -> None:
         from mxonnx.generate import generate
 
         if args.json:
-            print(json.dumps(generate(Path(args.model), args.prompt, max_new_tokens=args.max_new_tokens, raw=args.raw)))
+            print(json.dumps(generate(Path(args.model), args.prompt, max_new_tokens=args.max_new_tokens, raw=args.raw,
+                                      fuse=args.fuse)))
         else:  # the text as it is decoded
             out = sys.stdout
 
@@ -227,8 +227,16 @@ def _run(args: argparse.Namespace) -> None:
                 out.write(text)
                 out.flush()
 
-            generate(Path(args.model), args.prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, emit=emit)
+            generate(Path(args.model), args.prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, emit=emit,
+                     fuse=args.fuse)
             out.write("\n")
+
+
+def _fuse_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="fuse the graph for inference in memory (default): each quantized linear as one MXMatMul "
+                        "(native integer kernels), each attention as onnxruntime's RotaryEmbedding + "
+                        "GroupQueryAttention; --no-fuse runs the graph as saved")
 
 
 def _allocation_text(allocation: dict) -> str:

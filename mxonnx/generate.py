@@ -18,14 +18,15 @@ from mxonnx.errors import InputError
 from mxonnx.modelio import resolve_model
 
 
-def load_generator(model: Path):
-    """``(ORTModelForCausalLM on the CPU, tokenizer)`` of a model folder (KV cache used when the graph has one)."""
+def load_generator(model: Path, fuse: bool = False):
+    """``(ORTModelForCausalLM on the CPU, tokenizer)`` of a model folder (KV cache used when the graph has one);
+    ``fuse``: its session is ``create_session(fuse=True)``'s (the graph fused for inference in memory)."""
     from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from mxonnx.eval import graph_input_names
     from mxonnx.export import quiet_libraries
-    from mxonnx.session import session_options
+    from mxonnx.session import create_session, session_options
 
     paths = resolve_model(model)
     if paths.folder is None or not (paths.folder / "config.json").is_file():
@@ -36,8 +37,21 @@ def load_generator(model: Path):
             tokenizer = AutoTokenizer.from_pretrained(paths.folder)
         except (OSError, ValueError):
             raise InputError(f"{paths.folder}: no tokenizer found in the model folder") from None
-        lm = ORTModelForCausalLM.from_pretrained(paths.folder, file_name=paths.onnx.name, use_cache=has_past,
-                                                 session_options=session_options(), provider="CPUExecutionProvider")
+        if fuse:
+            config = AutoConfig.from_pretrained(paths.folder)
+            config.use_cache = has_past
+            try:
+                generation_config = GenerationConfig.from_pretrained(paths.folder)
+            except OSError:
+                generation_config = GenerationConfig.from_model_config(config)
+            session = create_session(paths.onnx, fuse=True)
+            session._model_path = str(paths.onnx)  # opened from bytes; optimum reads the file's path from here
+            lm = ORTModelForCausalLM(config=config, session=session, generation_config=generation_config,
+                                     model_save_dir=paths.folder)
+        else:
+            lm = ORTModelForCausalLM.from_pretrained(paths.folder, file_name=paths.onnx.name, use_cache=has_past,
+                                                     session_options=session_options(),
+                                                     provider="CPUExecutionProvider")
     return lm, tokenizer
 
 
@@ -69,7 +83,7 @@ def _streamer(tokenizer, emit: Callable[[str], None], skip_prompt: bool):
 
 
 def generate(model: Path, prompt: str, max_new_tokens: int = 32, raw: bool = False,
-             emit: Callable[[str], None] | None = None) -> dict:
+             emit: Callable[[str], None] | None = None, fuse: bool = False) -> dict:
     """Greedy generation from ``prompt`` (module docstring). ``emit`` receives the text as it is decoded: the reply
     under the chat template; the prompt followed by its continuation when raw.
 
@@ -81,7 +95,7 @@ def generate(model: Path, prompt: str, max_new_tokens: int = 32, raw: bool = Fal
     """
     from mxonnx.export import quiet_libraries
 
-    lm, tokenizer = load_generator(model)
+    lm, tokenizer = load_generator(model, fuse=fuse)
     inputs, templated = prompt_inputs(tokenizer, prompt, raw)
     streamer = _streamer(tokenizer, emit, skip_prompt=templated) if emit is not None else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,6 +1,7 @@
 """One place that opens onnxruntime sessions, so every session gets the native MX op library when it
 is built (``mxonnx.ops.native.native_library_path()``) and runs the ops' ONNX function bodies otherwise. Graphs
-run as saved; ``create_session(..., fuse=True)`` (CLI ``--fuse``) is the one switch that fuses quantized linears."""
+run as saved; ``create_session(..., fuse=True)`` (CLI ``--fuse``) is the one switch that fuses them for inference
+(quantized linears, attention)."""
 
 from __future__ import annotations
 
@@ -54,16 +55,17 @@ def create_session(model: str | os.PathLike | bytes, threads: int | None = None,
     """An InferenceSession on the CPU execution provider for a model path or serialized bytes
     (``external_data_folder``: where the external data files of serialized bytes are, ``EXTERNAL_DATA_FOLDER_CONFIG``).
 
-    The graph runs as given unless ``fuse``: then a model file's ``MatMul(MXQuantizeDequantize, MXDequantize)``
-    pairs run as the fused ``MXMatMul`` (``passes/fuse_mx_matmul.py``; in memory only, the file is not changed),
-    the native integer kernels when the library is registered, else MXMatMul's ONNX function (the same graph).
-    Serialized bytes are never rewritten: fuse them with ``fuse_mx_matmuls`` first."""
+    The graph runs as given unless ``fuse``: then a model file is fused for inference in memory
+    (``passes/fuse_inference.py``; the file is not changed): its ``MatMul(MXQuantizeDequantize, MXDequantize)``
+    pairs run as the fused ``MXMatMul`` (the native integer kernels when the library is registered, else MXMatMul's
+    ONNX function), and with the model's ``config.json`` beside it each attention as onnxruntime's RotaryEmbedding
+    + GroupQueryAttention. Serialized bytes are never rewritten: fuse them with ``fuse_for_inference`` first."""
     so = session_options(threads=threads, use_native=use_native, optimize=optimize)
     target = model if isinstance(model, bytes) else str(model)
     if fuse and isinstance(model, bytes):
-        raise ValueError("create_session(fuse=True) fuses model files; fuse serialized models with fuse_mx_matmuls")
+        raise ValueError("create_session(fuse=True) fuses model files; fuse serialized models with fuse_for_inference")
     if fuse:
-        from mxonnx.passes.fuse_mx_matmul import fused_model_bytes
+        from mxonnx.passes.fuse_inference import fused_model_bytes
 
         fused = fused_model_bytes(model)
         if fused is not None:  # the fused bytes read the file's external data from its folder

@@ -193,7 +193,7 @@ def test_float_model_has_nothing_to_fuse(tiny_onnx):
 def test_logits_fused_vs_unfused(tiny_quantized, monkeypatch):
     """OrtCausalLM with fuse=False runs the saved graph (native MXQuantizeDequantize / MXDequantize kernels and
     onnxruntime's MatMul), fuse=True the fused MXMatMul kernels: both really run, and agree to float rounding."""
-    import mxonnx.passes.fuse_mx_matmul as fuse_pass
+    import mxonnx.passes.fuse_inference as fuse_pass
     from mxonnx.eval import OrtCausalLM
 
     calls = []
