@@ -129,13 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sequential", action="store_true", help="GPTQ on the float model's inputs instead of the quantized prefix's")
     p.add_argument("--exponent-search", action="store_true",
                    help="GPTQ: choose each MX block's shared exponent among E-1, E, E+1 by the GPTQ loss (default: E, the OCP rule)")
-    p.add_argument("--weights-prescale", type=_prescale, default=None, metavar="P|search",
-                   help="MX weights: elements from P * w / 2^E (the OCP exponent E), values divided by P again, so the "
-                        "block maximum no longer clips (MXFP4: 0.75); 'search': one P per weight among "
-                        "--prescale-candidates by the Hessian-weighted (else plain) error; default none")
-    p.add_argument("--acts-prescale", type=_prescale, default=None, metavar="P|search",
-                   help="the same for the MX activation quantizers; 'search': one P per quantized input by the output "
-                        "error on calibration rows; default none")
+    for side, text in (("weights", "MX weights: elements from P * w / 2^E (the OCP exponent E), values divided by P "
+                                    "again, so the block maximum no longer clips (MXFP4: 0.75); 'search': one P per "
+                                    "weight among --prescale-candidates by the Hessian-weighted (else plain) error"),
+                       ("acts", "the same for the MX activation quantizers; 'search': one P per quantized input by "
+                                "the output error on calibration rows")):
+        p.add_argument(f"--{side}-prescale", type=_prescale, default=None, metavar="P|search", help=f"{text}; default none")
     p.add_argument("--prescale-candidates", type=_prescale_list, default=None, metavar="P,P,...",
                    help=f"what 'search' chooses from (default {','.join(f'{p:g}' for p in DEFAULT_PRESCALE_CANDIDATES)})")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head")

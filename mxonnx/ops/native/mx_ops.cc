@@ -67,23 +67,23 @@ OrtStatusPtr guarded(Body&& body) {
   }
 }
 
-int64_t int_attribute_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
-  int64_t value = 0;
-  if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) {
+// An attribute read by `get` (an OrtApi KernelInfoGetAttribute_* entry), `fallback` when absent.
+template <typename T, typename Getter>
+T attribute_or(const OrtKernelInfo* info, const char* name, T fallback, Getter get) {
+  T value{};
+  if (OrtStatus* status = get(info, name, &value)) {
     Ort::GetApi().ReleaseStatus(status);
     return fallback;
   }
   return value;
 }
 
-// A float attribute, `fallback` when absent.
+int64_t int_attribute_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  return attribute_or<int64_t>(info, name, fallback, Ort::GetApi().KernelInfoGetAttribute_int64);
+}
+
 float float_attribute_or(const OrtKernelInfo* info, const char* name, float fallback) {
-  float value = 0.0f;
-  if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_float(info, name, &value)) {
-    Ort::GetApi().ReleaseStatus(status);
-    return fallback;
-  }
-  return value;
+  return attribute_or<float>(info, name, fallback, Ort::GetApi().KernelInfoGetAttribute_float);
 }
 
 // A pre-scale attribute (mxonnx.formats: p in (0.5, 1], default 1).
