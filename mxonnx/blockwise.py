@@ -411,9 +411,9 @@ def gram_sets_head(acts: Mapping[str, Sequence[formats.MXFormat]], widths: dict[
 
     def rewrite(proto: onnx.ModelProto) -> None:
         graph = proto.graph
-        for fmt in dict.fromkeys(f for fmts in acts.values() for f in fmts):
-            if fmt.kind == "mx":
-                _declare_quantize_dequantize(proto, fmt)
+        mx = [f for fmts in acts.values() for f in fmts if f.kind == "mx"]
+        for name in dict.fromkeys(f.name for f in mx):
+            _declare_quantize_dequantize(proto, formats.parse_format(name), any(f.prescaled for f in mx if f.name == name))
         outputs = list(graph.output)
         del graph.output[:]
         for out in outputs:
@@ -426,7 +426,7 @@ def gram_sets_head(acts: Mapping[str, Sequence[formats.MXFormat]], widths: dict[
                 x, tag = out.name, out.name if i == 0 else f"{out.name}.{i}"
                 if fmt.kind == "mx":
                     qdq = onnx.helper.make_node(schema.QUANTIZE_DEQUANTIZE, [x], [f"{tag}.qdq"], domain=schema.DOMAIN,
-                                                **{schema.FORMAT_ATTR: fmt.name, schema.AXIS_ATTR: -1})
+                                                **schema.format_attributes(fmt, -1))
                     qdq.overload = schema.overload(fmt)
                     graph.node.append(qdq)
                     x = qdq.output[0]
@@ -455,16 +455,21 @@ def _append_static_int8(graph: onnx.GraphProto, x: str, scales: np.ndarray) -> s
     return f"{x}.qdq"
 
 
-def _declare_quantize_dequantize(proto: onnx.ModelProto, fmt: formats.MXFormat) -> None:
-    """Make ``MXQuantizeDequantize`` of ``fmt`` usable in ``proto``: domain import and its function body."""
+def _declare_quantize_dequantize(proto: onnx.ModelProto, fmt: formats.MXFormat, prescaled: bool = False) -> None:
+    """Make ``MXQuantizeDequantize`` of ``fmt`` usable in ``proto``: domain import and its function body (the one
+    taking ``prescale`` when ``prescaled``)."""
     from mxonnx.ops.functions import function_proto
 
     if not any(op.domain == schema.DOMAIN for op in proto.opset_import):
         proto.opset_import.add(domain=schema.DOMAIN, version=schema.DOMAIN_VERSION)
     proto.ir_version = max(proto.ir_version, schema.IR_VERSION)
-    if not any(f.domain == schema.DOMAIN and f.name == schema.QUANTIZE_DEQUANTIZE and f.overload == schema.overload(fmt)
-               for f in proto.functions):
-        proto.functions.append(function_proto(schema.QUANTIZE_DEQUANTIZE, fmt))
+    held = [i for i, f in enumerate(proto.functions) if f.domain == schema.DOMAIN
+            and f.name == schema.QUANTIZE_DEQUANTIZE and f.overload == schema.overload(fmt)]
+    if held and (not prescaled or any(a.name == schema.PRESCALE_ATTR for a in proto.functions[held[0]].attribute_proto)):
+        return
+    if held:
+        del proto.functions[held[0]]
+    proto.functions.append(function_proto(schema.QUANTIZE_DEQUANTIZE, fmt, prescaled=prescaled))
 
 
 def _checked_windows(windows: np.ndarray) -> np.ndarray:

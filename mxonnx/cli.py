@@ -65,8 +65,36 @@ def _format_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _prescale(text: str) -> float | str:
+    if text == "search":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number in (0.5, 1] nor 'search'") from None
+    if not 0.5 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside (0.5, 1]")
+    return value
+
+
+def _prescale_list(text: str) -> tuple[float, ...]:
+    values = tuple(_prescale(v.strip()) for v in text.split(",") if v.strip())
+    if not values or any(isinstance(v, str) for v in values):
+        raise argparse.ArgumentTypeError("expected a comma-separated list of numbers in (0.5, 1]")
+    return values
+
+
+def _prescale_text(report: float | dict) -> str:
+    """A fixed pre-scale, or the range a search chose."""
+    if not isinstance(report, dict):
+        return f"{report:g}"
+    if not report:
+        return "searched (no MX quantizer)"
+    return f"searched, {min(report.values()):.4g}..{max(report.values()):.4g} over {len(report)} linears"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from mxonnx.config import DEFAULT_CANDIDATES, METHODS
+    from mxonnx.config import DEFAULT_CANDIDATES, DEFAULT_PRESCALE_CANDIDATES, METHODS
 
     parser = _Parser(prog="mxonnx", description="mxonnx: Llama models to microscaling (MX) quantized ONNX graphs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -101,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sequential", action="store_true", help="GPTQ on the float model's inputs instead of the quantized prefix's")
     p.add_argument("--exponent-search", action="store_true",
                    help="GPTQ: choose each MX block's shared exponent among E-1, E, E+1 by the GPTQ loss (default: E, the OCP rule)")
+    for side, text in (("weights", "MX weights: elements from P * w / 2^E (the OCP exponent E), values divided by P "
+                                    "again, so the block maximum no longer clips (MXFP4: 0.75); 'search': one P per "
+                                    "weight among --prescale-candidates by the Hessian-weighted (else plain) error"),
+                       ("acts", "the same for the MX activation quantizers; 'search': one P per quantized input by "
+                                "the output error on calibration rows")):
+        p.add_argument(f"--{side}-prescale", type=_prescale, default=None, metavar="P|search", help=f"{text}; default none")
+    p.add_argument("--prescale-candidates", type=_prescale_list, default=None, metavar="P,P,...",
+                   help=f"what 'search' chooses from (default {','.join(f'{p:g}' for p in DEFAULT_PRESCALE_CANDIDATES)})")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head")
     p.add_argument("--rotate", action="store_true",
                    help="block Hadamard rotation before calibration (MR-GPTQ): residual stream and V/O folded into the "
@@ -188,11 +224,15 @@ def _run(args: argparse.Namespace) -> None:
             quantize_lm_head=args.quantize_lm_head, rotate=args.rotate, rotate_block=args.rotate_block,
             progress=progress,
             overrides=tuple(args.override), target_bits=args.target_bits,
+            weights_prescale=args.weights_prescale, acts_prescale=args.acts_prescale,
             **({"candidates": args.candidates} if args.candidates is not None else {}),
+            **({"prescale_candidates": args.prescale_candidates} if args.prescale_candidates is not None else {}),
         )
         r = quantize_model(Path(args.model), Path(args.output), cfg, resume=args.resume)
         _print_result(args, r, f"quantized {args.model} -> {r['output']}: weights {r['weights']}, acts {r['acts']}, "
-                               f"KV cache {r['kv']}, method {r['method']} in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
+                               + "".join(f"{side} pre-scale {_prescale_text(r[f'{side}_prescale'])}, "
+                                         for side in ("weights", "acts") if f"{side}_prescale" in r)
+                               + f"KV cache {r['kv']}, method {r['method']} in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
                                + (f" ({r['resumed_blocks']} blocks resumed)" if r["resumed_blocks"] else "")
                                + (_allocation_text(r["allocation"]) if "allocation" in r else ""))
     elif cmd == "eval":

@@ -8,6 +8,8 @@ from pathlib import Path
 
 METHODS = ("rtn", "gptq", "sq", "awq", "sq+gptq", "awq+gptq")
 DEFAULT_CANDIDATES = ("mxint4-128", "mxint4-32", "mxint4-16", "mxint8-32")  # --target-bits' weight formats
+PRESCALE_SEARCH = "search"
+DEFAULT_PRESCALE_CANDIDATES = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # --prescale-candidates
 
 
 def default_data_dir() -> Path:
@@ -45,6 +47,11 @@ class QuantizeConfig:
     act_order: bool = True  # GPTQ columns in order of decreasing Hessian diagonal, whole MX blocks kept together
     sequential: bool = True
     exponent_search: bool = False  # GPTQ: shared exponents chosen among E-1, E, E+1 by the GPTQ loss (issue 19)
+    # element pre-scale p of the MX weight / activation quantizers (mxonnx.prescale; issue 19): None (plain OCP),
+    # a number in (0.5, 1], or PRESCALE_SEARCH (one p per tensor among prescale_candidates)
+    weights_prescale: float | str | None = None
+    acts_prescale: float | str | None = None
+    prescale_candidates: tuple[float, ...] = DEFAULT_PRESCALE_CANDIDATES
     quantize_lm_head: bool = False
     rotate: bool = False  # block Hadamard rotation of the float model before calibration (passes/rotation.py)
     rotate_block: int | None = None  # its block; None: the weight format's block, else the activations'
@@ -66,6 +73,10 @@ class QuantizeConfig:
     @property
     def uses_gptq(self) -> bool:
         return self.method.endswith("gptq")
+
+    @property
+    def searches_act_prescale(self) -> bool:
+        return self.acts_prescale == PRESCALE_SEARCH
 
     @property
     def needs_calibration(self) -> bool:

@@ -9,6 +9,16 @@ one power-of-two scale:
     E = clamp(floor(log2(max|x|)) - emax, -127, 127)      (an all-zero block has E = -127)
     y = Q_elem(x / 2^E) * 2^E                              (E stored as one byte E + 127, "E8M0")
 
+Pre-scale (arXiv 2601.09555; ``MXFormat.prescale`` = p, default 1 = plain OCP): E stays the OCP exponent of the block
+maximum, but the elements are taken from p times the scaled value, and the value they stand for is divided by p:
+
+    y = Q_elem(x * I_E) * S_E,   I_E = fl32(2^-E * p),   S_E = fl32(2^E * f),   f = fl32(1 / p)
+
+so with p = 3/4 an MXFP4 block maximum (x / 2^E in [4, 8)) lands in [3, 6) and no longer clips at 6; the stored
+codes and E8M0 exponents keep their layout and the per-tensor factor f comes back in S_E (the float block scale a
+lowered graph carries). p lies in (0.5, 1] (f in [1, 2): S_E stays finite for every E). p = 1 gives I_E = 2^-E,
+S_E = 2^E bit for bit.
+
 ``Q_elem`` rounds to a minifloat grid with subnormals, half to even, saturating at the largest normal:
 
     e = max(floor(log2|v|), emin);  s = 2^(e - mbits);  Q_elem(v) = clamp(round_half_even(v / s) * s, +-max_norm)
@@ -109,10 +119,20 @@ class MXFormat:
     elem: ElemFormat | None
     bits: int
     block_size: int | None
+    prescale: float = 1.0  # MX only: elements from p * x / 2^E, value elem * 2^E / p (module docstring)
 
     @property
     def is_mx(self) -> bool:
         return self.kind == "mx"
+
+    @property
+    def prescaled(self) -> bool:
+        return self.prescale != 1.0
+
+    @property
+    def label(self) -> str:
+        """The name, with ``@p`` and the pre-scale when there is one (``mxfp4-32@p0.75``): for reports only."""
+        return f"{self.name}@p{self.prescale:.6g}" if self.prescaled else self.name
 
     @property
     def bits_per_weight(self) -> float:
@@ -175,6 +195,26 @@ def parse_format(fmt: str | MXFormat) -> MXFormat:
     return _parse_name(fmt)
 
 
+PRESCALE_LOW, PRESCALE_HIGH = 0.5, 1.0  # p in (0.5, 1]
+
+
+def with_prescale(fmt: str | MXFormat, prescale: float) -> MXFormat:
+    """``fmt`` with the element pre-scale p (stored as the float32 nearest ``prescale``, as an ONNX float attribute
+    holds it). p must lie in (0.5, 1]; p != 1 needs an MX format. Raises ``InputError``."""
+    fmt = parse_format(fmt)
+    p = float(np.float32(prescale))
+    if not (PRESCALE_LOW < p <= PRESCALE_HIGH):
+        raise InputError(f"pre-scale {prescale} is outside ({PRESCALE_LOW:g}, {PRESCALE_HIGH:g}]")
+    if p != 1.0 and fmt.kind != "mx":
+        raise InputError(f"format {fmt.name!r} takes no pre-scale (only MX formats do)")
+    return dataclasses.replace(fmt, prescale=p)
+
+
+def prescale_factor(prescale: float) -> np.float32:
+    """f = fl32(1 / p), the per-tensor factor the dequantized values carry."""
+    return np.float32(1) / np.float32(prescale)
+
+
 def bits_per_weight(fmt: str | MXFormat) -> float:
     return parse_format(fmt).bits_per_weight
 
@@ -216,8 +256,24 @@ _E8M0_INVERSE = _e8m0_table(-1)  # code -> 2^-E
 
 
 @functools.cache
-def _shared_scale_tables(emax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(E8M0 code, 2^-E, 2^E), each indexed by the exponent field F (0..255) of a block's max|x|.
+def e8m0_multipliers(prescale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(I, S) indexed by the E8M0 code c = E + 127: I_c = fl32(2^-E * p), S_c = fl32(2^E * f), f = fl32(1 / p)
+    (NaN at 255). p = 1: the exact powers of two."""
+    if prescale == 1.0:
+        return _E8M0_INVERSE, _E8M0_SCALE
+    return _E8M0_INVERSE * np.float32(prescale), _E8M0_SCALE * prescale_factor(prescale)
+
+
+def block_float_scales(exponents: np.ndarray, fmt: str | MXFormat) -> np.ndarray:
+    """The float32 value scale S_c of each block from its E8M0 code c: 2^(c - 127), times f = fl32(1 / p) when the
+    format is pre-scaled (what ``dequantize`` multiplies the element values by)."""
+    fmt = _require_kind(fmt, "mx")
+    return e8m0_multipliers(fmt.prescale)[1][np.asarray(exponents, np.uint8)]
+
+
+@functools.cache
+def _shared_scale_tables(emax: int, prescale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(E8M0 code, I, S) of ``e8m0_multipliers``, each indexed by the exponent field F (0..255) of a block's max|x|.
 
     code = E + 127 = max(F - emax, 0): floor(log2 m) = F - 127 for normal m; F = 0 for zero and subnormal m,
     whose true floor(log2) is <= -127 so that E clamps to -127 in both readings; F - emax <= 254, so the upper
@@ -225,7 +281,8 @@ def _shared_scale_tables(emax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     """
     field = np.arange(256)
     code = np.where(field == 255, 255, np.maximum(field - emax, 0)).astype(np.uint8)
-    return code, _E8M0_INVERSE[code], _E8M0_SCALE[code]
+    inverse, scale = e8m0_multipliers(prescale)
+    return code, inverse[code], scale[code]
 
 
 def _exponent_field(absmax_bits: np.ndarray) -> np.ndarray:
@@ -370,18 +427,26 @@ def shared_exponents(x: np.ndarray, fmt: str | MXFormat, axis: int = -1) -> np.n
     return (code.astype(np.int32) - 127).reshape(blocks.scale_shape)
 
 
-def quantize_dequantize_with_exponent(x: np.ndarray, exponent: np.ndarray, fmt: str | MXFormat) -> np.ndarray:
-    """Q_elem(x / 2^E) * 2^E element-wise with a given E (int, broadcastable to ``x``, in -127..127; 128 gives
-    NaN); values beyond the block's range saturate. GPTQ (paper Algorithm 1) fixes each block's E once and then
-    quantizes one column at a time."""
+def exponent_multipliers(exponent: np.ndarray, fmt: str | MXFormat) -> tuple[np.ndarray, np.ndarray]:
+    """(I_E, S_E) of the module docstring for unbiased exponents E (int, -127..127; 128 gives NaN)."""
     fmt = _require_kind(fmt, "mx")
     exponent = np.asarray(exponent)
     if exponent.size and (exponent.min() < -127 or exponent.max() > 128):
         raise InputError("shared exponents must lie in -127..127 (128 marks a NaN block)")
     code = (exponent.astype(np.int32) + 127).astype(np.uint8)
+    inverse, scale = e8m0_multipliers(fmt.prescale)
+    return inverse[code], scale[code]
+
+
+def quantize_dequantize_with_exponent(x: np.ndarray, exponent: np.ndarray, fmt: str | MXFormat) -> np.ndarray:
+    """Q_elem(x * I_E) * S_E element-wise with a given E (int, broadcastable to ``x``, in -127..127; 128 gives
+    NaN; I_E = 2^-E, S_E = 2^E without a pre-scale); values beyond the block's range saturate. GPTQ (paper
+    Algorithm 1) fixes each block's E once and then quantizes one column at a time."""
+    fmt = _require_kind(fmt, "mx")
+    inverse, scale = exponent_multipliers(exponent, fmt)
     with np.errstate(over="ignore"):  # x / 2^E beyond float32 saturates to max_norm like any value above it
-        v = np.asarray(x, np.float32) * _E8M0_INVERSE[code]
-    return _round_to_grid(v, fmt.elem) * _E8M0_SCALE[code]
+        v = np.asarray(x, np.float32) * inverse
+    return _round_to_grid(v, fmt.elem) * scale
 
 
 # ---------------------------------------------------------------- fixed point
@@ -440,11 +505,11 @@ def _times_block_values(xb: np.ndarray, per_block: np.ndarray, out: np.ndarray |
 
 def _quantize_blocks(xb: np.ndarray, fmt: MXFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grid values, per-block key, float32 multipliers) of the blocks in ``xb``, so that y = grid * multiplier.
-    MX: Q_elem(x / 2^E), exponent field of max|x| (``stored_scales`` maps it to E8M0), 2^E.
+    MX: Q_elem(x * I_E), exponent field of max|x| (``stored_scales`` maps it to E8M0), S_E.
     int: clamped integer codes as float32, float32 scales, the same scales."""
     if fmt.is_mx:
         field = _exponent_field(_absmax_bits(xb))
-        _, inverse, scale = _shared_scale_tables(fmt.elem.emax)
+        _, inverse, scale = _shared_scale_tables(fmt.elem.emax, fmt.prescale)
         return _round_to_grid(_times_block_values(xb, inverse[field]), fmt.elem), field, scale[field]
     scale = _fixed_point_block_scales(xb, fmt)
     return _fixed_point_codes(xb, scale, fmt), scale, scale
@@ -509,7 +574,7 @@ def _dequantize(codes: np.ndarray, scales: np.ndarray, fmt: MXFormat, axis: int)
     values = element_values(fmt.elem)[codes & (2**fmt.bits - 1)] if fmt.is_mx else codes.astype(np.float32)
     blocks = _Blocks.of(values, axis, fmt.block_size)
     if fmt.is_mx:
-        multiplier = _E8M0_SCALE[blocks.block_scales(np.asarray(scales, np.uint8))]
+        multiplier = e8m0_multipliers(fmt.prescale)[1][blocks.block_scales(np.asarray(scales, np.uint8))]
     else:
         multiplier = blocks.block_scales(np.asarray(scales, np.float32))
     with np.errstate(over="ignore"):  # large codes times large scales exceed float32: +-Inf

@@ -245,8 +245,9 @@ def _parallel(task: Callable[[int, int], None], start: int, stop: int) -> None:
 
 
 class _MxRows:
-    """MX rounding of one row ``w_j [N]`` with its group's shared exponents E: ``Q_elem(w_j 2^-E) 2^E``, the
-    arithmetic of ``formats.quantize_dequantize_with_exponent`` with 2^-E, 2^E and the clamp bounds prepared once
+    """MX rounding of one row ``w_j [N]`` with its group's shared exponents E: ``Q_elem(w_j I_E) S_E`` (2^-E and 2^E,
+    or with a pre-scale p fl(2^-E p) and fl(2^E / p): the same pre-scaled grid as the rewritten graph), the
+    arithmetic of ``formats.quantize_dequantize_with_exponent`` with I_E, S_E and the clamp bounds prepared once
     per group (numpy clamps against arrays much faster than against a scalar). For MXINT the grid step is constant
     (|v| <= max_norm < 2 after the clamp, so ``_round_to_grid``'s ``max(2^floor(log2|v|), 1)`` is 1): rounding adds
     and subtracts C = 1.5 * 2^(23 - mbits)."""
@@ -259,7 +260,10 @@ class _MxRows:
         return formats.shared_exponents(w, self.fmt, axis=0)
 
     def prepare(self, exponent: np.ndarray) -> tuple[np.ndarray, ...]:
-        one, bound = np.float32(1), np.full(exponent.shape, self.elem.max_norm, np.float32)
+        bound = np.full(exponent.shape, self.elem.max_norm, np.float32)
+        if self.fmt.prescaled:
+            return (*formats.exponent_multipliers(exponent, self.fmt), -bound, bound)
+        one = np.float32(1)
         return np.ldexp(one, -exponent).astype(np.float32), np.ldexp(one, exponent).astype(np.float32), -bound, bound
 
     def round(self, w_j: np.ndarray, prepared: tuple[np.ndarray, ...], out: np.ndarray, v: np.ndarray) -> None:
@@ -518,7 +522,9 @@ _ENCODE_ELEMENTS = 1 << 20  # elements per chunk of _encode
 def _encode(q: np.ndarray, params: np.ndarray, fmt: formats.MXFormat) -> tuple[np.ndarray, np.ndarray]:
     """Codes and stored scales of grid values ``q [K, N]`` with per-group ``params [K / group, N]``, group by group
     in chunks of rows (small temporaries). MX: the element value is ``q 2^-E`` (exact: a grid value); MXINT codes
-    are that times 2^mbits (``formats.element_codes`` without its NaN handling: q is finite)."""
+    are that times 2^mbits (``formats.element_codes`` without its NaN handling: q is finite). Pre-scaled: q is the
+    rounded ``elem * S_E``, so the element is ``q / S_E`` rounded back onto the element grid (exact: the grid
+    spacing is far above the two roundings)."""
     k, n = q.shape
     group = fmt.block_size or k
     integer = fmt.kind == "int" or fmt.elem.integer_codes
@@ -531,6 +537,11 @@ def _encode(q: np.ndarray, params: np.ndarray, fmt: formats.MXFormat) -> tuple[n
             chunk = q[r: min(r + step, (g + 1) * group)]
             if fmt.kind == "int":
                 codes[r: r + len(chunk)] = np.rint(chunk / per_group)
+            elif fmt.prescaled:
+                inverse = np.float32(1) / formats.exponent_multipliers(params[g], fmt)[1]
+                value = formats._round_to_grid(chunk * inverse, fmt.elem)
+                codes[r: r + len(chunk)] = (value * np.float32(2**fmt.elem.mbits) if integer
+                                            else formats.element_codes(value, fmt.elem))
             elif integer:
                 value = chunk * per_group
                 value *= np.float32(2**fmt.elem.mbits)

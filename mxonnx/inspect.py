@@ -9,6 +9,9 @@ An ``MXQuantizeDequantize`` read only as the input A of MatMuls quantizes activa
 ``present`` Concat of the KV cache, or by the attention in a graph without past) quantizes keys or values entering
 the KV cache (``mxonnx quantize --kv``): ``kv_cache`` counts those by format. ``rotation``: the blocks of
 ``mxonnx quantize --rotate`` and its online ``BlockHadamard`` nodes, or None.
+Pre-scaled MX formats (``prescale`` attribute p, ``mxonnx.formats``) keep their format names; a model holding any
+gets ``weights_prescale`` / ``acts_prescale`` on its linears (p, 1 for none) and ``prescales``: per side the number
+of pre-scaled quantizers and the least and largest p (the values carry the factor 1 / p).
 """
 
 from __future__ import annotations
@@ -53,6 +56,18 @@ def _file_bytes(onnx_path: Path, model: onnx.ModelProto) -> int:
 
 def _format_attribute(node: onnx.NodeProto) -> str:
     return next(a.s.decode() for a in node.attribute if a.name == schema.FORMAT_ATTR)
+
+
+def _prescale(node: onnx.NodeProto | None) -> float:
+    """The ``prescale`` attribute of a domain node (1 when absent or not a domain node)."""
+    if node is None or node.domain != schema.DOMAIN:
+        return 1.0
+    return next((a.f for a in node.attribute if a.name == schema.PRESCALE_ATTR), 1.0)
+
+
+def _prescale_summary(values: list[float]) -> dict:
+    scaled = [p for p in values if p != 1.0]
+    return {"count": len(scaled), "min": min(scaled), "max": max(scaled)} if scaled else {"count": 0}
 
 
 def _weight_format(node: onnx.NodeProto, codes: onnx.TensorProto) -> str:
@@ -122,10 +137,13 @@ def inspect_model(path: Path) -> dict:
     quantized = floating = weights = stored_bits = 0
     weight_formats, act_formats, kv_formats = collections.Counter(), collections.Counter(), collections.Counter()
     linears = []
+    prescales = {"weights": [], "acts": []}
     for node in graph.node:
         if node.domain == schema.DOMAIN and node.op_type == schema.QUANTIZE_DEQUANTIZE:
             counter = act_formats if reads_as_matmul_input(node.output[0]) else kv_formats
             counter[_format_attribute(node)] += 1
+            if counter is act_formats:
+                prescales["acts"].append(_prescale(node))
         if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx") and len(node.input) == 3:
             scale, zero = initializers.get(node.input[1]), initializers.get(node.input[2])
             if scale is not None and zero is not None and zero.data_type == onnx.TensorProto.INT8:
@@ -141,15 +159,26 @@ def inspect_model(path: Path) -> dict:
             stored_bits += bits
             fmt = _weight_format(producer, inputs[0])
             weight_formats[fmt] += 1
+            prescales["weights"].append(_prescale(producer))
             linears.append({"name": _linear_name(node, producer), "weights": fmt,
                             "acts": _act_format(node.input[0], producers, initializers),
-                            "bits_per_weight": bits / count, "weights_count": count})
+                            "bits_per_weight": bits / count, "weights_count": count,
+                            "weights_prescale": _prescale(producer),
+                            "acts_prescale": _prescale(producers.get(node.input[0]))})
         elif (weight := constant(node.input[1])) is not None and len(weight.dims) == 2:
             floating += 1
             linears.append({"name": _linear_name(node, None), "weights": "none",
                             "acts": _act_format(node.input[0], producers, initializers),
                             "bits_per_weight": 8 * stored_bytes(weight) / _numel(weight),
                             "weights_count": _numel(weight)})
+    summary = {side: _prescale_summary(values) for side, values in prescales.items()}
+    if any(d["count"] for d in summary.values()):
+        extra = {"prescales": summary}
+    else:  # no pre-scale: the report of a plain model, unchanged
+        extra = {}
+        for linear in linears:
+            linear.pop("weights_prescale", None)
+            linear.pop("acts_prescale", None)
     return {
         "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         "custom_ops": dict(collections.Counter(f"{n.domain}.{n.op_type}" for n in graph.node
@@ -162,6 +191,7 @@ def inspect_model(path: Path) -> dict:
         "linears": linears,
         "kv_cache": dict(kv_formats),
         "rotation": _rotation(model),
+        **extra,
     }
 
 
@@ -239,6 +269,11 @@ def format_inspection(d: dict) -> str:
         ("bits per weight", bits),
         ("file size", f"{d['file_bytes'] / 2**20:.1f} MiB ({d['file_bytes']} bytes)"),
     ]
+    for side, summary in d.get("prescales", {}).items():
+        if summary["count"]:
+            p = (f"p = {summary['min']:.6g}" if summary["min"] == summary["max"]
+                 else f"p in {summary['min']:.6g}..{summary['max']:.6g}")
+            rows.append((f"{side} pre-scale", f"{p} on {summary['count']} (values times 1/p)"))
     width = max(len(name) for name, _ in rows)
     text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
     if d.get("linears"):

@@ -51,7 +51,7 @@ from mxonnx import formats
 from mxonnx.allocate import Allocation, choose_formats, measure_losses, stored_bits
 from mxonnx.blockwise import BlockwiseRunner
 from mxonnx.calibrate import block_hessians, block_statistics, config_windows, sample_rows
-from mxonnx.config import METHODS, QuantizeConfig, default_calib_text
+from mxonnx.config import METHODS, PRESCALE_SEARCH, QuantizeConfig, default_calib_text
 from mxonnx.errors import InputError
 from mxonnx.gptq import GptqWeightProvider, check_blocks
 from mxonnx.genai_config import GenaiUnsupportedError, write_mx_genai_config
@@ -65,7 +65,9 @@ from mxonnx.passes.mx_matmul import (
 from mxonnx.passes.rotation import ROTATION_METADATA, block_rotation, rotation_block
 from mxonnx.passes.smoothing import BlockScales, fold_smoothing_scales, folded_rows
 from mxonnx.passes.smoothquant import smoothquant_scales
-from mxonnx.stats import ActivationStats
+from mxonnx.prescale import (
+    apply_prescales, check_candidates, check_prescale, choose_act_prescale, choose_weight_prescale)
+from mxonnx.stats import ActivationStats, group_key
 from mxonnx.workdir import WorkFolder, resumable_output_dir
 
 AVAILABLE_METHODS = METHODS
@@ -135,9 +137,23 @@ def check_config(config: QuantizeConfig) -> None:
                          "and an MX weight format")
     if config.method not in AVAILABLE_METHODS:
         raise InputError(f"unknown method {config.method!r}; choose one of {', '.join(AVAILABLE_METHODS)}")
+    check_prescale_config(config, weights, acts)
     check_target_bits(config)
     if config.uses_gptq:
         check_gptq_config(config)
+
+
+def check_prescale_config(config: QuantizeConfig, weights: formats.MXFormat, acts: formats.MXFormat) -> None:
+    """``--weights-prescale`` / ``--acts-prescale``: valid values, and some MX format on their side."""
+    check_prescale(config.weights_prescale, "--weights-prescale")
+    check_prescale(config.acts_prescale, "--acts-prescale")
+    if PRESCALE_SEARCH in (config.weights_prescale, config.acts_prescale):
+        check_candidates(config.prescale_candidates)
+    if config.weights_prescale is not None and not (weights.kind == "mx" or config.overrides
+                                                    or config.target_bits is not None):
+        raise InputError(f"--weights-prescale applies to MX weight formats; --weights {weights.name} is none")
+    if config.acts_prescale is not None and not (acts.kind == "mx" or config.overrides):
+        raise InputError(f"--acts-prescale applies to MX activation formats; --acts {acts.name} is none")
 
 
 def check_linear_formats(linear_formats: Mapping[str, LinearFormat], config: QuantizeConfig) -> None:
@@ -208,7 +224,12 @@ class BlockPlan:
 
     @property
     def needs_statistics(self) -> bool:
-        return self.smoothing or self.static_acts
+        return self.smoothing or self.static_acts or self.config.searches_act_prescale
+
+    @property
+    def samples_rows(self) -> bool:
+        """The statistics keep a sample of input rows: AWQ's search, the activation pre-scale search."""
+        return self.awq_search or self.config.searches_act_prescale
 
     @property
     def calibrates(self) -> bool:
@@ -225,6 +246,14 @@ class BlockResult:
 
     scales: BlockScales
     alphas: dict[str, float] | None = None
+    prescales: dict[str, dict[str, float]] | None = None  # {"weights"|"acts": {linear name: p}}
+
+    def record(self) -> dict | None:
+        """The plain data the work folder keeps beside the block's tensors."""
+        extra = {"alphas": self.alphas} if self.alphas else {}
+        if self.prescales:
+            extra["prescales"] = self.prescales
+        return extra or None
 
 
 def smoothing_scales(plan: BlockPlan, block: DecoderBlock,
@@ -235,6 +264,49 @@ def smoothing_scales(plan: BlockPlan, block: DecoderBlock,
     if plan.config.uses_awq:
         return awq_block_scales(block, stats, plan.config, linear_formats=plan.pairs_of(block))
     return {}, None
+
+
+def act_prescales(config: QuantizeConfig, block: DecoderBlock, acts: Mapping[str, formats.MXFormat],
+                  stats: Mapping[str, ActivationStats] | None, folded: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The activation pre-scale of each of the block's linears with MX activations: ``--acts-prescale P``, or with
+    ``search`` one p per (input, format) from the input's calibration sample (divided by the row scales folded
+    into it) and the float weights of the linears reading it (``mxonnx.prescale``)."""
+    if config.acts_prescale is None:
+        return {}
+    if config.acts_prescale != PRESCALE_SEARCH:
+        return {l.name: float(config.acts_prescale) for l in block.linears() if acts[l.name].kind == "mx"}
+    chosen = {}
+    for group, linears in block.groups().items():
+        key = group_key(block, group)
+        for name in dict.fromkeys(acts[l.name].name for l in linears if acts[l.name].kind == "mx"):
+            readers = [l for l in linears if acts[l.name].name == name]
+            x = stats[key].sample
+            if key in folded:
+                x = (x / folded[key]).astype(np.float32)
+            p = choose_act_prescale(x, acts[readers[0].name], config.prescale_candidates,
+                                    [np.asarray(l.weight_array, np.float32) for l in readers])
+            chosen.update({l.name: p for l in readers})
+    return chosen
+
+
+def weight_prescales(config: QuantizeConfig, linears: Sequence[Linear], weights: Mapping[str, formats.MXFormat],
+                     hessian_of=None) -> dict[str, float]:
+    """The weight pre-scale of each linear with MX weights: ``--weights-prescale P``, or with ``search`` the
+    candidate of least RTN error weighted by ``hessian_of(linear)`` (the GPTQ Hessian; None: plain error)."""
+    if config.weights_prescale is None:
+        return {}
+    mx = [l for l in linears if weights[l.name].kind == "mx"]
+    if config.weights_prescale != PRESCALE_SEARCH:
+        return {l.name: float(config.weights_prescale) for l in mx}
+    return {l.name: choose_weight_prescale(np.asarray(l.weight_array, np.float32), weights[l.name],
+                                           config.prescale_candidates, hessian_of(l) if hessian_of else None)
+            for l in mx}
+
+
+def _hessian_lookup(block: DecoderBlock, hessians: Mapping[str, np.ndarray]):
+    """linear -> its Hessian in ``block_hessians``' result (keyed by linear name or by input group)."""
+    group_of = {l.name: group for group, linears in block.groups().items() for l in linears}
+    return lambda linear: hessians.get(linear.name, hessians.get(group_key(block, group_of[linear.name])))
 
 
 def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner | None, plan: BlockPlan,
@@ -249,11 +321,16 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
     scales, alphas = smoothing_scales(plan, block, stats) if plan.smoothing else ({}, None)
     if scales:
         fold_smoothing_scales(model, [block], {block.index: scales})
-    act_scales = static_activation_scales(stats, [block], folded_rows(block, scales)) if plan.static_acts else None
-    del stats
+    folded = folded_rows(block, scales)
+    act_scales = static_activation_scales(stats, [block], folded) if plan.static_acts else None
     weights, acts = plan.weights_of(block.linears()), plan.acts_of(block.linears())
+    chosen = {"acts": act_prescales(config, block, acts, stats, folded)}
+    acts = apply_prescales(acts, chosen["acts"])
+    del stats
     if config.uses_gptq and any(f.kind != "none" for f in weights.values()):
         hessians = block_hessians(runner, block, acts, advance=advance_float, act_scales=act_scales)
+        chosen["weights"] = weight_prescales(config, block.linears(), weights, _hessian_lookup(block, hessians))
+        weights = apply_prescales(weights, chosen["weights"])
         provider = GptqWeightProvider(hessians, weights, block_size=config.gptq_block,
                                       micro_block=config.gptq_micro_block, damp=config.damp,
                                       act_order=config.act_order, exponent_search=config.exponent_search,
@@ -262,11 +339,13 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
     else:
         if advance_float and config.uses_gptq:  # GPTQ had no weight here: the Hessian run would have advanced
             runner.advance(block.index)
+        chosen["weights"] = weight_prescales(config, block.linears(), weights)
+        weights = apply_prescales(weights, chosen["weights"])
         provider = RoundToNearest(weights)
     MxMatMulPass(block.linears(), weights, acts, provider, act_scales)(model)
     if runner is not None and config.sequential and not last:
         runner.advance(block.index)  # the next block's inputs from this block quantized
-    return BlockResult(scales, alphas)
+    return BlockResult(scales, alphas, {side: p for side, p in chosen.items() if p} or None)
 
 
 class PlaceholderWeights:
@@ -290,10 +369,12 @@ def replay_block(model: ir.Model, block: DecoderBlock, plan: BlockPlan, work: Wo
         fold_smoothing_scales(model, [block], {block.index: scales})
     act_scales = ({linear.name: np.ones(linear.shape[0], np.float32) for linear in block.linears()}
                   if plan.static_acts else None)
-    weights = plan.weights_of(block.linears())
-    MxMatMulPass(block.linears(), weights, plan.acts_of(block.linears()), PlaceholderWeights(weights), act_scales)(model)
+    prescales = record.get("prescales") or {}
+    weights = apply_prescales(plan.weights_of(block.linears()), prescales.get("weights", {}))
+    acts = apply_prescales(plan.acts_of(block.linears()), prescales.get("acts", {}))
+    MxMatMulPass(block.linears(), weights, acts, PlaceholderWeights(weights), act_scales)(model)
     work.adopt_block(model, block.index, persisted)
-    return BlockResult(scales, record.get("alphas"))
+    return BlockResult(scales, record.get("alphas"), prescales or None)
 
 
 def run_fingerprint(paths: ModelPaths, config: QuantizeConfig) -> str:
@@ -309,6 +390,13 @@ def run_fingerprint(paths: ModelPaths, config: QuantizeConfig) -> str:
         st = path.stat()
         digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return digest.hexdigest()
+
+
+def prescale_report(setting: float | str, chosen: Sequence[Mapping[str, Mapping[str, float]]], side: str):
+    """``quantize``'s report of a pre-scale: the fixed p, or for ``search`` the chosen p per linear."""
+    if setting != PRESCALE_SEARCH:
+        return float(setting)
+    return {name: p for block in chosen for name, p in block.get(side, {}).items()}
 
 
 def override_targets(names: Sequence[str], config: QuantizeConfig) -> set[str]:
@@ -413,7 +501,7 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
             plan = BlockPlan.of(config, linear_formats)
         runner = rows = None
         if plan.calibrates and resumed < len(blocks):  # on the float graph: the runner reads every block's shapes
-            rows = sample_rows(*windows.shape, SAMPLE_TOKENS, config.seed) if plan.awq_search else None
+            rows = sample_rows(*windows.shape, SAMPLE_TOKENS, config.seed) if plan.samples_rows else None
             runner = BlockwiseRunner(onnx_model, blocks, windows, progress=config.progress)
         results = [replay_block(onnx_model, block, plan, work, persisted) for block in blocks[:resumed]]
         if runner is not None and resumed:
@@ -428,8 +516,7 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
             last = block.index == len(blocks) - 1
             result = quantize_block(onnx_model, block, runner, plan, rows, last)
             hidden = runner.hidden_states if runner is not None and not last else None
-            work.persist_block(onnx_model, block.index, persisted, result.scales,
-                               {"alphas": result.alphas} if result.alphas else None, hidden)
+            work.persist_block(onnx_model, block.index, persisted, result.scales, result.record(), hidden)
             results.append(result)
         del runner, windows
         if not kv_first:
@@ -438,7 +525,12 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
             record_alphas(onnx_model, [r.alphas or {} for r in results])
         if lm_head is not None:
             head = plan.linear_formats[lm_head.name]
-            MxMatMulPass([lm_head], head.weights, head.acts, RoundToNearest(head.weights))(onnx_model)
+            head_weights = apply_prescales({lm_head.name: head.weights},
+                                           weight_prescales(config, [lm_head], {lm_head.name: head.weights}))
+            head_acts = {lm_head.name: head.acts}  # its input is not calibrated: a searched p stays 1
+            if config.acts_prescale not in (None, PRESCALE_SEARCH):
+                head_acts = apply_prescales(head_acts, {lm_head.name: float(config.acts_prescale)})
+            MxMatMulPass([lm_head], head_weights, head_acts, RoundToNearest(head_weights))(onnx_model)
         ir.save(onnx_model, work.path / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
         copy_model_assets(paths.folder, work.path)
         try:
@@ -457,6 +549,9 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
     }
     if config.rotate:
         result["rotation"] = json.loads(onnx_model.metadata_props[ROTATION_METADATA])
+    for side, setting in (("weights", config.weights_prescale), ("acts", config.acts_prescale)):
+        if setting is not None:
+            result[f"{side}_prescale"] = prescale_report(setting, [r.prescales or {} for r in results], side)
     if config.overrides:
         result["overrides"] = list(config.overrides)
     if allocation is not None:

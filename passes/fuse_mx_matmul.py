@@ -5,6 +5,9 @@ the native kernels:
         ->  MXMatMul(X, codes, exponents; weight_format=W, act_format=A)
     MatMul(X, MXDequantize(codes, exponents, W, axis=0))  ->  MXMatMul(X, codes, exponents; W, act_format="none")
 
+Pre-scales (``prescale`` of the two ops) become ``weight_prescale`` / ``act_prescale`` (written only when not 1; the
+function body then takes them as attributes, default 1).
+
 An activation quantizer shared by several linears (q/k/v, gate/up) is folded into each of them when all its readers
 fuse: each MXMatMul quantizes the same X with the same format, so the numbers are those of the shared quantizer,
 and the native kernel gets the activation format it needs for its integer dot products (mx_gemv.h). A quantizer
@@ -32,6 +35,8 @@ from mxonnx.ops import functions, schema
 MATMUL = "MXMatMul"
 WEIGHT_FORMAT_ATTR = "weight_format"
 ACT_FORMAT_ATTR = "act_format"
+WEIGHT_PRESCALE_ATTR = "weight_prescale"
+ACT_PRESCALE_ATTR = "act_prescale"
 
 
 def matmul_overload(weights: str | formats.MXFormat, acts: str | formats.MXFormat) -> str:
@@ -40,18 +45,33 @@ def matmul_overload(weights: str | formats.MXFormat, acts: str | formats.MXForma
     return f"{schema.overload(weights)}+{schema.overload(acts) if acts.kind == 'mx' else 'none'}"
 
 
-def matmul_function_proto(weights: str | formats.MXFormat, acts: str | formats.MXFormat) -> onnx.FunctionProto:
+def _prescale_reference(node: onnx.NodeProto, outer: str) -> None:
+    """Give ``node`` the attribute ``prescale`` referring to the function attribute ``outer``."""
+    node.attribute.append(onnx.AttributeProto(name=schema.PRESCALE_ATTR, ref_attr_name=outer,
+                                              type=onnx.AttributeProto.FLOAT))
+
+
+def matmul_function_proto(weights: str | formats.MXFormat, acts: str | formats.MXFormat,
+                          prescaled: bool | None = None) -> onnx.FunctionProto:
     """MXMatMul's body: ``MatMul(MXQuantizeDequantize(X), MXDequantize(codes, exponents))`` (no quantizer for acts
-    ``none``) with the two ops' functions inlined, so that the body holds standard ops only."""
+    ``none``) with the two ops' functions inlined, so that the body holds standard ops only. ``prescaled`` (default:
+    whether either format has a pre-scale): the body takes ``weight_prescale`` and ``act_prescale`` (default 1)."""
     weights, acts = schema.mx_format(weights), formats.parse_format(acts)
-    nodes, x, used = [], "X", [functions.function_proto(schema.DEQUANTIZE, weights)]
+    if prescaled is None:
+        prescaled = weights.prescaled or acts.prescaled
+    nodes, x = [], "X"
+    used = [functions.function_proto(schema.DEQUANTIZE, weights, prescaled=prescaled)]
     if acts.kind == "mx":
         nodes.append(helper.make_node(schema.QUANTIZE_DEQUANTIZE, ["X"], ["X_qdq"], domain=schema.DOMAIN,
                                       format=acts.name, axis=-1, overload=schema.overload(acts)))
-        used.append(functions.function_proto(schema.QUANTIZE_DEQUANTIZE, acts))
+        used.append(functions.function_proto(schema.QUANTIZE_DEQUANTIZE, acts, prescaled=prescaled))
+        if prescaled:
+            _prescale_reference(nodes[-1], ACT_PRESCALE_ATTR)
         x = "X_qdq"
     nodes.append(helper.make_node(schema.DEQUANTIZE, ["codes", "exponents"], ["W"], domain=schema.DOMAIN,
                                   format=weights.name, axis=0, overload=schema.overload(weights)))
+    if prescaled:
+        _prescale_reference(nodes[-1], WEIGHT_PRESCALE_ATTR)
     nodes.append(helper.make_node("MatMul", [x, "W"], ["Y"]))
     inputs, outputs = ["X", "codes", "exponents"], ["Y"]
     opsets = [helper.make_opsetid("", schema.STANDARD_OPSET), helper.make_opsetid(schema.DOMAIN, schema.DOMAIN_VERSION)]
@@ -62,6 +82,9 @@ def matmul_function_proto(weights: str | formats.MXFormat, acts: str | formats.M
     body = onnx.inliner.inline_local_functions(composed).graph.node
     proto = helper.make_function(schema.DOMAIN, MATMUL, inputs, outputs, body, opsets[:1],
                                  attributes=[WEIGHT_FORMAT_ATTR, ACT_FORMAT_ATTR])
+    if prescaled:
+        proto.attribute_proto.extend([helper.make_attribute(WEIGHT_PRESCALE_ATTR, 1.0),
+                                      helper.make_attribute(ACT_PRESCALE_ATTR, 1.0)])
     proto.overload = matmul_overload(weights, acts)
     return proto
 
@@ -103,12 +126,25 @@ def _foldable_quantizer(matmul: ir.Node, graph: ir.Graph) -> ir.Node | None:
 
 
 def _format(node: ir.Node) -> formats.MXFormat:
-    return schema.mx_format(node.attributes[schema.FORMAT_ATTR].as_string())
+    return schema.mx_format(schema.node_format(node))
 
 
 def _add_function(model: ir.Model, proto: onnx.FunctionProto) -> None:
+    """Add ``proto``; a pre-scaled body replaces a plain one of the same overload (with 1 it computes the same)."""
     function = ir.serde.deserialize_function(proto)
-    model.functions.setdefault(function.identifier(), function)
+    held = model.functions.get(function.identifier())
+    if held is None or (WEIGHT_PRESCALE_ATTR in function.attributes and WEIGHT_PRESCALE_ATTR not in held.attributes):
+        model.functions[function.identifier()] = function
+
+
+def matmul_attributes(weights: formats.MXFormat, acts: formats.MXFormat) -> dict:
+    """MXMatMul's attributes: the two formats, and the pre-scales that are not 1."""
+    attributes = {WEIGHT_FORMAT_ATTR: weights.name, ACT_FORMAT_ATTR: acts.name}
+    if weights.prescaled:
+        attributes[WEIGHT_PRESCALE_ATTR] = weights.prescale
+    if acts.prescaled:
+        attributes[ACT_PRESCALE_ATTR] = acts.prescale
+    return attributes
 
 
 class FuseMxMatMulPass(ir.passes.InPlacePass):
@@ -130,7 +166,7 @@ class FuseMxMatMulPass(ir.passes.InPlacePass):
             x = quantizer.inputs[0] if quantizer is not None else matmul.inputs[0]
             node = ir.node(MATMUL, [x, *weight.inputs], domain=schema.DOMAIN,
                            overload=matmul_overload(weights, acts), name=matmul.name,
-                           attributes={WEIGHT_FORMAT_ATTR: weights.name, ACT_FORMAT_ATTR: acts.name})
+                           attributes=matmul_attributes(weights, acts))
             node.outputs[0].shape, node.outputs[0].type = matmul.outputs[0].shape, matmul.outputs[0].type
             ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [node], matmul.outputs, node.outputs)
             _add_function(model, matmul_function_proto(weights, acts))

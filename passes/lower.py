@@ -6,12 +6,16 @@ All three targets are exact: they compute the same values as the custom ops.
 - ``qdq``: MXINT weights become ``DequantizeLinear(codes, scale, axis=0, block_size=b)`` (opset 21 blocked
   dequantization) with the fp32 scale ``2^(E - 127 - (d - 2))``, which is exact: an MXINTd element is
   ``k * 2^-(d-2)`` and the block scale ``2^E``. Other MX weights and the activation ops are inlined.
+  A pre-scaled format (``prescale`` p) has the float block scale ``fl(2^E f)``, f = fl(1 / p): the DequantizeLinear
+  scale becomes ``fl(2^E f) * 2^-(d-2)`` (exact, a power-of-two shift), the inlined bodies multiply by the same f.
   Note: onnxruntime fuses such a DequantizeLinear + MatMul into MatMulNBits and by default runs it with int8
   activations; set the session config ``session.qdq_matmulnbits_accuracy_level`` to ``0`` to keep it exact
   (``mxonnx.session`` does).
 - ``matmulnbits``: every ``MatMul(A, MXDequantize(codes, exps))`` with MXINTd weights becomes
   ``com.microsoft.MatMulNBits`` (bits 4 for d <= 4, else 8; unsigned codes ``k + 2^(bits-1)`` with the default
-  zero point ``2^(bits-1)``; the same power-of-two scales). ORT needs a block size of at least 16.
+  zero point ``2^(bits-1)``; the same scales, pre-scale included). ORT needs a block size of at least 16; MXFP
+  weights, pre-scaled or not, have no MatMulNBits form and are refused. (Every target holds float scales, so none
+  needs to refuse a pre-scale for holding only E8M0 ones.)
   Activation ops are inlined.
 
 Memory: the weights that a target rewrites (qdq scales, MatMulNBits codes and scales) are ``ir.LazyTensor``s
@@ -39,7 +43,7 @@ def _mx_dequantize_nodes(model: ir.Model) -> list[ir.Node]:
 
 
 def _format_and_axis(node: ir.Node) -> tuple[formats.MXFormat, int]:
-    fmt = formats.parse_format(node.attributes[schema.FORMAT_ATTR].as_string())
+    fmt = schema.node_format(node)
     axis = node.attributes[schema.AXIS_ATTR].as_int() if schema.AXIS_ATTR in node.attributes else 0
     return fmt, axis
 
@@ -64,9 +68,10 @@ def _lazy(name: str, dtype: ir.DataType, shape: tuple[int, ...], compute) -> ir.
 
 
 def _int_block_scales(exponents: ir.TensorProtocol, fmt: formats.MXFormat) -> np.ndarray:
-    """fp32 scales 2^(E - 127 - (d - 2)) of an MXINTd weight, from its E8M0 exponents (exact powers of two)."""
-    exps = _read(exponents, np.int32)
-    return np.ldexp(np.float32(1.0), exps - 127 - (fmt.bits - 2)).astype(np.float32)
+    """fp32 scales 2^(E - 127 - (d - 2)) of an MXINTd weight, from its E8M0 exponents (exact powers of two);
+    pre-scaled: fl(2^(E - 127) f) 2^-(d - 2)."""
+    exps = _read(exponents, np.uint8)
+    return np.ldexp(formats.block_float_scales(exps, fmt), -(fmt.bits - 2)).astype(np.float32)
 
 
 def _lowerable_int_weight(node: ir.Node) -> formats.MXFormat | None:

@@ -154,12 +154,12 @@ class MxMatMulPass(ir.passes.InPlacePass):
                     used.add((schema.DEQUANTIZE, weights))
             if acts.kind != "none":
                 x = linear.input
-                key = (x, acts.name)
+                key = (x, acts.label)
                 if key not in quantized_inputs:
                     if acts.kind == "mx":
                         again = any(v is x and f != "int8" for v, f in quantized_inputs)  # x in a second MX format
                         quantized_inputs[key] = insert_quantize_dequantize(graph, x, acts,
-                                                                           f".{acts.name}" if again else "")
+                                                                           f".{acts.label}" if again else "")
                         used.add((schema.QUANTIZE_DEQUANTIZE, acts))
                     else:
                         quantized_inputs[key] = _insert_static_int8(graph, x, self.act_scales[linear.name])
@@ -178,7 +178,7 @@ class MxMatMulPass(ir.passes.InPlacePass):
             scales_value = _initializer(graph, packing.scale_tensor(scales, fmt, f"{linear.name}.weight_exponents"))
             node = ir.node(schema.DEQUANTIZE, [codes_value, scales_value], domain=schema.DOMAIN,
                            overload=schema.overload(fmt), name=f"{linear.name}/MXDequantize",
-                           attributes={schema.FORMAT_ATTR: fmt.name, schema.AXIS_ATTR: 0})
+                           attributes=schema.format_attributes(fmt, 0))
         else:
             node = _dequantize_linear(graph, linear.name, codes_value, scales, fmt)
         node.outputs[0].name = f"{linear.name}.weight_dequantized"
@@ -209,7 +209,7 @@ def insert_quantize_dequantize(graph: ir.Graph, x: ir.Value, fmt: formats.MXForm
     """``MXQuantizeDequantize(x)`` along the last axis, placed right after x's producer (``suffix`` tells the names
     of a second quantizer of x, in another format, apart)."""
     node = ir.node(schema.QUANTIZE_DEQUANTIZE, [x], domain=schema.DOMAIN, overload=schema.overload(fmt),
-                   attributes={schema.FORMAT_ATTR: fmt.name, schema.AXIS_ATTR: -1},
+                   attributes=schema.format_attributes(fmt, -1),
                    name=f"{x.name}/MXQuantizeDequantize{suffix}")
     node.outputs[0].name = f"{x.name}_mxqdq{suffix}"
     node.outputs[0].shape, node.outputs[0].type = x.shape, x.type
@@ -246,11 +246,18 @@ def _insert_static_int8(graph: ir.Graph, x: ir.Value, scales: np.ndarray) -> ir.
 
 def add_mx_functions(model: ir.Model, used: set[tuple[str, formats.MXFormat]]) -> None:
     """Declare the opsets (standard 21, IR 10, the custom domain when ``used``) and add the function of every
-    ``(op, format)`` in ``used`` that the model does not hold yet."""
+    ``(op, format)`` in ``used`` that the model does not hold yet. A pre-scaled format needs the body taking
+    ``prescale``: it replaces a plain one already there (with p = 1 it computes the same)."""
     _declare_opsets(model, with_domain=bool(used))
-    for op_type, fmt in sorted(used, key=lambda u: (u[0], u[1].name)):
-        function = ir.serde.deserialize_function(functions.function_proto(op_type, fmt))
-        model.functions.setdefault(function.identifier(), function)
+    prescaled: dict[tuple[str, str], bool] = {}
+    for op_type, fmt in used:
+        prescaled[op_type, fmt.name] = prescaled.get((op_type, fmt.name), False) or fmt.prescaled
+    for (op_type, name), with_prescale in sorted(prescaled.items()):
+        proto = functions.function_proto(op_type, name, prescaled=with_prescale)
+        function = ir.serde.deserialize_function(proto)
+        held = model.functions.get(function.identifier())
+        if held is None or (with_prescale and schema.PRESCALE_ATTR not in held.attributes):
+            model.functions[function.identifier()] = function
 
 
 def _declare_opsets(model: ir.Model, with_domain: bool) -> None:

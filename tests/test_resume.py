@@ -86,7 +86,9 @@ def kill_and_resume(src: Path, text: Path, tmp_path: Path, flags: tuple[str, ...
     (("--method", "gptq", "--weights", "mxint4-32", "--acts", "mxint8-32", "--kv", "mxint4-8"), ("committed",)),
     (("--method", "awq+gptq", "--target-bits", "4.6", "--override", "layers.0.q_proj=mxint8-16/mxint8-16"),
      ("committed",)),
-], ids=["awq+gptq", "sq-int8", "gptq-kv", "target-bits"])
+    (("--method", "gptq", "--weights", "mxfp4-32", "--acts", "mxfp4-32", "--weights-prescale", "search",
+      "--acts-prescale", "search", "--prescale-candidates", "0.6,0.75,1"), ("committed",)),
+], ids=["awq+gptq", "sq-int8", "gptq-kv", "target-bits", "prescale-search"])
 def test_resume_after_sigkill_gives_the_same_bytes(flags, modes, tiny_onnx, tiny_text, tmp_path, capsys):
     reference = tmp_path / "reference"
     assert main(quantize_args(tiny_onnx, reference, tiny_text, *flags, "--json")) == 0

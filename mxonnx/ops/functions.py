@@ -11,6 +11,11 @@ A function body cannot branch on the string ``format``, so there is one function
 constants of the body; ``axis`` stays an attribute reference, handled at run time for any rank (inputs and
 outputs are declared ``FLOAT[...]``, unknown rank: a bare ``FLOAT`` would declare a scalar).
 
+Pre-scale (``prescale`` attribute p, float, default 1; ``mxonnx.formats``): the prescaled variant of a body multiplies
+the gathered 2^-E by p and the gathered 2^E by f = 1 / p (float32 ``Div``), which are the I_E and S_E of
+``mxonnx.formats`` bit for bit; p = 1 multiplies by 1. Only models that use a pre-scale hold that variant
+(:func:`function_proto` with ``prescaled``), so other models keep the plain bodies byte for byte.
+
 Exactness: ``Log`` is not exact at powers of two, so ``floor(log2 a)`` is estimated with it and then corrected by
 comparing ``a`` with exact powers of two gathered from a table (the estimate is off by at most one). Powers of two
 of scales likewise come from tables (``2^(c - 127)`` for E8M0 code c, NaN for 255), never from ``Pow``.
@@ -138,21 +143,51 @@ def _dequantize_body(fmt: formats.MXFormat):
 
 
 _BODIES = {schema.QUANTIZE_DEQUANTIZE: _quantize_dequantize_body, schema.DEQUANTIZE: _dequantize_body}
+# the constant tables whose gathered entries a pre-scale multiplies: 2^-E by p, 2^E by f = 1 / p
+_PRESCALED_TABLES = {"INVERSE_SCALE": "prescale_p", "SCALE": "prescale_f"}
+
+
+def _add_prescale(proto: onnx.FunctionProto) -> None:
+    """Declare the ``prescale`` attribute (default 1.0) and multiply the output of every Gather from one of
+    ``_PRESCALED_TABLES`` by p or f = 1 / p."""
+    p = onnx.helper.make_node("Constant", [], ["prescale_p"])
+    p.attribute.append(onnx.AttributeProto(name="value_float", ref_attr_name=schema.PRESCALE_ATTR,
+                                           type=onnx.AttributeProto.FLOAT))
+    head = [p, onnx.helper.make_node("Constant", [], ["prescale_one"], value_float=1.0),
+            onnx.helper.make_node("Div", ["prescale_one", "prescale_p"], ["prescale_f"])]
+    nodes, patched = [], 0
+    for node in proto.node:
+        nodes.append(node)
+        if node.op_type == "Gather" and node.input[0] in _PRESCALED_TABLES:
+            out = node.output[0]
+            node.output[0] = f"{out}_pow2"
+            nodes.append(onnx.helper.make_node("Mul", [node.output[0], _PRESCALED_TABLES[node.input[0]]], [out]))
+            patched += 1
+    assert patched, "a body without scale tables"
+    del proto.node[:]
+    proto.node.extend(head + nodes)
+    proto.attribute_proto.append(onnx.helper.make_attribute(schema.PRESCALE_ATTR, 1.0))
 
 
 @functools.lru_cache(maxsize=None)
-def _function_proto(op_type: str, fmt: formats.MXFormat) -> onnx.FunctionProto:
+def _function_proto(op_type: str, fmt: formats.MXFormat, prescaled: bool) -> onnx.FunctionProto:
     proto = _BODIES[op_type](fmt).to_function_proto()
     proto.overload = schema.overload(fmt)
     # the node's `format` is the contract; declared (unused by the body) so checkers accept the attribute
     proto.attribute.append(schema.FORMAT_ATTR)
+    if prescaled:
+        _add_prescale(proto)
     return proto
 
 
-def function_proto(op_type: str, fmt: str | formats.MXFormat) -> onnx.FunctionProto:
-    """The FunctionProto defining ``op_type`` (one of ``schema.OPS``) for an MX format (a fresh copy)."""
+def function_proto(op_type: str, fmt: str | formats.MXFormat, prescaled: bool | None = None) -> onnx.FunctionProto:
+    """The FunctionProto defining ``op_type`` (one of ``schema.OPS``) for an MX format (a fresh copy); with
+    ``prescaled`` (default: whether ``fmt`` has a pre-scale) the variant taking the ``prescale`` attribute, which
+    with p = 1 computes the plain body's values."""
     if op_type not in _BODIES:
         raise ValueError(f"{op_type!r} is not an op of {schema.DOMAIN} (ops: {', '.join(schema.OPS)})")
+    fmt = schema.mx_format(fmt)
+    base = formats.parse_format(fmt.name)  # the body depends on the element format and block only
     proto = onnx.FunctionProto()
-    proto.CopyFrom(_function_proto(op_type, schema.mx_format(fmt)))
+    proto.CopyFrom(_function_proto(op_type, base, fmt.prescaled if prescaled is None else prescaled))
     return proto

@@ -3,13 +3,16 @@
 
 | op | inputs -> output | attributes |
 |---|---|---|
-| ``MXQuantizeDequantize`` | X float32 -> Y float32 (same shape) | ``format`` (string), ``axis`` (int, default -1) |
-| ``MXDequantize`` | codes, exponents (uint8 E8M0) -> W float32 | ``format``, ``axis`` (default 0) |
+| ``MXQuantizeDequantize`` | X float32 -> Y float32 (same shape) | ``format`` (string), ``axis`` (int, default -1), ``prescale`` (float, default 1) |
+| ``MXDequantize`` | codes, exponents (uint8 E8M0) -> W float32 | ``format``, ``axis`` (default 0), ``prescale`` (default 1) |
 | ``BlockHadamard`` | X float32 -> Y float32 (same shape) | ``block`` (int, a power of two dividing X's last dim) |
 
 ``BlockHadamard`` is the online rotation of ``--rotate`` (``passes/rotation.py``): ``Y = X blockdiag(H_b / sqrt(b))``
 along the last axis, computed as a fast Walsh-Hadamard transform (``mxonnx.ops.hadamard``); its overload is
 ``b{block}``.
+
+``prescale`` p (``mxonnx.formats``, in (0.5, 1]): elements Q(x * fl(2^-E p)), values element * fl(2^E / p); written
+only when p != 1.
 
 ``MXDequantize`` storage: ``codes`` has the output's shape (no padding), dtype ``code_dtype(format)``;
 ``exponents`` is uint8 with the output's shape but dim ``axis`` = ceil(n / b); W = element(code) * 2^(exponent - 127).
@@ -20,6 +23,7 @@ FunctionProto per (op, format), overload = the canonical format name, ``axis`` a
 
 from __future__ import annotations
 
+import onnx
 import onnx_ir as ir
 
 from mxonnx import formats
@@ -35,6 +39,7 @@ BLOCK_ATTR = "block"
 ROTATION_METADATA = "mxonnx.rotation"  # model metadata: --rotate's blocks (JSON), read by inspect
 FORMAT_ATTR = "format"
 AXIS_ATTR = "axis"
+PRESCALE_ATTR = "prescale"
 DEFAULT_AXIS = {QUANTIZE_DEQUANTIZE: -1, DEQUANTIZE: 0}
 
 # INT4/UINT4 tensors and Cast from them, and DequantizeLinear's block_size, need opset 21 and IR version 10
@@ -49,6 +54,27 @@ def mx_format(fmt: str | formats.MXFormat) -> formats.MXFormat:
     if parsed.kind != "mx":
         raise InputError(f"format {parsed.name!r} is not an MX format; the {DOMAIN} ops take MX formats only")
     return parsed
+
+
+def format_attributes(fmt: formats.MXFormat, axis: int) -> dict:
+    """The attributes of a domain node of ``fmt``: format, axis, and prescale when there is one."""
+    attributes = {FORMAT_ATTR: fmt.name, AXIS_ATTR: axis}
+    if fmt.prescaled:
+        attributes[PRESCALE_ATTR] = fmt.prescale
+    return attributes
+
+
+def node_format(node: ir.Node | onnx.NodeProto, format_attr: str = FORMAT_ATTR,
+                prescale_attr: str = PRESCALE_ATTR) -> formats.MXFormat:
+    """The format an onnx-ir node or a NodeProto names in ``format_attr``, with the pre-scale in ``prescale_attr``."""
+    if isinstance(node, onnx.NodeProto):
+        by_name = {a.name: a for a in node.attribute}
+        name, p = by_name[format_attr].s.decode(), by_name[prescale_attr].f if prescale_attr in by_name else 1.0
+    else:
+        name = node.attributes[format_attr].as_string()
+        p = node.attributes[prescale_attr].as_float() if prescale_attr in node.attributes else 1.0
+    fmt = formats.parse_format(name)
+    return formats.with_prescale(fmt, p) if p != 1.0 else fmt
 
 
 def code_dtype(fmt: str | formats.MXFormat) -> ir.DataType:

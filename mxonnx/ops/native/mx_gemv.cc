@@ -399,10 +399,11 @@ bool cpu_has_avx512_vnni() { return false; }
 
 }  // namespace
 
-GemvKernel::GemvKernel(const MxFormat& weight_format, const MxFormat* act_format)
+GemvKernel::GemvKernel(const MxFormat& weight_format, const MxFormat* act_format, float act_prescale)
     : weight_(weight_format),
       act_elem_(nullptr),
       act_block_(0),
+      act_prescale_(act_prescale),
       packed4_(weight_format.elem->storage == CodeStorage::kInt4 || weight_format.elem->storage == CodeStorage::kUInt4),
       integer_(false),
       vector_(cpu_has_avx2_fma() && isa_cap() >= Isa::kAvx2),
@@ -453,7 +454,7 @@ void GemvKernel::quantize_row(const float* x, int64_t k, ActivationCodes& out) c
   const int64_t segments = (k + segment_ - 1) / segment_;
   out.codes.assign(segments * segment_, 0);
   std::vector<float> block_scales((k + act_block_ - 1) / act_block_);
-  quantize_codes(*act_elem_, x, k, act_block_, out.codes.data(), block_scales.data());
+  quantize_codes(*act_elem_, x, k, act_block_, out.codes.data(), block_scales.data(), act_prescale_);
   out.segment_scale.resize(segments);
   out.segment_sum.resize(segments);
   for (int64_t s = 0; s < segments; ++s) {

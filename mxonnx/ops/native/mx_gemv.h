@@ -45,8 +45,9 @@ constexpr int64_t kGemmColumns = 32;  // columns of W per panel of the integer G
 
 class GemvKernel {
  public:
-  // act_format nullptr: X is taken as is (float route).
-  GemvKernel(const MxFormat& weight_format, const MxFormat* act_format);
+  // act_format nullptr: X is taken as is (float route). act_prescale: the activation format's pre-scale p, which
+  // quantize_row applies to the codes (its segment scales leave out f = 1 / p: the caller multiplies y by it).
+  GemvKernel(const MxFormat& weight_format, const MxFormat* act_format, float act_prescale = 1.0f);
 
   bool integer_route() const { return integer_; }
   // Segment length S of the integer route (rows of W sharing both exponents); the float route uses the weight block.
@@ -78,6 +79,7 @@ class GemvKernel {
   MxFormat weight_;
   const ElemFormat* act_elem_;  // nullptr: float route
   int64_t act_block_;
+  float act_prescale_;
   bool packed4_;
   bool integer_;
   bool vector_;

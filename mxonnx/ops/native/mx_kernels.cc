@@ -45,31 +45,41 @@ inline float round_to_grid(float v, const Grid& grid) {
   return v > grid.max_norm ? grid.max_norm : v;
 }
 
-// (2^-E, 2^E) of a block from the bit pattern of its max|x|: E + 127 = max(F - emax, 0) for the exponent field F
-// (exact floor(log2) for normals; zero and subnormal maxima clamp to E = -127 either way). F = 255 (NaN/Inf): NaN.
+// The pre-scale p of a format and f = fl(1 / p) (1 and 1: the plain OCP rule).
+struct Prescale {
+  float p;
+  float f;
+
+  explicit Prescale(float prescale) : p(prescale), f(1.0f / prescale) {}
+};
+
+// (fl(2^-E p), fl(2^E f)) of a block from the bit pattern of its max|x|: E + 127 = max(F - emax, 0) for the exponent
+// field F (exact floor(log2) for normals; zero and subnormal maxima clamp to E = -127 either way). F = 255 (NaN/Inf):
+// NaN. `value_factor` false leaves f out of the scale (quantize_codes: the caller applies it).
 struct BlockScale {
   float inverse;
   float scale;
 };
 
-inline BlockScale block_scale(uint32_t absmax_bits, int emax) {
+inline BlockScale block_scale(uint32_t absmax_bits, int emax, const Prescale& prescale, bool value_factor = true) {
   const int field = static_cast<int>(absmax_bits >> 23);
   if (field == 255) return {kNaN, kNaN};
   const int code = std::max(field - emax, 0);
-  return {pow2f(127 - code), pow2f(code - 127)};
+  return {pow2f(127 - code) * prescale.p, pow2f(code - 127) * (value_factor ? prescale.f : 1.0f)};
 }
 
 // One contiguous block of `len` elements (block axis last).
-MXONNX_VECTOR_CLONES void qdq_contiguous_block(const Grid& grid, int emax, const float* x, float* y, int64_t len) {
+MXONNX_VECTOR_CLONES void qdq_contiguous_block(const Grid& grid, int emax, const Prescale& prescale, const float* x,
+                                               float* y, int64_t len) {
   uint32_t absmax = 0;
   for (int64_t i = 0; i < len; ++i) absmax = std::max(absmax, float_bits(x[i]) & kAbsMask);
-  const BlockScale s = block_scale(absmax, emax);
+  const BlockScale s = block_scale(absmax, emax, prescale);
   for (int64_t i = 0; i < len; ++i) y[i] = round_to_grid(x[i] * s.inverse, grid) * s.scale;
 }
 
 // `rows` rows of `cols` columns with row stride `stride`: one block per column (block axis not last).
-MXONNX_VECTOR_CLONES void qdq_strided_blocks(const Grid& grid, int emax, const float* x, float* y, int64_t rows,
-                                             int64_t cols, int64_t stride) {
+MXONNX_VECTOR_CLONES void qdq_strided_blocks(const Grid& grid, int emax, const Prescale& prescale, const float* x,
+                                             float* y, int64_t rows, int64_t cols, int64_t stride) {
   uint32_t absmax[kColumnChunk];
   float inverse[kColumnChunk], scale[kColumnChunk];
   std::fill(absmax, absmax + cols, 0u);
@@ -78,7 +88,7 @@ MXONNX_VECTOR_CLONES void qdq_strided_blocks(const Grid& grid, int emax, const f
     for (int64_t c = 0; c < cols; ++c) absmax[c] = std::max(absmax[c], float_bits(row[c]) & kAbsMask);
   }
   for (int64_t c = 0; c < cols; ++c) {
-    const BlockScale s = block_scale(absmax[c], emax);
+    const BlockScale s = block_scale(absmax[c], emax, prescale);
     inverse[c] = s.inverse;
     scale[c] = s.scale;
   }
@@ -103,11 +113,11 @@ MXONNX_VECTOR_CLONES void decode_elements(const DequantizeTables& tables, bool p
 }
 
 // One contiguous block as integer codes (see quantize_codes); returns the block's scale.
-MXONNX_VECTOR_CLONES float codes_contiguous_block(const Grid& grid, int emax, float unit, const float* x,
-                                                  int8_t* codes, int64_t len) {
+MXONNX_VECTOR_CLONES float codes_contiguous_block(const Grid& grid, int emax, const Prescale& prescale, float unit,
+                                                  const float* x, int8_t* codes, int64_t len) {
   uint32_t absmax = 0;
   for (int64_t i = 0; i < len; ++i) absmax = std::max(absmax, float_bits(x[i]) & kAbsMask);
-  const BlockScale s = block_scale(absmax, emax);
+  const BlockScale s = block_scale(absmax, emax, prescale, false);
   if (s.scale != s.scale) {
     std::fill(codes, codes + len, int8_t{0});
     return kNaN;
@@ -121,35 +131,40 @@ MXONNX_VECTOR_CLONES float codes_contiguous_block(const Grid& grid, int emax, fl
 
 }  // namespace
 
-void quantize_codes(const ElemFormat& elem, const float* x, int64_t n, int64_t block, int8_t* codes, float* scales) {
+void quantize_codes(const ElemFormat& elem, const float* x, int64_t n, int64_t block, int8_t* codes, float* scales,
+                    float prescale) {
   const Grid grid(elem);
+  const Prescale pre(prescale);
   const float unit = pow2f(elem.emin - elem.mbits);
   for (int64_t first = 0, b = 0; first < n; first += block, ++b) {
-    scales[b] = codes_contiguous_block(grid, elem.emax, unit, x + first, codes + first, std::min(block, n - first));
+    scales[b] = codes_contiguous_block(grid, elem.emax, pre, unit, x + first, codes + first,
+                                       std::min(block, n - first));
   }
 }
 
 void quantize_dequantize(const ElemFormat& elem, const BlockLayout& layout, const float* x, float* y,
-                         int64_t begin, int64_t end) {
+                         int64_t begin, int64_t end, float prescale) {
   const Grid grid(elem);
+  const Prescale pre(prescale);
   const int64_t nb = layout.blocks_per_row();
   for (int64_t t = begin; t < end; ++t) {
     const int64_t o = t / nb, first = (t % nb) * layout.block;
     const int64_t len = std::min(layout.block, layout.n - first);
     const int64_t offset = (o * layout.n + first) * layout.inner;
     if (layout.inner == 1) {
-      qdq_contiguous_block(grid, elem.emax, x + offset, y + offset, len);
+      qdq_contiguous_block(grid, elem.emax, pre, x + offset, y + offset, len);
       continue;
     }
     for (int64_t c = 0; c < layout.inner; c += kColumnChunk) {
       const int64_t cols = std::min(kColumnChunk, layout.inner - c);
-      qdq_strided_blocks(grid, elem.emax, x + offset + c, y + offset + c, len, cols, layout.inner);
+      qdq_strided_blocks(grid, elem.emax, pre, x + offset + c, y + offset + c, len, cols, layout.inner);
     }
   }
 }
 
-DequantizeTables make_dequantize_tables(const ElemFormat& elem) {
+DequantizeTables make_dequantize_tables(const ElemFormat& elem, float prescale) {
   DequantizeTables tables;
+  const float factor = Prescale(prescale).f;
   const int d = elem.bits, mbits = elem.mbits;
   for (int byte = 0; byte < 256; ++byte) {
     const int code = byte & ((1 << d) - 1);
@@ -166,7 +181,7 @@ DequantizeTables make_dequantize_tables(const ElemFormat& elem) {
       if (code >> (d - 1)) value = -value;
     }
     tables.element[byte] = value;
-    tables.scale[byte] = byte == 255 ? kNaN : pow2f(byte - 127);
+    tables.scale[byte] = byte == 255 ? kNaN : pow2f(byte - 127) * factor;
   }
   for (int byte = 0; byte < 256; ++byte) {
     tables.nibble_pair[byte][0] = tables.element[byte & 0xF];

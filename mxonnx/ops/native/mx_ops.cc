@@ -68,13 +68,30 @@ OrtStatusPtr guarded(Body&& body) {
   }
 }
 
-int64_t int_attribute_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
-  int64_t value = 0;
-  if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) {
+// An attribute read by `get` (an OrtApi KernelInfoGetAttribute_* entry), `fallback` when absent.
+template <typename T, typename Getter>
+T attribute_or(const OrtKernelInfo* info, const char* name, T fallback, Getter get) {
+  T value{};
+  if (OrtStatus* status = get(info, name, &value)) {
     Ort::GetApi().ReleaseStatus(status);
     return fallback;
   }
   return value;
+}
+
+int64_t int_attribute_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  return attribute_or<int64_t>(info, name, fallback, Ort::GetApi().KernelInfoGetAttribute_int64);
+}
+
+float float_attribute_or(const OrtKernelInfo* info, const char* name, float fallback) {
+  return attribute_or<float>(info, name, fallback, Ort::GetApi().KernelInfoGetAttribute_float);
+}
+
+// A pre-scale attribute (mxonnx.formats: p in (0.5, 1], default 1).
+float prescale_attribute(const OrtKernelInfo* info, const char* op, const char* name) {
+  const float p = float_attribute_or(info, name, 1.0f);
+  if (!(p > 0.5f && p <= 1.0f)) invalid(std::string(op) + ": " + name + " " + std::to_string(p) + " is outside (0.5, 1]");
+  return p;
 }
 
 MxFormat format_attribute(const OrtKernelInfo* info, const char* op, const char* attribute = "format") {
@@ -151,10 +168,12 @@ void check_weight_types(const MxFormat& format, const Ort::TensorTypeAndShapeInf
   }
 }
 
-// MXQuantizeDequantize(X float32; format, axis=-1) -> Y float32, Y = quantize_dequantize(X, format, axis).
+// MXQuantizeDequantize(X float32; format, axis=-1, prescale=1) -> Y float32, Y = quantize_dequantize(X, format, axis)
+// with the format's pre-scale.
 struct QuantizeDequantizeKernel {
   MxFormat format;
   int64_t axis;
+  float prescale;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded([&] {
@@ -170,13 +189,16 @@ struct QuantizeDequantizeKernel {
       if (info.GetElementCount() == 0) return;
       const float* in = x.GetTensorData<float>();
       float* out = y.GetTensorMutableData<float>();
-      auto work = [&](int64_t begin, int64_t end) { quantize_dequantize(*format.elem, layout, in, out, begin, end); };
+      auto work = [&](int64_t begin, int64_t end) {
+        quantize_dequantize(*format.elem, layout, in, out, begin, end, prescale);
+      };
       parallel_for(context, layout.block_rows(), layout.block * layout.inner, work);
     });
   }
 };
 
-// MXDequantize(codes, exponents uint8; format, axis=0) -> W float32, W = dequantize(codes, exponents, format, axis).
+// MXDequantize(codes, exponents uint8; format, axis=0, prescale=1) -> W float32, W = dequantize(codes, exponents,
+// format, axis): element * fl(2^E f), the pre-scale's f = fl(1 / p) folded into the E8M0 table.
 struct DequantizeKernel {
   MxFormat format;
   int64_t axis;
@@ -209,14 +231,28 @@ struct DequantizeKernel {
   }
 };
 
-// MXMatMul(X float32 [..., K], codes [K, N], exponents uint8 [ceil(K/b), N]; weight_format, act_format="none")
-//   -> Y float32 [..., N],  Y = MatMul(MXQuantizeDequantize(X, act_format, -1), MXDequantize(codes, exponents,
-//   weight_format, 0)), the weight decoded panel by panel inside the GEMM (mx_matmul.h).
+// MXMatMul(X float32 [..., K], codes [K, N], exponents uint8 [ceil(K/b), N]; weight_format, act_format="none",
+//   weight_prescale=1, act_prescale=1) -> Y float32 [..., N],  Y = MatMul(MXQuantizeDequantize(X, act_format, -1,
+//   act_prescale), MXDequantize(codes, exponents, weight_format, 0, weight_prescale)), the weight decoded panel by
+//   panel inside the GEMM (mx_matmul.h).
+// Pre-scales: the kernels sum with the plain power-of-two scales (activation codes from the pre-scaled values) and
+// Y is multiplied once at the end by F = fl(f_w f_a) (integer route) or f_w (float route, whose activations are
+// already dequantized with f_a), f = fl(1 / p). Against the reference, which rounds each dequantized value
+// element * fl(2^E f) once, this adds 4 units of 2^-24 to the bound of mx_gemv.h (two roundings of F and its
+// product, two of the reference's values): |y - y_ref| <= (S_f + K / S + 6) 2^-24 sum_k |xq_k w_kn|.
 struct FusedMatMulKernel {
   MatMulKernel gemm;
   MxFormat weight_format;
   std::unique_ptr<MxFormat> act_format;  // nullptr: X enters the GEMM as is
   GemvKernel gemv;
+  float integer_factor;  // F of the integer route
+  float float_factor;    // f_w of the float route
+  float act_prescale;    // p_a of the float route's activation quantizer
+
+  static void scale_output(float* y, int64_t count, float factor) {
+    if (factor == 1.0f) return;
+    for (int64_t i = 0; i < count; ++i) y[i] *= factor;
+  }
 
   // Y[m, n] row by row (GemvKernel::multiply), each row split into kGemvSplits ranges of whole kGemvColumns units
   // (tasks of the thread pool; few and wide, so that each reads long runs of every weight row). Integer route:
@@ -271,6 +307,7 @@ struct FusedMatMulKernel {
         std::vector<ActivationCodes> rows(m);
         for (int64_t r = 0; r < m; ++r) gemv.quantize_row(in + r * k, k, rows[r]);
         multiply_rows(context, w, rows.data(), nullptr, out, m);
+        scale_output(out, m * n, integer_factor);
         return;
       }
       if (gemv.integer_gemm()) {
@@ -283,6 +320,7 @@ struct FusedMatMulKernel {
           for (int64_t p = begin; p < end; ++p) gemv.gemm_panel(w, rows.data(), m, p * kGemmColumns, out);
         };
         parallel_for(context, (n + kGemmColumns - 1) / kGemmColumns, m * kGemmColumns * k, multiply);
+        scale_output(out, m * n, integer_factor);
         return;
       }
       std::vector<float> quantized;
@@ -290,13 +328,14 @@ struct FusedMatMulKernel {
         quantized.resize(m * k);
         const BlockLayout layout{m, k, 1, act_format->block_size};
         auto qdq = [&](int64_t begin, int64_t end) {
-          quantize_dequantize(*act_format->elem, layout, in, quantized.data(), begin, end);
+          quantize_dequantize(*act_format->elem, layout, in, quantized.data(), begin, end, act_prescale);
         };
         parallel_for(context, layout.block_rows(), layout.block, qdq);
         in = quantized.data();
       }
       if (m <= kGemvMaxRows) {
         multiply_rows(context, w, nullptr, in, out, m);
+        scale_output(out, m * n, float_factor);
         return;
       }
       const int64_t panels = MatMulKernel::column_panels(n), tiles = MatMulKernel::row_tiles(m);
@@ -307,6 +346,7 @@ struct FusedMatMulKernel {
         }
       };
       parallel_for(context, tiles * panels, std::min(m, kTileRows) * kPanelColumns * k, multiply);
+      scale_output(out, m * n, float_factor);
     });
   }
 };
@@ -373,7 +413,8 @@ struct BlockHadamardOp : Ort::CustomOpBase<BlockHadamardOp, BlockHadamardKernel,
 struct QuantizeDequantizeOp : Ort::CustomOpBase<QuantizeDequantizeOp, QuantizeDequantizeKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return guarded([&] {
-      *kernel = new QuantizeDequantizeKernel{format_attribute(info, GetName()), int_attribute_or(info, "axis", -1)};
+      *kernel = new QuantizeDequantizeKernel{format_attribute(info, GetName()), int_attribute_or(info, "axis", -1),
+                                             prescale_attribute(info, GetName(), "prescale")};
     });
   }
   const char* GetName() const { return "MXQuantizeDequantize"; }
@@ -387,7 +428,8 @@ struct DequantizeOp : Ort::CustomOpBase<DequantizeOp, DequantizeKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return guarded([&] {
       const MxFormat format = format_attribute(info, GetName());
-      *kernel = new DequantizeKernel{format, int_attribute_or(info, "axis", 0), make_dequantize_tables(*format.elem)};
+      *kernel = new DequantizeKernel{format, int_attribute_or(info, "axis", 0),
+                                     make_dequantize_tables(*format.elem, prescale_attribute(info, GetName(), "prescale"))};
     });
   }
   const char* GetName() const { return "MXDequantize"; }
@@ -405,8 +447,12 @@ struct MatMulOp : Ort::CustomOpBase<MatMulOp, FusedMatMulKernel, true> {
     return guarded([&] {
       const MxFormat weights = format_attribute(info, GetName(), "weight_format");
       std::unique_ptr<MxFormat> acts = optional_format_attribute(info, GetName(), "act_format");
-      GemvKernel gemv(weights, acts.get());
-      *kernel = new FusedMatMulKernel{MatMulKernel(weights), weights, std::move(acts), std::move(gemv)};
+      const float weight_prescale = prescale_attribute(info, GetName(), "weight_prescale");
+      const float act_prescale = acts ? prescale_attribute(info, GetName(), "act_prescale") : 1.0f;
+      GemvKernel gemv(weights, acts.get(), act_prescale);
+      const float weight_factor = 1.0f / weight_prescale, act_factor = 1.0f / act_prescale;
+      *kernel = new FusedMatMulKernel{MatMulKernel(weights), weights, std::move(acts), std::move(gemv),
+                                      weight_factor * act_factor, weight_factor, act_prescale};
     });
   }
   const char* GetName() const { return "MXMatMul"; }
