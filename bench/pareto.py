@@ -7,8 +7,12 @@ Rows are read, not recomputed: the uniform ``awq+gptq`` rows of mxonnx already p
 the same settings is measured: ``mxonnx quantize`` (``awq+gptq``), ``mxonnx inspect`` (stored bits, as on disk)
 and ``mxonnx eval``, each a child process, the row saved as soon as it is done.
 
-    .venv/bin/python bench/pareto.py [--targets 4.1 4.25 4.5 5] [--acts mxint8-32] [--uniform mxint4-32/mxint8-32 ...]
-                                     [--windows 40] [--calib-samples 128] [--report-only]
+    .venv/bin/python bench/pareto.py [--targets 4.1 4.25 4.5/mxint8-16 5/mxint8-16] [--acts mxint8-32]
+                                     [--uniform mxint4-32/mxint8-32 ...] [--windows 40] [--calib-samples 128]
+                                     [--method awq+gptq] [--report-only]
+
+A target ``B/ACTS`` runs with those activations, a bare ``B`` with ``--acts``: by default 4.1 and 4.25 with
+MXINT8-32 (as the uniform MXINT4-32 row), 4.5 and 5 with MXINT8-16 (as the uniform MXINT4-16 row).
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 FP32 = REPO / "models" / "cache" / "smollm2-135m-fp32"
-DEFAULT_TARGETS = (4.1, 4.25, 4.5, 5.0)
+DEFAULT_TARGETS = ("4.1", "4.25", "4.5/mxint8-16", "5/mxint8-16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--targets", type=float, nargs="*", default=list(DEFAULT_TARGETS), help="--target-bits values")
-    p.add_argument("--acts", default="mxint8-32", help="activation format of the --target-bits runs")
+    p.add_argument("--targets", nargs="*", default=list(DEFAULT_TARGETS), metavar="B[/ACTS]",
+                   help="--target-bits values, each with its activation format (default --acts)")
+    p.add_argument("--acts", default="mxint8-32", help="activation format of the --target-bits runs without one")
     p.add_argument("--candidates", default=None, help="--candidates of the --target-bits runs (default mxonnx's)")
     p.add_argument("--uniform", nargs="*", default=[], metavar="W/A",
                    help="uniform controls to measure here too (weights/acts), e.g. mxint4-32/mxint8-128")
@@ -53,8 +58,11 @@ def settings(args: argparse.Namespace) -> dict:
 
 def wanted_rows(args: argparse.Namespace) -> list[dict]:
     """The recipes to have measured: one per target and one per uniform control."""
-    rows = [{"kind": "target-bits", "target_bits": t, "acts": args.acts, "candidates": args.candidates}
-            for t in args.targets]
+    rows = []
+    for spec in args.targets:
+        bits, _, acts = str(spec).partition("/")
+        rows.append({"kind": "target-bits", "target_bits": float(bits), "acts": acts or args.acts,
+                     "candidates": args.candidates})
     for spec in args.uniform:
         weights, _, acts = spec.partition("/")
         rows.append({"kind": "uniform", "weights": weights, "acts": acts or "mxint8-128"})

@@ -138,6 +138,37 @@ class BlockwiseRunner:
         scales = {groups[group].name: group_scales[group] for group in int_groups}
         self._pass(index, list(groups.values()), each, advance, head=gram_sets_head(sets, widths, scales))
 
+    def open_block(self, index: int, head: Head | None = None) -> RegionSession:
+        """One session of block ``index`` as it now is in the model (``head`` may rewrite its proto, e.g.
+        :func:`weights_as_inputs`), run on hidden states the caller holds, not the stored ones."""
+        nodes, external = self._block_region(index, [self.boundaries[index + 1]])
+        return self._open(nodes, external, [self.boundaries[index + 1]], self.boundaries[index], head)
+
+    def open_tail(self, outputs: Sequence[ir.Value]) -> RegionSession:
+        """One session of what ``outputs`` (e.g. the logits) compute from the last block's output ``h_L`` (the final
+        norm and lm_head), run on hidden states the caller holds."""
+        nodes, external = graph_region(self.model.graph, list(outputs), self._shared | {self.boundaries[-1]})
+        return self._open(nodes, external, list(outputs), self.boundaries[-1], None)
+
+    def _open(self, nodes: list[ir.Node], external: list[ir.Value], outputs: list[ir.Value], hidden: ir.Value,
+              head: Head | None) -> RegionSession:
+        names = [v.name for v in external]
+        missing = [v.name for v in external if v in self._shared and v not in self._prefix_outputs]
+        if missing:
+            raise InputError(f"a region reads {missing[0]!r}, a prefix value not computed up front")
+        graph_feed = decoder_feed(list(self.model.graph.inputs), self.windows[0][None], *self._kv_shape)
+        sample = {**graph_feed, **self._shared_arrays[0], hidden.name: self.hidden_states[0]}
+        proto, folder = subgraph_proto(self.model, nodes, external, outputs, {n: sample[n] for n in names})
+        if head is not None:
+            head(proto)
+        session = create_session(proto.SerializeToString(), threads=self.threads, external_data_folder=folder)
+
+        def feeds(window: int) -> dict[str, np.ndarray]:
+            graph = decoder_feed(list(self.model.graph.inputs), self.windows[window][None], *self._kv_shape)
+            return {n: graph[n] if n in graph else self._shared_arrays[window][n] for n in names if n != hidden.name}
+
+        return RegionSession(session, hidden.name, feeds, [o.name for o in proto.graph.output])
+
     def advance(self, index: int) -> None:
         """Run block ``index`` on every window and store its outputs as the next block's inputs."""
         self._pass(index, [], lambda arrays: None, advance=True)
@@ -226,6 +257,50 @@ class BlockwiseRunner:
             else:
                 feeds[name] = self._shared_arrays[window][name]
         return feeds
+
+
+class RegionSession:
+    """A region of the graph (a block, the tail) opened once: :meth:`run` takes one window's hidden state and extra
+    feeds (e.g. weights made inputs) and returns the region's outputs."""
+
+    def __init__(self, session, hidden_name: str, feeds: Callable[[int], dict[str, np.ndarray]], outputs: list[str]):
+        self.session, self.hidden_name, self._feeds, self.outputs = session, hidden_name, feeds, outputs
+
+    def run(self, window: int, hidden: np.ndarray, extra: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        return self.session.run(self.outputs, {**self._feeds(window), self.hidden_name: hidden, **(extra or {})})
+
+
+def weights_as_inputs(weights: Mapping[str, str]) -> Head:
+    """A rewrite of a region's proto: every ``MatMul`` whose B is the value ``w`` of ``weights`` (weight value name
+    -> input name) reads the float32 graph input ``weights[w]`` instead; what only fed the old weights goes."""
+
+    def rewrite(proto: onnx.ModelProto) -> None:
+        graph = proto.graph
+        fed = []
+        for node in graph.node:
+            if node.op_type == "MatMul" and node.input[1] in weights:
+                node.input[1] = weights[node.input[1]]
+                fed.append(node.input[1])
+        for name in dict.fromkeys(fed):
+            graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        _prune(graph)
+
+    return rewrite
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop the nodes and initializers no graph output depends on."""
+    while True:
+        used = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
+        dead = [i for i, n in enumerate(graph.node) if not any(o in used for o in n.output)]
+        for i in reversed(dead):
+            del graph.node[i]
+        if not dead:
+            break
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
 
 
 def residual_boundaries(blocks: Sequence[DecoderBlock]) -> list[ir.Value]:

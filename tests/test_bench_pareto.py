@@ -30,6 +30,14 @@ def test_published_rows_of_other_settings_or_methods_are_left_out(tmp_path):
     assert pareto.published_uniform_rows(tmp_path, pareto.parse_args(["--windows", "4"])) == []
 
 
+def test_a_target_takes_its_own_activations_or_the_default():
+    rows = pareto.wanted_rows(pareto.parse_args(["--targets", "4.25", "4.5/mxint8-16", "--acts", "mxint8-32"]))
+    assert [(r["target_bits"], r["acts"]) for r in rows] == [(4.25, "mxint8-32"), (4.5, "mxint8-16")]
+    default = pareto.wanted_rows(pareto.parse_args([]))
+    assert [(r["target_bits"], r["acts"]) for r in default] == [
+        (4.1, "mxint8-32"), (4.25, "mxint8-32"), (4.5, "mxint8-16"), (5.0, "mxint8-16")]
+
+
 def test_measures_only_the_missing_rows_and_plots(tiny_onnx, tiny_text, tmp_path, monkeypatch, capsys):
     results = tmp_path / "results"
     results.mkdir()

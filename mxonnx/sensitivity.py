@@ -1,0 +1,126 @@
+"""How much the model's output moves when one linear is quantized: the measured part of the ``--target-bits``
+sensitivity (project issue 20).
+
+A linear's Hessian-weighted error ``L_ic = tr(E^T H E) = ||X E||^2`` (:func:`mxonnx.allocate.hessian_error`) is the
+squared error of its *output*; what that costs the model depends on where the linear sits (an error in layer 0's
+down_proj passes through every later block). Per decoder block this module measures
+
+    D_block = mean over probe tokens of KL(p_float || p_block),
+
+the KL divergence of the model's next-token distribution with the block's linears rounded to nearest in a probe
+format (the rest float) from the float model's, on a few short calibration windows, and gives each linear ``i`` of
+the block the share ``D_i`` of it that the linear's own error of the block's output takes
+(:func:`linear_divergences`). The allocation then uses the linear's output-sensitivity factor
+``s_i = D_i / L_i,probe`` and the losses ``s_i * L_ic`` (:func:`scaled_losses`): second order in the output error
+(KL ~ ||X E||^2 near the float model), measured once per linear, carried across candidates by the Hessian errors.
+The losses are unchanged by a rescaling that leaves the model's function as it is (``v_proj`` times 2^k and
+``o_proj`` divided by it multiplies ``L`` of ``v_proj`` by 4^k, not ``s_i L_ic``).
+
+Cost, block by block (:func:`linear_divergences`): one session per block, the float stream plus one stream per block
+perturbed so far run through it (at most ``L + 1`` hidden states of the probe windows in memory), then the final
+norm and lm_head on sampled positions. About ``L^2 / 2 + 9 L`` block runs of the probe windows: on a 32-layer
+model ~25 passes of the whole model over the default 2 x 256 tokens, as many as one pass over 12 800 tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from mxonnx import formats
+from mxonnx.blockwise import BlockwiseRunner, weights_as_inputs
+from mxonnx.passes.llama_structure import DecoderBlock
+
+PROBE_WINDOWS = 2  # calibration windows the divergences are measured on
+PROBE_SEQLEN = 256  # their first tokens
+PROBE_POSITIONS = 128  # positions per window whose logits are compared
+
+
+def probe_windows(windows: np.ndarray, count: int = PROBE_WINDOWS, seqlen: int = PROBE_SEQLEN) -> np.ndarray:
+    """The first ``count`` calibration windows cut to their first ``seqlen`` tokens (causal: a window's prefix is
+    itself a window)."""
+    return np.asarray(windows)[:count, :seqlen]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(ref_logp: np.ndarray, logits: np.ndarray) -> float:
+    """``mean_t sum_v p_t(v) (log p_t(v) - log q_t(v))`` with ``log p`` given, ``q = softmax(logits)``."""
+    logq = log_softmax(logits)
+    return float((np.exp(ref_logp) * (ref_logp - logq)).sum(axis=-1).mean())
+
+
+def linear_divergences(model: ir.Model, blocks: Sequence[DecoderBlock], windows: np.ndarray, probe: str | formats.MXFormat,
+                      names: Sequence[str], positions: int = PROBE_POSITIONS, seed: int = 0,
+                      progress: bool = False) -> dict[str, float]:
+    """``{name: D_i}`` (module docstring) for the linears ``names``, rounded to nearest in ``probe``; ``windows`` ``[n, T]`` token ids (e.g. :func:`probe_windows`), the
+    logits compared at ``positions`` positions per window drawn with ``seed``. ``model`` is read, not changed.
+
+    One stream per block carries the block's probed linears to the logits: ``D_block = KL``; a linear's share is
+    its own error of the block's output, ``D_i = D_block * ||dh_i||^2 / ||dh_block||^2`` (``dh``: the change of the
+    block's output, the residual stream every later block reads, with only ``i`` or the whole block probed)."""
+    from tqdm.auto import tqdm
+
+    probe = formats.parse_format(probe)
+    wanted = set(names)
+    if not any(l.name in wanted for b in blocks for l in b.linears()):
+        return {}
+    runner = BlockwiseRunner(model, blocks, windows)
+    n = len(runner.windows)
+    float_states = list(runner.hidden_states)
+    streams: dict[int, list[np.ndarray]] = {}
+    shares: dict[str, tuple[int, float]] = {}  # linear -> (block, ||dh_i||^2 / ||dh_block||^2)
+    for block in tqdm(blocks, desc="sensitivity (KL)", unit="block", disable=not progress, leave=False):
+        inputs = {l.weight.name: f"{l.name}.probe_weight" for l in block.linears()}
+        session = runner.open_block(block.index, weights_as_inputs(inputs))
+        floats = {inputs[l.weight.name]: l.weight_array.astype(np.float32) for l in block.linears()}
+        probed = {inputs[l.weight.name]: formats.quantize_dequantize(floats[inputs[l.weight.name]], probe, axis=0)
+                  for l in block.linears() if l.name in wanted}
+        for states in streams.values():
+            states[:] = [session.run(w, states[w], floats)[0] for w in range(n)]
+        if probed:
+            reference = [session.run(w, float_states[w], floats)[0] for w in range(n)]
+
+            def change(feed: dict[str, np.ndarray], keep: bool = False) -> float:
+                outs = [session.run(w, float_states[w], {**floats, **feed})[0] for w in range(n)]
+                if keep:
+                    streams[block.index] = outs
+                return float(sum(np.square(o - r, dtype=np.float64).sum() for o, r in zip(outs, reference)))
+
+            whole = change(probed, keep=True)
+            for linear in block.linears():
+                name = inputs[linear.weight.name]
+                if name in probed:
+                    shares[linear.name] = (block.index, change({name: probed[name]}) / whole if whole > 0 else 0.0)
+            float_states = reference
+        else:
+            float_states = [session.run(w, float_states[w], floats)[0] for w in range(n)]
+        del session, floats, probed
+    logits = [v for v in model.graph.outputs if v.name == "logits"] or list(model.graph.outputs)[:1]
+    tail = runner.open_tail(logits)
+    rng = np.random.default_rng(seed)
+    seqlen = runner.windows.shape[1]
+    picks = [np.sort(rng.choice(seqlen, size=min(positions, seqlen), replace=False)) for _ in range(n)]
+    ref = [log_softmax(tail.run(w, float_states[w][:, picks[w]])[0][0]) for w in range(n)]
+    block_kl = {i: float(np.mean([kl_divergence(ref[w], tail.run(w, states[w][:, picks[w]])[0][0])
+                                  for w in range(n)])) for i, states in streams.items()}
+    return {key: block_kl[i] * share for key, (i, share) in shares.items()}
+
+
+def scaled_losses(losses: Mapping[str, Sequence[float]], divergences: Mapping[str, float],
+                  probe_index: int) -> dict[str, list[float]]:
+    """``{name: [s_i * L_ic for c]}`` with ``s_i = D_i / L_i,probe`` (the module docstring);
+    ``losses[name][probe_index]`` is the Hessian error in the probe format. A linear whose probe error is zero
+    (its weight on the probe grid) scores zero."""
+    out = {}
+    for name, row in losses.items():
+        probe = float(row[probe_index])
+        factor = max(divergences[name], 0.0) / probe if probe > 0 else 0.0
+        out[name] = [factor * float(x) for x in row]
+    return out
