@@ -334,7 +334,7 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
         weights = apply_prescales(weights, chosen["weights"])
         provider = GptqWeightProvider(hessians, weights, block_size=config.gptq_block,
                                       micro_block=config.gptq_micro_block, damp=config.damp,
-                                      act_order=config.act_order, exponent_search=config.exponent_search,
+                                      act_order=config.act_order, exponent_search=config.searches_exponents,
                                       release=True)
         del hessians  # the provider drops each one once factored
     else:

@@ -65,3 +65,15 @@ def test_search_needs_gptq_and_mx_weights():
         check_config(QuantizeConfig(method="awq", exponent_search=True))
     with pytest.raises(InputError, match="exponent-search"):
         check_config(QuantizeConfig(method="gptq", weights="int4", acts="none", exponent_search=True))
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    (dict(method="awq+gptq", weights="mxint4-128"), True),   # the measured default
+    (dict(method="gptq", weights="mxint4-16"), True),
+    (dict(method="gptq", weights="mxfp4-32"), False),        # MXFP: the OCP rule until measured
+    (dict(method="rtn", weights="mxint4-128"), False),       # no GPTQ, no search
+    (dict(method="awq+gptq", weights="mxint4-128", exponent_search=False), False),  # --no-exponent-search
+    (dict(method="gptq", weights="mxfp4-32", exponent_search=True), True),
+])
+def test_exponent_search_default(settings, expected):
+    assert QuantizeConfig(**settings).searches_exponents is expected
