@@ -131,7 +131,7 @@ def block_hessians(runner: BlockwiseRunner, block: DecoderBlock,
     runner.capture_gram_sets(block.index, group_acts,
                              lambda group, fmt, xtx, n: accumulators[(group, fmt)].add_gram(xtx, n),
                              advance=advance, group_scales=group_scales)
-    computed = {pair: acc.hessian for pair, acc in accumulators.items()}
+    computed = {pair: acc.take_hessian() for pair, acc in accumulators.items()}
     del accumulators
     hessians = {}
     for group, linears in groups.items():
