@@ -118,7 +118,9 @@ def measure(row: dict, args: argparse.Namespace) -> dict:
     out = args.work / name
     shutil.rmtree(out, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    flags = ["--method", row["method"], "--acts", row["acts"], "--calib-samples", str(row["calib_samples"])]
+    # OCP exponents, as the published uniform rows it is compared with
+    flags = ["--method", row["method"], "--acts", row["acts"], "--calib-samples", str(row["calib_samples"]),
+             "--no-exponent-search"]
     if row["kind"] == "target-bits":
         flags += ["--target-bits", str(row["target_bits"])]
         if row["candidates"]:

@@ -77,17 +77,13 @@ class QuantizeConfig:
         return self.method.endswith("gptq")
 
     @property
-    def searches_exponents(self) -> bool:
-        """Whether GPTQ chooses MX shared exponents by its loss: ``exponent_search`` when given, else on for GPTQ
-        methods with MXINT weights, where it was measured best on SmolLM2 (W4A8 AWQ+GPTQ, 40 windows: MXINT4-128
-        27.000 against 30.558, MXINT4-32 25.086 against 25.810, MXINT4-16 23.715 against 24.240); MXFP weights
-        keep the OCP rule until measured."""
-        if self.exponent_search is not None:
-            return self.exponent_search
-        from mxonnx import formats
-
-        fmt = formats.parse_format(self.weights)
-        return self.uses_gptq and fmt.kind == "mx" and fmt.elem.name.startswith("int")
+    def searches_exponents(self) -> bool | None:
+        """What GPTQ is told about the output-aware exponent choice: ``exponent_search`` when given, else None (no
+        GPTQ: False): each linear then decides by its own weight format
+        (:func:`mxonnx.gptq.searches_exponents_by_default`: on for MXINT, the OCP rule for MXFP)."""
+        if not self.uses_gptq:
+            return False
+        return self.exponent_search
 
     @property
     def searches_act_prescale(self) -> bool:

@@ -152,9 +152,9 @@ def check_prescale_config(config: QuantizeConfig, weights: formats.MXFormat, act
         check_candidates(config.prescale_candidates)
     if config.weights_prescale is not None and not (weights.kind == "mx" or config.overrides
                                                     or config.target_bits is not None):
-        raise InputError(f"--weights-prescale applies to MX weight formats; --weights {weights.name} is none")
+        raise InputError(f"--weights-prescale applies to MX weight formats; --weights {weights.name} is not one")
     if config.acts_prescale is not None and not (acts.kind == "mx" or config.overrides):
-        raise InputError(f"--acts-prescale applies to MX activation formats; --acts {acts.name} is none")
+        raise InputError(f"--acts-prescale applies to MX activation formats; --acts {acts.name} is not one")
 
 
 def check_linear_formats(linear_formats: Mapping[str, LinearFormat], config: QuantizeConfig) -> None:

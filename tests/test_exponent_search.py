@@ -10,7 +10,7 @@ import pytest
 from mxonnx import formats
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
-from mxonnx.gptq import _MxRows, choose_exponents, gptq_quantize
+from mxonnx.gptq import GptqWeightProvider, _MxRows, choose_exponents, gptq_quantize, searches_exponents_by_default
 from mxonnx.quantize import check_config
 from test_gptq import correlated_layer, hessian_of, output_error
 
@@ -67,13 +67,36 @@ def test_search_needs_gptq_and_mx_weights():
         check_config(QuantizeConfig(method="gptq", weights="int4", acts="none", exponent_search=True))
 
 
+@pytest.mark.parametrize(("fmt", "expected"), [
+    ("mxint4-128", True), ("mxint4-16", True), ("mxint8-32", True),  # the measured default
+    ("mxfp4-32", False), ("mxfp8e4m3-32", False),                    # MXFP: the OCP rule until measured
+    ("int4", False), ("int4-g32", False), ("none", False),
+])
+def test_exponent_search_default_by_format(fmt, expected):
+    assert searches_exponents_by_default(fmt) is expected
+
+
 @pytest.mark.parametrize(("settings", "expected"), [
-    (dict(method="awq+gptq", weights="mxint4-128"), True),   # the measured default
-    (dict(method="gptq", weights="mxint4-16"), True),
-    (dict(method="gptq", weights="mxfp4-32"), False),        # MXFP: the OCP rule until measured
-    (dict(method="rtn", weights="mxint4-128"), False),       # no GPTQ, no search
-    (dict(method="awq+gptq", weights="mxint4-128", exponent_search=False), False),  # --no-exponent-search
+    (dict(method="awq+gptq"), None),  # each linear by its own format
+    (dict(method="rtn"), False),      # no GPTQ, no search
+    (dict(method="awq+gptq", exponent_search=False), False),  # --no-exponent-search
     (dict(method="gptq", weights="mxfp4-32", exponent_search=True), True),
 ])
-def test_exponent_search_default(settings, expected):
+def test_exponent_search_setting(settings, expected):
     assert QuantizeConfig(**settings).searches_exponents is expected
+
+
+def test_provider_decides_per_linear_format():
+    """With no setting, a mixed-format GPTQ run searches the MXINT linear's exponents and not the MXFP one's: the
+    provider's result equals gptq_quantize with the search on for one and off for the other."""
+    x, w = correlated_layer(3, k=64, n=8)
+    h = hessian_of(x)
+    on, off = (gptq_quantize(w, h, "mxint4-16", block_size=32, act_order=True, exponent_search=s) for s in (True, False))
+    assert not np.array_equal(on[1], off[1])  # the search changes some exponent here, so the check below can fail
+    fmts = {"a": "mxint4-16", "b": "mxfp4-16"}
+    provider = GptqWeightProvider({"a": h, "b": h}, fmts, block_size=32, act_order=True, exponent_search=None)
+    for name, search in (("a", True), ("b", False)):
+        expected = gptq_quantize(w, h, fmts[name], block_size=32, act_order=True, exponent_search=search)
+        got = provider(name, w)
+        for e, g in zip(expected, got):
+            np.testing.assert_array_equal(e, g)
