@@ -72,8 +72,13 @@ def _prescale(text: str) -> float | str:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number in (0.5, 1] nor 'search'") from None
-    if not 0.5 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is outside (0.5, 1]")
+    from mxonnx.errors import InputError
+    from mxonnx.prescale import check_prescale
+
+    try:
+        check_prescale(value, "pre-scale")  # the range is the formats module's
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 
