@@ -281,3 +281,25 @@ def test_integer_route_is_the_same_bits_on_every_path(weights, acts, monkeypatch
         np.testing.assert_array_equal(run_with_isa(model, x, isa, monkeypatch, threads=2), reference)
         rows = np.concatenate([run_with_isa(model, x[:, i:i + 1], isa, monkeypatch) for i in range(x.shape[1])], 1)
         np.testing.assert_array_equal(rows, reference)
+
+
+@pytest.mark.parametrize("weights,acts", [("mxint4-16", "mxint8-16"), ("mxint4-128", "mxint8-32"),
+                                          ("mxint8-32", "mxint8-32")])
+def test_weight_scales_outside_the_normal_range(weights, acts, monkeypatch):
+    """The GEMV builds a weight scale 2^(E - 127) u_w from E's bits when every exponent of a 64-column unit gives a
+    normal float, and reads its table otherwise (NaN at 255, subnormal scales for the smallest E): units with such
+    exponents give the portable loop's bits on every path, NaN exactly where the function body has it."""
+    x, codes, exponents = weight_and_input((1, 3, 256), 192, weights, seed=11)
+    exponents = exponents.copy()
+    exponents[0, 5] = 255  # a NaN scale in the first unit
+    exponents[1, 70] = 1  # subnormal scales in the second
+    exponents[-1, 130] = 0
+    model = unfused_model(3, codes, exponents, weights, acts)
+    body = run(model, x, use_native=False)
+    fused_model = fused(model)
+    reference = run_with_isa(fused_model, x, "portable", monkeypatch)
+    assert np.isnan(reference[..., 5]).all() and not np.isnan(reference[..., 64:]).any()
+    np.testing.assert_array_equal(np.isnan(reference), np.isnan(body))
+    for isa in ISAS:
+        rows = np.concatenate([run_with_isa(fused_model, x[:, i:i + 1], isa, monkeypatch) for i in range(3)], 1)
+        np.testing.assert_array_equal(rows, reference)

@@ -58,13 +58,26 @@ AVX2 inline void widen_pairs(__m256i e, __m256i o, __m256i& a0, __m256i& a1, __m
 }
 
 // y[0..64) += float(acc[q] - correction) * 2^(Ew - 127) u_w * scale_a for the 64 columns whose exponents start at e.
+// The weight scale 2^(Ew - 127 + unit_exp) (u_w = 2^unit_exp) is a normal float for Ew in [1 - unit_exp, 254]: there
+// its bits are (Ew + unit_exp) << 23, built in registers, the same value as the table entry. Only when one of the 64
+// exponents lies outside (NaN at 255, subnormal scales) are the 8-lane groups gathered from the table.
 AVX2 inline void scale_segment(const __m256i* acc, int32_t correction, float act_scale, const uint8_t* e,
-                               const float* weight_scale, float* y) {
+                               const float* weight_scale, int unit_exp, float* y) {
   const __m256i corr = _mm256_set1_epi32(correction);
   const __m256 as = _mm256_set1_ps(act_scale);
+  const __m256i lo = _mm256_set1_epi8(static_cast<char>(1 - unit_exp)), hi = _mm256_set1_epi8(static_cast<char>(254));
+  const __m256i e0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e));
+  const __m256i e1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + 32));
+  const __m256i in0 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_max_epu8(e0, lo), e0),
+                                       _mm256_cmpeq_epi8(_mm256_min_epu8(e0, hi), e0));
+  const __m256i in1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_max_epu8(e1, lo), e1),
+                                       _mm256_cmpeq_epi8(_mm256_min_epu8(e1, hi), e1));
+  const bool direct = _mm256_movemask_epi8(_mm256_and_si256(in0, in1)) == -1;
+  const __m256i bias = _mm256_set1_epi32(unit_exp);
   for (int q = 0; q < 8; ++q) {
     const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e + 8 * q)));
-    const __m256 ws = _mm256_i32gather_ps(weight_scale, idx, 4);
+    const __m256 ws = direct ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(idx, bias), 23))
+                             : _mm256_i32gather_ps(weight_scale, idx, 4);
     const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[q], corr)), ws);
     _mm256_storeu_ps(y + 8 * q, _mm256_add_ps(_mm256_loadu_ps(y + 8 * q), _mm256_mul_ps(v, as)));
   }
@@ -74,7 +87,7 @@ AVX2 inline void scale_segment(const __m256i* acc, int32_t correction, float act
 // outermost, so that the rows of one segment (contiguous bytes) are read once, front to back, for all columns.
 AVX2 void int_nibbles(const uint8_t* lut32, int offset, int pairs_per_flush, const PackedWeight& w,
                       const ActivationCodes& a, int64_t segment, int64_t weight_block, const float* weight_scale,
-                      int64_t n_begin, int64_t n_end, float* y) {
+                      int unit_exp, int64_t n_begin, int64_t n_end, float* y) {
   const int64_t row_bytes = w.n / 2;
   const __m256i lut = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut32));
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -115,7 +128,7 @@ AVX2 void int_nibbles(const uint8_t* lut32, int offset, int pairs_per_flush, con
       widen_pairs(e_hi, o_hi, acc[2], acc[3], acc[6], acc[7]);
     }
     scale_segment(acc, offset * a.segment_sum[s], a.segment_scale[s], w.exponents + (k0 / weight_block) * w.n + n0,
-                  weight_scale, y + n0);
+                  weight_scale, unit_exp, y + n0);
    }
   }
 }
@@ -128,7 +141,7 @@ AVX2 inline __m256i byte_pairs(__m128i pairs, __m128i shift) {
 
 // Integer route, 8-bit codes holding `bits`-bit two's-complement integers, columns [n_begin, n_end) (as int_nibbles).
 AVX2 void int_bytes(int bits, const PackedWeight& w, const ActivationCodes& a, int64_t segment, int64_t weight_block,
-                    const float* weight_scale, int64_t n_begin, int64_t n_end, float* y) {
+                    const float* weight_scale, int unit_exp, int64_t n_begin, int64_t n_end, float* y) {
   const __m128i shift = _mm_cvtsi32_si128(16 - bits);
   std::fill(y + n_begin, y + n_end, 0.0f);
   const int8_t* codes = a.codes.data();
@@ -158,7 +171,8 @@ AVX2 void int_bytes(int bits, const PackedWeight& w, const ActivationCodes& a, i
         q[3] = _mm256_add_epi32(q[3], _mm256_madd_epi16(byte_pairs(_mm256_extracti128_si256(hi, 1), shift), ap));
       }
     }
-    scale_segment(acc, 0, a.segment_scale[s], w.exponents + (k0 / weight_block) * w.n + n0, weight_scale, y + n0);
+    scale_segment(acc, 0, a.segment_scale[s], w.exponents + (k0 / weight_block) * w.n + n0, weight_scale, unit_exp,
+                  y + n0);
    }
   }
 }
@@ -370,9 +384,10 @@ VNNI void vnni_tile(const uint8_t* panel, const float* ws, const ActivationCodes
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) out[r][0] = out[r][1] = _mm512_setzero_ps();
   for (int64_t s = 0; s < segments; ++s) {
+    // the sums start at -offset * (sum of the segment's activation codes), the offset's share: exact integers
     __m512i acc[R][2];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_set1_epi32(-offset * rows[r].segment_sum[s]);
     for (int64_t q = s * segment / 4, q1 = (s + 1) * segment / 4; q < q1; ++q) {
       const __m512i b0 = _mm512_loadu_si512(panel + 128 * q);
       const __m512i b1 = _mm512_loadu_si512(panel + 128 * q + 64);
@@ -388,10 +403,9 @@ VNNI void vnni_tile(const uint8_t* panel, const float* ws, const ActivationCodes
     const __m512 w0 = _mm512_loadu_ps(ws + 32 * s), w1 = _mm512_loadu_ps(ws + 32 * s + 16);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512i corr = _mm512_set1_epi32(offset * rows[r].segment_sum[s]);
       const __m512 as = _mm512_set1_ps(rows[r].segment_scale[s]);
-      const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], corr)), w0);
-      const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], corr)), w1);
+      const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), w0);
+      const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][1]), w1);
       out[r][0] = _mm512_add_ps(out[r][0], _mm512_mul_ps(v0, as));
       out[r][1] = _mm512_add_ps(out[r][1], _mm512_mul_ps(v1, as));
     }
@@ -428,7 +442,8 @@ GemvKernel::GemvKernel(const MxFormat& weight_format, const MxFormat* act_format
       nibble_offset_(0) {
   const ElemFormat& elem = *weight_.elem;
   const DequantizeTables tables = make_dequantize_tables(elem);
-  unit_ = pow2f(elem.emin - elem.mbits);
+  unit_exp_ = elem.emin - elem.mbits;
+  unit_ = pow2f(unit_exp_);
   const int codes = packed4_ ? 16 : 256;
   bool integer_values = packed4_ || elem.integer_codes;  // MXFP6/8 bytes are not small integers
   int lowest = 0, highest = 0;
@@ -676,10 +691,10 @@ void GemvKernel::multiply(const PackedWeight& w, const ActivationCodes* a, const
       if (packed4_) {
         const int highest = *std::max_element(nibble_lut_, nibble_lut_ + 16);
         const int pairs = std::max(1, 32767 / (2 * kMaxActCode * std::max(1, highest)));
-        int_nibbles(nibble_lut_, nibble_offset_, pairs, w, *a, segment_, weight_.block_size, weight_scale_, n,
-                    vector_end, y);
+        int_nibbles(nibble_lut_, nibble_offset_, pairs, w, *a, segment_, weight_.block_size, weight_scale_,
+                    unit_exp_, n, vector_end, y);
       } else {
-        int_bytes(bits, w, *a, segment_, weight_.block_size, weight_scale_, n, vector_end, y);
+        int_bytes(bits, w, *a, segment_, weight_.block_size, weight_scale_, unit_exp_, n, vector_end, y);
       }
       n = vector_end;
     }

@@ -92,6 +92,7 @@ class GemvKernel {
   float weight_value_[256];    // float route: value / unit per stored code (NaN codes stay NaN)
   float weight_scale_[256];    // 2^(e - 127) * unit per E8M0 code (NaN at 255)
   float unit_;                 // the weight unit of weight_value_
+  int unit_exp_;               // u_w = 2^unit_exp_
   bool byte_int8_;             // 8-bit storage whose byte read as int8 is the value / unit (MXINT5..8)
 };
 
