@@ -143,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{side}-prescale", type=_prescale, default=None, metavar="P|search", help=f"{text}; default none")
     p.add_argument("--prescale-candidates", type=_prescale_list, default=None, metavar="P,P,...",
                    help=f"what 'search' chooses from (default {','.join(f'{p:g}' for p in DEFAULT_PRESCALE_CANDIDATES)})")
-    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head")
+    lm_head = p.add_mutually_exclusive_group()
+    lm_head.add_argument("--lm-head", default=None, metavar="FORMAT",
+                         help="lm_head's weight format (or WEIGHTS/ACTS), 'weights' for the decoder's formats, 'none' "
+                              "to keep it float; default auto: mxint8-32 weights with the decoder's activations when "
+                              "those are MX or none and the weights MX, else float")
+    lm_head.add_argument("--quantize-lm-head", action="store_true", help="lm_head in the decoder's formats (--lm-head weights)")
     p.add_argument("--rotate", action="store_true",
                    help="block Hadamard rotation before calibration (MR-GPTQ): residual stream and V/O folded into the "
                         "weights, an online BlockHadamard before down_proj")
@@ -227,7 +232,8 @@ def _run(args: argparse.Namespace) -> None:
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
             act_order=not args.no_act_order, sequential=not args.no_sequential, exponent_search=args.exponent_search,
-            quantize_lm_head=args.quantize_lm_head, rotate=args.rotate, rotate_block=args.rotate_block,
+            lm_head="weights" if args.quantize_lm_head else (args.lm_head or "auto"), rotate=args.rotate,
+            rotate_block=args.rotate_block,
             progress=progress,
             overrides=tuple(args.override), target_bits=args.target_bits,
             weights_prescale=args.weights_prescale, acts_prescale=args.acts_prescale,
@@ -238,7 +244,7 @@ def _run(args: argparse.Namespace) -> None:
         _print_result(args, r, f"quantized {args.model} -> {r['output']}: weights {r['weights']}, acts {r['acts']}, "
                                + "".join(f"{side} pre-scale {_prescale_text(r[f'{side}_prescale'])}, "
                                          for side in ("weights", "acts") if f"{side}_prescale" in r)
-                               + f"KV cache {r['kv']}, method {r['method']} in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
+                               + f"lm_head {r['lm_head']}, KV cache {r['kv']}, method {r['method']} in {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
                                + (f" ({r['resumed_blocks']} blocks resumed)" if r["resumed_blocks"] else "")
                                + (_allocation_text(r["allocation"]) if "allocation" in r else ""))
     elif cmd == "eval":

@@ -51,7 +51,8 @@ from mxonnx import formats
 from mxonnx.allocate import Allocation, choose_formats, measure_losses, stored_bits
 from mxonnx.blockwise import BlockwiseRunner
 from mxonnx.calibrate import block_hessians, block_statistics, config_windows, sample_rows
-from mxonnx.config import METHODS, PRESCALE_SEARCH, QuantizeConfig, default_calib_text
+from mxonnx.config import (LM_HEAD_AUTO, LM_HEAD_DECODER, METHODS, PRESCALE_SEARCH, QuantizeConfig,
+                           default_calib_text)
 from mxonnx.errors import InputError
 from mxonnx.gptq import GptqWeightProvider, check_blocks
 from mxonnx.genai_config import GenaiUnsupportedError, write_mx_genai_config
@@ -118,11 +119,12 @@ def check_config(config: QuantizeConfig) -> None:
     acts = formats.parse_format(config.acts)
     check_activation_format(acts)
     kv = check_kv_format(config.kv)
-    overrides = [parse_override(text) for text in config.overrides]
+    check_lm_head_setting(config)
+    overrides = [parse_override(text) for text in config.linear_overrides]
     for override in overrides:
         if override.acts is not None:
             check_activation_format(override.acts)
-    if acts.kind == "int" and config.quantize_lm_head and not overrides:
+    if acts.kind == "int" and config.lm_head_override == "" and not config.overrides:
         raise InputError(f"--quantize-lm-head with {acts.name} activations is not supported: only the decoder "
                          "linears' inputs are calibrated")
     if (weights.kind == "none" and acts.kind == "none" and kv.kind == "none" and not overrides
@@ -142,6 +144,17 @@ def check_config(config: QuantizeConfig) -> None:
     check_target_bits(config)
     if config.uses_gptq:
         check_gptq_config(config)
+
+
+def check_lm_head_setting(config: QuantizeConfig) -> None:
+    """``--lm-head``: auto, none, weights, or a format (WEIGHTS/ACTS) as ``--override`` takes one."""
+    if config.lm_head.strip().lower() in (LM_HEAD_AUTO, LM_HEAD_DECODER, "none"):
+        return
+    try:
+        for name in config.lm_head.split("/", 1):
+            formats.parse_format(name.strip())
+    except InputError as error:
+        raise InputError(f"--lm-head {config.lm_head!r}: {error}") from None
 
 
 def check_prescale_config(config: QuantizeConfig, weights: formats.MXFormat, acts: formats.MXFormat) -> None:
@@ -201,7 +214,7 @@ class BlockPlan:
            names: Sequence[str] = ()) -> BlockPlan:
         """The plan of ``config``; ``linear_formats`` default: ``config``'s formats and overrides on ``names``."""
         if linear_formats is None:
-            linear_formats = resolve_formats(names, config.weights, config.acts, config.overrides)
+            linear_formats = resolve_formats(names, config.weights, config.acts, config.linear_overrides)
         return cls(config, formats.parse_format(config.weights), formats.parse_format(config.acts),
                    dict(linear_formats))
 
@@ -407,7 +420,8 @@ def override_targets(names: Sequence[str], config: QuantizeConfig) -> set[str]:
     for override in map(parse_override, config.overrides):
         hit = {name for name in names if matches(override.pattern, name)}
         if not hit and "lm_head" not in names and matches(override.pattern, "lm_head"):
-            raise InputError(f"--override {override.text!r}: lm_head is only quantized with --quantize-lm-head")
+            raise InputError(f"--override {override.text!r}: lm_head stays float in this run (--lm-head none, or "
+                             "formats the default does not quantize it with): give it a format with --lm-head")
         pinned |= hit
     return pinned
 
@@ -424,7 +438,9 @@ class BudgetProblem:
     @classmethod
     def of(cls, linears: Sequence[Linear], linear_formats: Mapping[str, LinearFormat], pinned: set[str]) -> BudgetProblem:
         free = [l for l in linears if l.role != "lm_head" and l.name not in pinned]
-        fixed = [l for l in linears if l not in free and linear_formats[l.name].weights.kind != "none"]
+        # lm_head is outside the budget, like the bits per weight the tables give (decoder linears)
+        fixed = [l for l in linears if l not in free and l.role != "lm_head"
+                 and linear_formats[l.name].weights.kind != "none"]
         if not free:
             raise InputError("--target-bits has no linear to choose a format for: --override fixes them all")
         return cls({l.name: l.shape for l in free},
@@ -471,11 +487,11 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
     blocks = find_decoder_blocks(onnx_model)
     kv_cache = KvCachePass(blocks, config.kv)  # refuses a block size not dividing head_dim before any work
     kv_first = config.sequential and config.kv_in_calibration
-    lm_head = find_lm_head(onnx_model, blocks) if config.quantize_lm_head else None
+    lm_head = find_lm_head(onnx_model, blocks) if config.quantizes_lm_head else None
     linears = [linear for block in blocks for linear in block.linears()] + ([lm_head] if lm_head is not None else [])
     names = [linear.name for linear in linears]
     pinned = override_targets(names, config)
-    linear_formats = resolve_formats(names, config.weights, config.acts, config.overrides)
+    linear_formats = resolve_formats(names, config.weights, config.acts, config.linear_overrides)
     problem = BudgetProblem.of(linears, linear_formats, pinned) if config.target_bits is not None else None
     if problem is not None:
         problem.check(config)
@@ -550,6 +566,8 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
         "weights": plan.weights.name,
         "acts": plan.acts.name,
         "kv": kv_cache.fmt.name,
+        "lm_head": (f"{plan.linear_formats[lm_head.name].weights.name}/{plan.linear_formats[lm_head.name].acts.name}"
+                    if lm_head is not None else "none"),
         "seconds": time.perf_counter() - start,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "resumed_blocks": resumed,

@@ -273,8 +273,8 @@ def rewrite_mx_matmuls(model: ir.Model, config: QuantizeConfig, provider: Weight
     """The pass ``model, config -> model``: quantize the linears ``config`` selects with ``config.weights`` and
     ``config.acts`` and its ``overrides``; weights from ``provider`` (default round to nearest), int8 activation scales from
     ``act_scales`` (linear name -> scales [K]). Modifies ``model`` in place."""
-    linears = selected_linears(model, config.quantize_lm_head)
-    chosen = resolve_formats([linear.name for linear in linears], config.weights, config.acts, config.overrides)
+    linears = selected_linears(model, config.quantizes_lm_head)
+    chosen = resolve_formats([linear.name for linear in linears], config.weights, config.acts, config.linear_overrides)
     weights = {name: f.weights for name, f in chosen.items()}
     acts = {name: f.acts for name, f in chosen.items()}
     MxMatMulPass(linears, weights, acts, provider or RoundToNearest(weights), act_scales)(model)
