@@ -120,7 +120,7 @@ def measure(row: dict, args: argparse.Namespace) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
     # OCP exponents, as the published uniform rows it is compared with
     flags = ["--method", row["method"], "--acts", row["acts"], "--calib-samples", str(row["calib_samples"]),
-             "--no-exponent-search"]
+             "--no-exponent-search", "--lm-head", "none"]
     if row["kind"] == "target-bits":
         flags += ["--target-bits", str(row["target_bits"])]
         if row["candidates"]:

@@ -58,8 +58,9 @@ def _quantize_cmd(row: Row, fp32: Path, out: Path, work: Path) -> list[str]:
     if row.tool == "mxonnx":
         return [sys.executable, "-m", "mxonnx.cli", "quantize", str(fp32), "-o", str(out), "--weights", row.weights,
                 "--acts", row.acts, "--method", row.method, "--json",
-                # the paper's recipe (OCP exponents), as the published rows: the default's exponent search is its own row
-                "--no-exponent-search"]
+                # the paper's recipe (OCP exponents, lm_head float), as the published rows: the default's exponent
+                # search and 8-bit lm_head are not in them
+                "--no-exponent-search", "--lm-head", "none"]
     try:
         python = str(ensure_venv(PEER_VENV[row.tool], log=print)) if row.tool in PEER_VENV else sys.executable
     except PeerUnavailable as exc:

@@ -3,8 +3,9 @@
 A *quantized* MatMul reads its weight from ``com.mxonnx.MXDequantize`` or a standard ``DequantizeLinear`` of
 initializers; a *float* MatMul reads a float initializer (also through Identity/Transpose, e.g. a tied lm_head, and
 Cast, e.g. a weight stored in float16 or bfloat16 by ``mxonnx export --dtype``).
-``bits_per_weight`` = stored bits of the quantized weights (codes + exponents or scales, as laid out on disk) /
-number of weights; MXINT4 with blocks of 128 gives 4 + 8/128 = 4.0625.
+``bits_per_weight`` = stored bits of the quantized decoder weights (codes + exponents or scales, as laid out on
+disk) / number of weights; MXINT4 with blocks of 128 gives 4 + 8/128 = 4.0625. A quantized lm_head is listed in
+``linears`` with its own figure but left out of that average (as out of ``--target-bits``' budget).
 An ``MXQuantizeDequantize`` read only as the input A of MatMuls quantizes activations; one read otherwise (by the
 ``present`` Concat of the KV cache, or by the attention in a graph without past) quantizes keys or values entering
 the KV cache (``mxonnx quantize --kv``): ``kv_cache`` counts those by format. ``rotation``: the blocks of
@@ -112,8 +113,8 @@ def inspect_model(path: Path) -> dict:
     """``{opset, custom_ops, quantized_matmuls, float_matmuls, bits_per_weight, file_bytes, formats, linears,
     kv_cache}`` of the model at ``path`` (folder or .onnx). ``formats`` counts weight and activation formats;
     ``linears`` lists every MatMul with a constant weight: ``{name, weights, acts, bits_per_weight, weights_count}``
-    (float ones with weights ``none`` and their storage bits); ``bits_per_weight`` is the quantized linears' average
-    weighted by their weight counts; ``kv_cache`` the formats of the key and value quantizers (``{}``: the cache
+    (float ones with weights ``none`` and their storage bits); ``bits_per_weight`` is the quantized decoder linears' average
+    weighted by their weight counts (lm_head left out); ``kv_cache`` the formats of the key and value quantizers (``{}``: the cache
     holds floats)."""
     paths = resolve_model(path)
     model = onnx.load(str(paths.onnx), load_external_data=False)
@@ -155,8 +156,9 @@ def inspect_model(path: Path) -> dict:
         if producer is not None and (producer.domain, producer.op_type) in _WEIGHT_DEQUANTIZERS and all(inputs):
             quantized += 1
             count, bits = _numel(inputs[0]), 8 * sum(stored_bytes(t) for t in inputs)
-            weights += count
-            stored_bits += bits
+            if _linear_name(node, producer) != "lm_head":  # the average is the decoder's, as --target-bits'
+                weights += count
+                stored_bits += bits
             fmt = _weight_format(producer, inputs[0])
             weight_formats[fmt] += 1
             prescales["weights"].append(_prescale(producer))

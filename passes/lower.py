@@ -142,9 +142,8 @@ def _replace_with_matmulnbits(model: ir.Model, deq: ir.Node, fmt: formats.MXForm
                         num_outputs=1)
         model.graph.insert_before(mm, fused)
         out_name = mm.outputs[0].name
-        ir.convenience.replace_all_uses_with(mm.outputs[0], fused.outputs[0])
-        if mm.outputs[0].is_graph_output():
-            model.graph.outputs[model.graph.outputs.index(mm.outputs[0])] = fused.outputs[0]
+        # a quantized lm_head's MatMul gives the graph output (logits): the replacement takes its place and name
+        mm.outputs[0].replace_all_uses_with(fused.outputs[0], replace_graph_outputs=True)
         model.graph.remove(mm, safe=True)
         fused.outputs[0].name = out_name
     model.graph.remove(deq, safe=True)
