@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     lm_head = p.add_mutually_exclusive_group()
     lm_head.add_argument("--lm-head", default=None, metavar="FORMAT",
                          help="lm_head's weight format (or WEIGHTS/ACTS), 'weights' for the decoder's formats, 'none' "
-                              "to keep it float; default auto: mxint8-32 weights with the decoder's activations when "
-                              "those are MX or none and the weights MX, else float")
+                              "to keep it float; default auto: W8A8 mxint8-32 when the decoder's weights are MX "
+                              "(weight-only when its activations are none), else float")
     lm_head.add_argument("--quantize-lm-head", action="store_true", help="lm_head in the decoder's formats (--lm-head weights)")
     p.add_argument("--rotate", action="store_true",
                    help="block Hadamard rotation before calibration (MR-GPTQ): residual stream and V/O folded into the "

@@ -548,11 +548,11 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
             record_alphas(onnx_model, [r.alphas or {} for r in results])
         if lm_head is not None:
             head = plan.linear_formats[lm_head.name]
-            head_weights = apply_prescales({lm_head.name: head.weights},
-                                           weight_prescales(config, [lm_head], {lm_head.name: head.weights}))
-            head_acts = {lm_head.name: head.acts}  # its input is not calibrated: a searched p stays 1
-            if config.acts_prescale not in (None, PRESCALE_SEARCH):
-                head_acts = apply_prescales(head_acts, {lm_head.name: float(config.acts_prescale)})
+            head_weights, head_acts = {lm_head.name: head.weights}, {lm_head.name: head.acts}
+            if config.lm_head.strip().lower() != LM_HEAD_AUTO:  # the default 8-bit lm_head takes no pre-scale
+                head_weights = apply_prescales(head_weights, weight_prescales(config, [lm_head], head_weights))
+                if config.acts_prescale not in (None, PRESCALE_SEARCH):  # not calibrated: a searched p stays 1
+                    head_acts = apply_prescales(head_acts, {lm_head.name: float(config.acts_prescale)})
             MxMatMulPass([lm_head], head_weights, head_acts, RoundToNearest(head_weights))(onnx_model)
         ir.save(onnx_model, work.path / ONNX_NAME, external_data=EXTERNAL_DATA_NAME)
         copy_model_assets(paths.folder, work.path)
