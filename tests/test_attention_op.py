@@ -22,7 +22,7 @@ from mxonnx.session import create_session, native_library
 
 U = 2.0**-24
 EXP_ERROR = 2.0**-21  # the vector exp's relative error (native/mx_attention.h); std::exp and onnxruntime's are tighter
-ISAS = ["portable", "avx2"]  # MXONNX_NATIVE_ISA caps (avx2: the vector path where the CPU has it)
+ISAS = ["portable", "avx2", "avx512vnni"]  # MXONNX_NATIVE_ISA caps (each the vector path where the CPU has it)
 needs_native = pytest.mark.skipif(native_library() is None, reason="native library not built")
 
 

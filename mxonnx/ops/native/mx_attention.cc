@@ -73,6 +73,7 @@ void portable_tile(const Tile& t, const float* k, const float* v, int64_t d, flo
 #define AVX2 __attribute__((target("avx2,fma")))
 
 bool cpu_has_avx2_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool cpu_has_avx512f() { return __builtin_cpu_supports("avx512f"); }
 
 // exp(x) for x <= 0 (or -inf): 2^n p(r), n = round(x / ln2), r = x - n ln2 (ln2 split in a 9-bit head, exact
 // products, and a tail), p(r) = sum_{i<=7} r^i / i! by Horner with FMA (|r| <= 0.347: truncation < 5.3e-9
@@ -205,8 +206,32 @@ AVX2 void weighted_sum(const float* const* p, const float* v, int64_t d, int64_t
   }
 }
 
+// weighted_sum with 16-lane vectors, all of a row's columns (col 0, d = 16 V) in one pass over the keys.
+template <int R, int V>
+__attribute__((target("avx512f"))) void weighted_sum16(const float* const* p, const float* v, int64_t d, int64_t n,
+                                                       const float* inv, float* const* out) {
+  __m512 acc[R][V];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vj = v + j * d;
+    __m512 vc[V];
+    for (int c = 0; c < V; ++c) vc[c] = _mm512_loadu_ps(vj + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r][j]);
+      for (int c = 0; c < V; ++c) acc[r][c] = _mm512_fmadd_ps(pr, vc[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 scale = _mm512_set1_ps(inv[r]);
+    for (int c = 0; c < V; ++c) {
+      _mm512_storeu_ps(out[r] + 16 * c, inv[r] == 0.0f ? _mm512_setzero_ps() : _mm512_mul_ps(acc[r][c], scale));
+    }
+  }
+}
+
 template <int R>
-AVX2 void tile_output(const Tile& t, const float* v, int64_t d, float* scores, int64_t ld) {
+AVX2 void tile_output(const Tile& t, const float* v, int64_t d, float* scores, int64_t ld, bool wide) {
   const int64_t n = t.hi - t.lo;
   float inv[R];
   const float* p[R];
@@ -215,6 +240,7 @@ AVX2 void tile_output(const Tile& t, const float* v, int64_t d, float* scores, i
     p[r] = scores + r * ld;
   }
   const float* vlo = v + t.lo * d;
+  if (wide && d == 64) return weighted_sum16<R, 4>(p, vlo, d, n, inv, t.out);
   int64_t col = 0;
   for (; col + 32 <= d; col += 32) weighted_sum<R, 4>(p, vlo, d, n, col, inv, t.out);
   for (; col + 16 <= d; col += 16) weighted_sum<R, 2>(p, vlo, d, n, col, inv, t.out);
@@ -222,20 +248,24 @@ AVX2 void tile_output(const Tile& t, const float* v, int64_t d, float* scores, i
 }
 
 template <int R>
-AVX2 void vector_tile(const Tile& t, const float* k, const float* v, int64_t d, float scale, float* scores) {
+AVX2 void vector_tile(const Tile& t, const float* k, const float* v, int64_t d, float scale, float* scores, bool wide) {
   const int64_t ld = (t.hi - t.lo + 7) / 8 * 8;
   tile_scores<R>(t, k, d, scale, scores, ld);
-  tile_output<R>(t, v, d, scores, ld);
+  tile_output<R>(t, v, d, scores, ld, wide);
 }
 
 #undef AVX2
 #else
 bool cpu_has_avx2_fma() { return false; }
+bool cpu_has_avx512f() { return false; }
 #endif
 
 }  // namespace
 
-AttentionKernel::AttentionKernel(float scale) : scale_(scale), vector_(cpu_has_avx2_fma() && isa_cap() >= Isa::kAvx2) {}
+AttentionKernel::AttentionKernel(float scale)
+    : scale_(scale),
+      vector_(cpu_has_avx2_fma() && isa_cap() >= Isa::kAvx2),
+      wide_(vector_ && cpu_has_avx512f() && isa_cap() >= Isa::kAvx512Vnni) {}
 
 void AttentionKernel::copy_caches(const AttentionDims& d, const AttentionTensors& t, int64_t b, int64_t kv) const {
   const int64_t hd = d.head_dim, row = d.kv_heads * hd, cache = (b * d.kv_heads + kv) * d.total() * hd;
@@ -292,9 +322,9 @@ void AttentionKernel::attend(const AttentionDims& d, const AttentionTensors& t,
 #ifdef MXONNX_AVX2_ATTENTION
     if (vector_ && hd % 8 == 0) {
       switch (tile.rows) {
-        case 3: vector_tile<3>(tile, k, v, hd, scale_, scores.data()); continue;
-        case 2: vector_tile<2>(tile, k, v, hd, scale_, scores.data()); continue;
-        default: vector_tile<1>(tile, k, v, hd, scale_, scores.data()); continue;
+        case 3: vector_tile<3>(tile, k, v, hd, scale_, scores.data(), wide_); continue;
+        case 2: vector_tile<2>(tile, k, v, hd, scale_, scores.data(), wide_); continue;
+        default: vector_tile<1>(tile, k, v, hd, scale_, scores.data(), wide_); continue;
       }
     }
 #endif

@@ -12,7 +12,8 @@
 // three at a time (the G query heads of one position are adjacent), scores of a tile of rows x 4 keys as dot
 // products along head_dim, a max-subtracted softmax, then the weighted sum of V rows, scaled once by 1 / sum.
 //
-// Vector path (AVX2 + FMA, head_dim a multiple of 8; chosen at run time, capped by $MXONNX_NATIVE_ISA): exp is
+// Vector path (AVX2 + FMA, head_dim a multiple of 8, the weighted sums of head_dim 64 in AVX-512F where the CPU has
+// it; chosen at run time, capped by $MXONNX_NATIVE_ISA): exp is
 // evaluated as 2^n p(r), x = n ln2 + r, |r| <= ln2 / 2, p the degree-7 Taylor polynomial (truncation < 2^-27), with
 // relative error <= 2^-21 for x in [-87.3, 0] and 0 below (where exp(x) < 2^-126); the portable path uses std::exp.
 #pragma once
@@ -53,6 +54,7 @@ class AttentionKernel {
  private:
   float scale_;
   bool vector_;
+  bool wide_;  // AVX-512F weighted sums (head_dim 64), capped by $MXONNX_NATIVE_ISA = avx512vnni
 };
 
 }  // namespace mxonnx
