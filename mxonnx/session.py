@@ -45,7 +45,8 @@ def session_options(threads: int | None = None, use_native: bool = True, optimiz
     return so
 
 
-def _native_enabled(use_native: bool) -> bool:
+def native_enabled(use_native: bool) -> bool:
+    """Whether ``session_options(use_native=use_native)`` registers the native library."""
     return use_native and os.environ.get("MXONNX_NO_NATIVE") != "1" and native_library() is not None
 
 
@@ -59,7 +60,7 @@ def create_session(model: str | os.PathLike | bytes, threads: int | None = None,
     (``passes/fuse_inference.py``; the file is not changed): its ``MatMul(MXQuantizeDequantize, MXDequantize)``
     pairs run as the fused ``MXMatMul`` (the native integer kernels when the library is registered, else MXMatMul's
     ONNX function), and with the model's ``config.json`` beside it each attention as onnxruntime's RotaryEmbedding
-    + GroupQueryAttention. Serialized bytes are never rewritten: fuse them with ``fuse_for_inference`` first."""
+    + GroupQueryAttention (the native GroupAttention in place of the latter when the library is registered). Serialized bytes are never rewritten: fuse them with ``fuse_for_inference`` first."""
     so = session_options(threads=threads, use_native=use_native, optimize=optimize)
     target = model if isinstance(model, bytes) else str(model)
     if fuse and isinstance(model, bytes):
@@ -67,7 +68,7 @@ def create_session(model: str | os.PathLike | bytes, threads: int | None = None,
     if fuse:
         from mxonnx.passes.fuse_inference import fused_model_bytes
 
-        fused = fused_model_bytes(model)
+        fused = fused_model_bytes(model, native_enabled(use_native))
         if fused is not None:  # the fused bytes read the file's external data from its folder
             target, external_data_folder = fused, Path(model).resolve().parent
     if external_data_folder is not None:

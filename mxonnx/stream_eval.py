@@ -328,9 +328,9 @@ def whole_graph_bytes(onnx_path: Path, native: bool | None = None) -> int:
     (onnxruntime constant-folds their Cast) and, without the native library, of each packed MX weight (its ONNX
     function body is folded too)."""
     from mxonnx.inspect import stored_bytes
-    from mxonnx.session import _native_enabled
+    from mxonnx.session import native_enabled
 
-    native = _native_enabled(True) if native is None else native
+    native = native_enabled(True) if native is None else native
     model = onnx.load(os.fspath(onnx_path), load_external_data=False)
     total = Path(onnx_path).stat().st_size
     for tensor in model.graph.initializer:

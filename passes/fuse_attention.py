@@ -6,6 +6,11 @@
     O, present.N.key, present.N.value = GroupQueryAttention(q, k, v, past.N.key, past.N.value, seqlens_k, T,
                                                             attention_bias=B; causal=0, scale=c_q c_k)
 
+or, for sessions with the native library (``native``), ``com.mxonnx.GroupAttention(q, k, v, past.N.key, past.N.value,
+B; num_heads=H, kv_num_heads=KV, scale=c_q c_k)`` in place of GroupQueryAttention (``mxonnx.ops.attention``: the
+same attention, its ONNX function body added to the model; an empty past ``[batch, KV, 0, head_dim]`` for graphs
+without one), which applies the export's guard itself; a graph without the guard keeps GroupQueryAttention.
+
 replacing what the export spells out: the head split (Reshape, Transpose), ``q cos + rotate_half(q) sin`` on q
 and k, ``present = Concat(past, new)``, repeat_kv (Unsqueeze, Expand, Reshape), ``softmax((q c_q)(k^T c_k) + B) v``
 (with its IsNaN guard), and the head merge; the export's guard ``Where(IsNaN(w), 0, w)`` on the softmax weights ``w`` becomes the same
@@ -40,6 +45,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 from onnx import helper
 
+from mxonnx.ops import attention as attention_op
 from mxonnx.ops import schema
 
 MS_DOMAIN = "com.microsoft"
@@ -326,6 +332,7 @@ class _Shared:
         total = self._add("Cast", [self._add("Shape", [first.bias], start=-1)], to=ir.DataType.INT32)  # [T]
         self.total = self._add("Squeeze", [total])
         self.seqlens = self._add("Expand", [self._add("Sub", [total, self.constant(1, np.int32)]), self.batch])
+        self._empty_cache: ir.Value | None = None
 
     def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
@@ -342,6 +349,15 @@ class _Shared:
     def constant(self, number: int, dtype=np.int64) -> ir.Value:
         return self._add("Constant", [], value=ir.tensor(np.array([number], dtype=dtype)))
 
+    def empty_cache(self) -> ir.Value:
+        """``[batch, kv_heads, 0, head_dim]`` zeros: the past of a graph without one."""
+        if self._empty_cache is None:
+            empty = np.zeros((1, self.dims.kv_heads, 0, self.dims.head_dim), np.float32)
+            ones = self._add("Constant", [], value=ir.tensor(np.ones(3, np.int64)))
+            shape = self._add("Concat", [self.batch, ones], axis=0)
+            self._empty_cache = self._add("Expand", [self._add("Constant", [], value=ir.tensor(empty)), shape])
+        return self._empty_cache
+
     def cache_shape(self, heads: int) -> ir.Value:
         if heads not in self._cache_shapes:
             self._cache_shapes[heads] = self._add("Concat", [self.batch, self.constant(heads), self.length,
@@ -350,13 +366,13 @@ class _Shared:
 
 
 class FuseAttentionPass(ir.passes.InPlacePass):
-    """Replace every matching attention of the main graph by RotaryEmbedding + GroupQueryAttention (module
-    docstring); ``self.fused`` is the number of attentions fused. ``dims`` are the model's head counts and size;
-    ``max_positions`` the length of the rotary caches."""
+    """Replace every matching attention of the main graph by RotaryEmbedding + GroupQueryAttention, or
+    GroupAttention when ``native`` (module docstring); ``self.fused`` is the number of attentions fused. ``dims``
+    are the model's head counts and size; ``max_positions`` the length of the rotary caches."""
 
-    def __init__(self, dims: AttentionDims, max_positions: int | None = None):
+    def __init__(self, dims: AttentionDims, max_positions: int | None = None, native: bool = False):
         super().__init__()
-        self.dims, self.max_positions, self.fused = dims, max_positions or MAX_POSITIONS, 0
+        self.dims, self.max_positions, self.native, self.fused = dims, max_positions or MAX_POSITIONS, native, 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -371,14 +387,20 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         if caches is None:
             return ir.passes.PassResult(model, modified=False)
         shared = _Shared(graph, found[0], self.dims, positions, caches)
+        opset = graph.opset_imports.get("", 0)
+        native = self.native and opset >= attention_op.OLDEST_OPSET
         for attention in found:
-            self._replace(graph, attention, shared)
+            self._replace(graph, attention, shared, native and attention.nan_guard)
         graph.opset_imports.setdefault(MS_DOMAIN, 1)
+        if any(n.domain == schema.DOMAIN and n.op_type == schema.GROUP_ATTENTION for n in graph):
+            graph.opset_imports[schema.DOMAIN] = schema.DOMAIN_VERSION
+            function = ir.serde.deserialize_function(attention_op.function_proto(opset))
+            model.functions.setdefault(function.identifier(), function)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         self.fused = len(found)
         return ir.passes.PassResult(model, modified=True)
 
-    def _replace(self, graph: ir.Graph, a: Attention, shared: _Shared) -> None:
+    def _replace(self, graph: ir.Graph, a: Attention, shared: _Shared, native: bool) -> None:
         d = self.dims
         rotary = [a.q.projection, shared.positions, shared.cos_cache, shared.sin_cache]
         q = _node("RotaryEmbedding", rotary, MS_DOMAIN, num_heads=d.num_heads)
@@ -391,12 +413,17 @@ class FuseAttentionPass(ir.passes.InPlacePass):
                                                schema.AXIS_ATTR: -1}))
                 kv[i] = new[-1].outputs[0]
         past = [c.inputs[0] if c is not None else None for c in (a.key_concat, a.value_concat)]
-        gqa = _node("GroupQueryAttention", [q.outputs[0], *kv, *past, shared.seqlens, shared.total, None, None, None,
-                                            a.bias], MS_DOMAIN, outputs=3,
-                    num_heads=d.num_heads, kv_num_heads=d.kv_heads, scale=float(a.scale), causal=0)
+        if native:  # GroupAttention zeroes a row with every key masked itself
+            past = [p if p is not None else shared.empty_cache() for p in past]
+            gqa = _node(schema.GROUP_ATTENTION, [q.outputs[0], *kv, *past, a.bias], schema.DOMAIN, outputs=3,
+                        num_heads=d.num_heads, kv_num_heads=d.kv_heads, scale=float(a.scale))
+        else:
+            gqa = _node("GroupQueryAttention", [q.outputs[0], *kv, *past, shared.seqlens, shared.total, None, None,
+                                                None, a.bias], MS_DOMAIN, outputs=3,
+                        num_heads=d.num_heads, kv_num_heads=d.kv_heads, scale=float(a.scale), causal=0)
         new.append(gqa)
         output = gqa.outputs[0]
-        if a.nan_guard:  # a row with every key masked: NaN weights, which the export zeroes, so its output is 0
+        if a.nan_guard and not native:  # a row with every key masked: NaN weights, which the export zeroes: output 0
             zero = _node("Constant", [], value=ir.tensor(np.array(0.0, dtype=np.float32)))
             new += [zero, nan := _node("IsNaN", [output])]
             new.append(_node("Where", [nan.outputs[0], zero.outputs[0], output]))
@@ -431,8 +458,9 @@ class FuseAttentionPass(ir.passes.InPlacePass):
         node.outputs[0].replace_all_uses_with(shape)
 
 
-def fuse_attention(model: ir.Model, dims: AttentionDims, max_positions: int | None = None) -> int:
+def fuse_attention(model: ir.Model, dims: AttentionDims, max_positions: int | None = None,
+                   native: bool = False) -> int:
     """Run ``FuseAttentionPass`` on ``model`` in place; returns the number of attentions fused."""
-    fuse = FuseAttentionPass(dims, max_positions)
+    fuse = FuseAttentionPass(dims, max_positions, native)
     fuse(model)
     return fuse.fused

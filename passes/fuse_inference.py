@@ -3,9 +3,10 @@ onnxruntime opens it; the file on disk is not changed and the model's inputs and
 
 - each quantized linear -> one ``com.mxonnx.MXMatMul`` (``fuse_mx_matmul.py``, the native integer kernels);
 - each decoder block's attention (head split, rotary embedding, KV-cache Concat, repeat_kv, masked softmax
-  attention, head merge) -> ``com.microsoft.RotaryEmbedding`` + ``GroupQueryAttention`` (``fuse_attention.py``),
-  when the model's config (``config.json`` next to the file) gives the head counts; then what the blocks computed
-  each for itself (the mask, shapes) once (``merge_common_subexpressions``).
+  attention, head merge) -> ``com.microsoft.RotaryEmbedding`` + ``GroupQueryAttention``, or
+  ``com.mxonnx.GroupAttention`` when the session has the native library (``fuse_attention.py``), when the model's
+  config (``config.json`` next to the file) gives the head counts; then what the blocks computed each for itself
+  (the mask, shapes) once (``merge_common_subexpressions``).
 
 Both are exact up to float reassociation (see each pass). onnxruntime's own ORT_ENABLE_ALL fusions
 (SimplifiedLayerNormalization for the RMSNorms, QuickGelu for SiLU, ...) still run on the result.
@@ -34,15 +35,25 @@ def model_config(onnx_path: str | os.PathLike) -> dict | None:
         return None
 
 
-def fuse_for_inference(model: ir.Model, config: dict | None = None) -> dict[str, int]:
+def _native(native: bool | None) -> bool:
+    if native is not None:
+        return native
+    from mxonnx.session import native_enabled
+
+    return native_enabled(True)
+
+
+def fuse_for_inference(model: ir.Model, config: dict | None = None, native: bool | None = None) -> dict[str, int]:
     """Both fusions of the module docstring on ``model``, in place; returns ``{"mx_matmuls": n, "attentions": m}``
-    (attention only with a ``config`` giving ``num_attention_heads``)."""
+    (attention only with a ``config`` giving ``num_attention_heads``). ``native``: whether the session that runs
+    the model has the native library (default: whether ``mxonnx.session`` registers it)."""
     counts = {"mx_matmuls": 0, "attentions": 0}
     if schema.DOMAIN in model.graph.opset_imports:
         counts["mx_matmuls"] = fuse_mx_matmuls(model)
     if config and "num_attention_heads" in config:
         counts["attentions"] = fuse_attention(model, AttentionDims.from_config(config),
-                                              int(config.get("max_position_embeddings") or 0) or None)
+                                              int(config.get("max_position_embeddings") or 0) or None,
+                                              _native(native))
     if counts["attentions"]:
         merge_common_subexpressions(model)
     return counts
@@ -58,12 +69,13 @@ def merge_common_subexpressions(model: ir.Model) -> None:
     ir.passes.common.TopologicalSortPass()(model)
 
 
-def fused_model_bytes(path: str | os.PathLike) -> bytes | None:
-    """The ONNX file at ``path`` fused for inference, serialized; None when nothing fuses.
+def fused_model_bytes(path: str | os.PathLike, native: bool | None = None) -> bytes | None:
+    """The ONNX file at ``path`` fused for inference (``native`` as ``fuse_for_inference``), serialized; None when
+    nothing fuses.
 
     Weights stored as external data stay on disk, referenced by their relative location: open the bytes with the
     session config entry ``mxonnx.session.EXTERNAL_DATA_FOLDER_CONFIG`` set to ``path``'s folder."""
     model = ir.load(os.fspath(path))
-    if not any(fuse_for_inference(model, model_config(path)).values()):
+    if not any(fuse_for_inference(model, model_config(path), native).values()):
         return None
     return ir.serde.serialize_model(model).SerializeToString()

@@ -1,7 +1,8 @@
 """The attention fusion of ``create_session(fuse=True)`` (passes/fuse_attention.py, passes/fuse_inference.py).
 
-Both sessions really run: the unfused one the graph as saved, the fused one RotaryEmbedding + GroupQueryAttention.
-They compute the same operations in another order, so their logits agree within float32 reassociation:
+Both sessions really run: the unfused one the graph as saved, the fused one RotaryEmbedding + GroupQueryAttention
+(``attention="gqa"``, a session without the native library) or + the native com.mxonnx.GroupAttention
+(``attention="native"``). They compute the same operations in another order, so their logits agree within float32 reassociation:
 ``|fused - unfused| <= BOUND * max |unfused logits|`` at every real (not padded) position, in prefill and in decode
 steps fed with each session's own cache (SmolLM2-135M measures 2^-18.6 at 64 tokens).
 """
@@ -15,7 +16,8 @@ import pytest
 from conftest import _export, make_tiny_llama
 from mxonnx import formats
 from mxonnx.passes.fuse_inference import fuse_for_inference, model_config
-from mxonnx.session import create_session
+from mxonnx.ops import schema
+from mxonnx.session import create_session, native_library
 
 BOUND = 2.0**-14
 LAYERS = 2
@@ -89,14 +91,24 @@ def folder(request, tiny_onnx, tiny_onnx_nopast, mha_untied):
     return {"gqa_tied": tiny_onnx, "nopast": tiny_onnx_nopast, "mha_untied": mha_untied}[request.param]
 
 
-def test_every_attention_fuses_and_the_interface_stays(folder):
+@pytest.fixture(params=["gqa", "native"])
+def native(request) -> bool:
+    """Whether the fused sessions have the native library (GroupAttention) or not (GroupQueryAttention)."""
+    if request.param == "native" and native_library() is None:
+        pytest.skip("native library not built")
+    return request.param == "native"
+
+
+def test_every_attention_fuses_and_the_interface_stays(folder, native):
     model = ir.load(folder / "model.onnx")
     inputs, outputs = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
     before = _op_counts(model)
-    counts = fuse_for_inference(model, model_config(folder / "model.onnx"))
+    counts = fuse_for_inference(model, model_config(folder / "model.onnx"), native=native)
     after = _op_counts(model)
     assert counts == {"mx_matmuls": 0, "attentions": LAYERS}
-    assert after["GroupQueryAttention"] == LAYERS and after["RotaryEmbedding"] == 2 * LAYERS
+    op, absent = (schema.GROUP_ATTENTION, "GroupQueryAttention") if native else ("GroupQueryAttention", schema.GROUP_ATTENTION)
+    assert after[op] == LAYERS and absent not in after and after["RotaryEmbedding"] == 2 * LAYERS
+    assert (schema.DOMAIN, schema.GROUP_ATTENTION, "") in model.functions if native else not model.functions
     assert before["Softmax"] == LAYERS and "Softmax" not in after
     assert sum(after.values()) < sum(before.values()) / 2
     assert [v.name for v in model.graph.inputs] == inputs and [v.name for v in model.graph.outputs] == outputs
@@ -108,11 +120,12 @@ def test_without_config_nothing_fuses(tiny_onnx):
     assert "GroupQueryAttention" not in _op_counts(model)
 
 
-def test_logits_and_caches_fused_vs_unfused(folder):
+def test_logits_and_caches_fused_vs_unfused(folder, native):
     config = model_config(folder / "model.onnx")
     ids, mask, positions = _padded_batch(config["vocab_size"])
     unfused = _run_steps(create_session(folder / "model.onnx"), config, ids, mask, positions)
-    fused = _run_steps(create_session(folder / "model.onnx", fuse=True), config, ids, mask, positions)
+    fused_session = create_session(folder / "model.onnx", fuse=True, use_native=native)
+    fused = _run_steps(fused_session, config, ids, mask, positions)
     assert len(fused) == len(unfused) == (1 if "nopast" in str(folder) else 4)
     for step, (f, u) in enumerate(zip(fused, unfused)):
         assert f.keys() == u.keys()
@@ -123,15 +136,16 @@ def test_logits_and_caches_fused_vs_unfused(folder):
             _assert_within_bound(f[name], u[name])
 
 
-def test_kv_quantized_cache_stays_on_the_grid(kv_quantized):
+def test_kv_quantized_cache_stays_on_the_grid(kv_quantized, native):
     model = ir.load(kv_quantized / "model.onnx")
     quantizers = _op_counts(model)["MXQuantizeDequantize"]
-    assert fuse_for_inference(model, model_config(kv_quantized / "model.onnx"))["attentions"] == LAYERS
+    assert fuse_for_inference(model, model_config(kv_quantized / "model.onnx"), native=native)["attentions"] == LAYERS
     assert _op_counts(model)["MXQuantizeDequantize"] == quantizers == 2 * LAYERS
     config = model_config(kv_quantized / "model.onnx")
     ids, mask, positions = _padded_batch(config["vocab_size"])
     unfused = _run_steps(create_session(kv_quantized / "model.onnx"), config, ids, mask, positions)
-    fused = _run_steps(create_session(kv_quantized / "model.onnx", fuse=True), config, ids, mask, positions)
+    fused = _run_steps(create_session(kv_quantized / "model.onnx", fuse=True, use_native=native), config, ids, mask,
+                       positions)
     for step, (f, u) in enumerate(zip(fused, unfused)):
         _assert_within_bound(f["logits"], u["logits"], mask.astype(bool) if step == 0 else None)
         for name in (n for n in f if n.startswith("present.")):

@@ -198,7 +198,7 @@ def test_logits_fused_vs_unfused(tiny_quantized, monkeypatch):
 
     calls = []
     real = fuse_pass.fused_model_bytes
-    monkeypatch.setattr(fuse_pass, "fused_model_bytes", lambda path: calls.append(path) or real(path))
+    monkeypatch.setattr(fuse_pass, "fused_model_bytes", lambda path, *native: calls.append(path) or real(path, *native))
     ids = np.random.default_rng(0).integers(3, 96, size=(2, 33))
     unfused_lm = OrtCausalLM(tiny_quantized / "model.onnx")
     assert calls == []  # no silent rewrite

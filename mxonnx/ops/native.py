@@ -26,7 +26,7 @@ from mxonnx.models import sha256_of
 SOURCE_DIR = Path(__file__).with_name("native")
 BUILD_DIR = SOURCE_DIR / "build"
 INCLUDE_DIR = SOURCE_DIR / "include"
-SOURCES = ("mx_format.cc", "mx_kernels.cc", "mx_matmul.cc", "mx_gemv.cc", "mx_ops.cc")
+SOURCES = ("mx_format.cc", "mx_kernels.cc", "mx_matmul.cc", "mx_gemv.cc", "mx_attention.cc", "mx_ops.cc")
 VERSION_SCRIPT = SOURCE_DIR / "mxonnx_ops.lds"
 LIBRARY_ENV = "MXONNX_NATIVE_LIB"
 

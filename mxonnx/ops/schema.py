@@ -6,10 +6,14 @@
 | ``MXQuantizeDequantize`` | X float32 -> Y float32 (same shape) | ``format`` (string), ``axis`` (int, default -1), ``prescale`` (float, default 1) |
 | ``MXDequantize`` | codes, exponents (uint8 E8M0) -> W float32 | ``format``, ``axis`` (default 0), ``prescale`` (default 1) |
 | ``BlockHadamard`` | X float32 -> Y float32 (same shape) | ``block`` (int, a power of two dividing X's last dim) |
+| ``GroupAttention`` | q, k, v, past_key, past_value, attention_bias -> O, present_key, present_value | ``num_heads``, ``kv_num_heads``, ``scale`` |
 
 ``BlockHadamard`` is the online rotation of ``--rotate`` (``passes/rotation.py``): ``Y = X blockdiag(H_b / sqrt(b))``
 along the last axis, computed as a fast Walsh-Hadamard transform (``mxonnx.ops.hadamard``); its overload is
 ``b{block}``.
+
+``GroupAttention`` is the attention of ``create_session(fuse=True)`` with the native library (``passes/fuse_attention.py``,
+``mxonnx.ops.attention``): grouped-query attention with an additive mask over the KV cache, no overload.
 
 ``prescale`` p (``mxonnx.formats``, in (0.5, 1]): elements Q(x * fl(2^-E p)), values element * fl(2^E / p); written
 only when p != 1.
@@ -36,6 +40,7 @@ DEQUANTIZE = "MXDequantize"
 OPS = (QUANTIZE_DEQUANTIZE, DEQUANTIZE)
 BLOCK_HADAMARD = "BlockHadamard"
 BLOCK_ATTR = "block"
+GROUP_ATTENTION = "GroupAttention"
 ROTATION_METADATA = "mxonnx.rotation"  # model metadata: --rotate's blocks (JSON), read by inspect
 FORMAT_ATTR = "format"
 AXIS_ATTR = "axis"

@@ -1,5 +1,5 @@
 // onnxruntime CPU kernels of the com.mxonnx domain (version 1: MXQuantizeDequantize, MXDequantize, MXMatMul,
-// BlockHadamard) and the library entry point RegisterCustomOps.
+// BlockHadamard, GroupAttention) and the library entry point RegisterCustomOps.
 //
 // Built against headers only (ORT_API_MANUAL_INIT): every onnxruntime call goes through the OrtApi table handed
 // to RegisterCustomOps, so the library links no onnxruntime. Kernels return an OrtStatus for every failure (bad
@@ -12,12 +12,14 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "mx_attention.h"
 #include "mx_format.h"
 #include "mx_gemv.h"
 #include "mx_kernels.h"
@@ -395,6 +397,80 @@ struct BlockHadamardKernel {
   }
 };
 
+// GroupAttention(q [B, S, H D], k, v [B, S, KV D], past_key, past_value [B, KV, P, D], attention_bias [B or 1, 1, S,
+//   P + S]; num_heads H, kv_num_heads KV, scale) -> O [B, S, H D], present_key, present_value [B, KV, P + S, D]
+// (mx_attention.h; the function body is mxonnx/ops/attention.py). Three passes over the thread pool: the caches
+// per (b, kv), the key range of every query row, then the attention per (b, kv, block of positions).
+struct GroupAttentionKernel {
+  int64_t heads, kv_heads;
+  AttentionKernel kernel;
+
+  static std::vector<int64_t> shape_of(const Ort::ConstValue& value, size_t rank, const char* name) {
+    const auto info = value.GetTensorTypeAndShapeInfo();
+    if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      invalid(std::string("GroupAttention: ") + name + " must be float32");
+    }
+    std::vector<int64_t> shape = info.GetShape();
+    if (shape.size() != rank) {
+      invalid(std::string("GroupAttention: ") + name + " must have rank " + std::to_string(rank) + ", got " +
+              std::to_string(shape.size()));
+    }
+    return shape;
+  }
+
+  static void expect(bool ok, const std::string& message) {
+    if (!ok) invalid("GroupAttention: " + message);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      const Ort::ConstValue q = ctx.GetInput(0), k = ctx.GetInput(1), v = ctx.GetInput(2);
+      const Ort::ConstValue past_key = ctx.GetInput(3), past_value = ctx.GetInput(4), bias = ctx.GetInput(5);
+      const auto qs = shape_of(q, 3, "q"), ks = shape_of(k, 3, "k"), vs = shape_of(v, 3, "v");
+      const auto pks = shape_of(past_key, 4, "past_key"), pvs = shape_of(past_value, 4, "past_value");
+      const auto bs = shape_of(bias, 4, "attention_bias");
+      expect(qs[2] % heads == 0, "the last dimension of q (" + std::to_string(qs[2]) + ") is not num_heads (" +
+                                     std::to_string(heads) + ") times a head size");
+      const int64_t batch = qs[0], seq = qs[1], hd = qs[2] / heads, past = pks[2];
+      const std::vector<int64_t> kv_shape{batch, seq, kv_heads * hd}, cache{batch, kv_heads, past, hd};
+      expect(ks == kv_shape && vs == kv_shape, "k and v must be [batch, seq, kv_num_heads * head_size] like q");
+      expect(pks == cache && pvs == cache, "past_key and past_value must be [batch, kv_num_heads, past, head_size]");
+      expect((bs[0] == batch || bs[0] == 1) && bs[1] == 1 && bs[2] == seq && bs[3] == past + seq,
+             "attention_bias must be [batch or 1, 1, seq, past + seq]");
+      const AttentionDims d{batch, seq, past, heads, kv_heads, hd, bs[0] == 1 && batch != 1};
+      Ort::UnownedValue out = ctx.GetOutput(0, qs);
+      const std::vector<int64_t> present{batch, kv_heads, past + seq, hd};
+      Ort::UnownedValue present_key = ctx.GetOutput(1, present), present_value = ctx.GetOutput(2, present);
+      if (batch * kv_heads * (past + seq) * hd == 0) return;
+      const AttentionTensors t{q.GetTensorData<float>(), k.GetTensorData<float>(), v.GetTensorData<float>(),
+                               past_key.GetTensorData<float>(), past_value.GetTensorData<float>(),
+                               bias.GetTensorData<float>(), out.GetTensorMutableData<float>(),
+                               present_key.GetTensorMutableData<float>(), present_value.GetTensorMutableData<float>()};
+      auto copy = [&](int64_t begin, int64_t end) {
+        for (int64_t u = begin; u < end; ++u) kernel.copy_caches(d, t, u / kv_heads, u % kv_heads);
+      };
+      parallel_for(context, batch * kv_heads, 2 * (past + seq) * hd, copy);
+      if (seq == 0) return;
+      std::vector<std::pair<int64_t, int64_t>> ranges(batch * seq);
+      auto scan = [&](int64_t begin, int64_t end) {
+        for (int64_t u = begin; u < end; ++u) ranges[u] = AttentionKernel::key_range(d, t, u / seq, u % seq);
+      };
+      parallel_for(context, batch * seq, past + seq, scan);
+      const int64_t blocks = (seq + AttentionKernel::kBlockPositions - 1) / AttentionKernel::kBlockPositions;
+      auto attend = [&](int64_t begin, int64_t end) {
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t b = u / (kv_heads * blocks), kv = u / blocks % kv_heads;
+          const int64_t i0 = u % blocks * AttentionKernel::kBlockPositions;
+          kernel.attend(d, t, ranges, b, kv, i0, std::min(seq, i0 + AttentionKernel::kBlockPositions));
+        }
+      };
+      const int64_t positions = std::min(seq, AttentionKernel::kBlockPositions);
+      parallel_for(context, batch * kv_heads * blocks, 2 * positions * (heads / kv_heads) * (past + seq) * hd, attend);
+    });
+  }
+};
+
 struct BlockHadamardOp : Ort::CustomOpBase<BlockHadamardOp, BlockHadamardKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return guarded([&] {
@@ -466,10 +542,30 @@ struct MatMulOp : Ort::CustomOpBase<MatMulOp, FusedMatMulKernel, true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+struct GroupAttentionOp : Ort::CustomOpBase<GroupAttentionOp, GroupAttentionKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] {
+      const int64_t heads = int_attribute_or(info, "num_heads", 0), kv_heads = int_attribute_or(info, "kv_num_heads", 0);
+      if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0) {
+        invalid("GroupAttention: num_heads and kv_num_heads must be positive, num_heads a multiple of kv_num_heads");
+      }
+      const float scale = float_attribute_or(info, "scale", std::numeric_limits<float>::quiet_NaN());
+      if (!std::isfinite(scale)) invalid("GroupAttention: needs a finite float attribute 'scale'");
+      *kernel = new GroupAttentionKernel{heads, kv_heads, AttentionKernel(scale)};
+    });
+  }
+  const char* GetName() const { return "GroupAttention"; }
+  size_t GetInputTypeCount() const { return 6; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 const QuantizeDequantizeOp kQuantizeDequantizeOp;
 const DequantizeOp kDequantizeOp;
 const MatMulOp kMatMulOp;
 const BlockHadamardOp kBlockHadamardOp;
+const GroupAttentionOp kGroupAttentionOp;
 
 }  // namespace
 }  // namespace mxonnx
@@ -486,6 +582,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     domain.Add(&mxonnx::kDequantizeOp);
     domain.Add(&mxonnx::kMatMulOp);
     domain.Add(&mxonnx::kBlockHadamardOp);
+    domain.Add(&mxonnx::kGroupAttentionOp);
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(mutex);
     domains.push_back(std::move(domain));
