@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from bench.measure import git_commit, machine  # noqa: E402
 from bench.report import render_markdown  # noqa: E402
 from bench.speed_grid import cpu_description, measure  # noqa: E402
+from mxonnx.modelio import copy_model_assets  # noqa: E402
 
 FP32 = REPO / "models" / "cache" / "smollm2-135m-fp32"
 WORK = REPO / "models" / "cache" / "respeed"
@@ -63,6 +64,7 @@ def speed_model(row: dict) -> Path | None:
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:
             raise SystemExit(f"respeed: making {folder.name} failed: {done.stderr.strip().splitlines()[-1:]}")
+        copy_model_assets(FP32, folder)  # the peer writes the graph only; speed.py reads config and tokenizer
     return folder
 
 
