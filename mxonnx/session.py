@@ -60,7 +60,8 @@ def create_session(model: str | os.PathLike | bytes, threads: int | None = None,
     (``passes/fuse_inference.py``; the file is not changed): its ``MatMul(MXQuantizeDequantize, MXDequantize)``
     pairs run as the fused ``MXMatMul`` (the native integer kernels when the library is registered, else MXMatMul's
     ONNX function), and with the model's ``config.json`` beside it each attention as onnxruntime's RotaryEmbedding
-    + GroupQueryAttention (the native GroupAttention in place of the latter when the library is registered). Serialized bytes are never rewritten: fuse them with ``fuse_for_inference`` first."""
+    + GroupQueryAttention (the native GroupAttention in place of the latter when the library is registered).
+    Serialized bytes are never rewritten: fuse them with ``fuse_for_inference`` first."""
     so = session_options(threads=threads, use_native=use_native, optimize=optimize)
     target = model if isinstance(model, bytes) else str(model)
     if fuse and isinstance(model, bytes):
