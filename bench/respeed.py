@@ -5,7 +5,8 @@ A row's speed depends on its graph, not on how its weights were chosen: the rows
 mxonnx configuration is quantized once with RTN, as the rows are (``--lm-head none --no-exponent-search``), the
 onnxruntime int4 rows are re-made with ``bench/peers/ort_nbits.py``, and every such model and the FP32 model are
 measured with ``bench/speed.py`` in interleaved rounds (medians). Rows of the other peers (Quark, INC: their own
-virtual environments) keep their earlier speed and say so. Writes ``bench/results/<date>-speed.json`` (the rows
+virtual environments) are not re-measured: their speed cells are emptied (the earlier figures stay in the source
+JSON), since a ratio against the new FP32 row would mix two machines. Writes ``bench/results/<date>-speed.json`` (the rows
 with new ``prefill_ms``, ``decode_tokens_per_second`` and ``speed_measured_at``) and renders ``table.md`` from it.
 
     python bench/respeed.py [--rounds 2] [--threads 1] [--source bench/results/2026-11-29.json]
@@ -95,20 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     kept = 0
     for row in rows:
         folder = speed_model(row) if row["status"] == "ok" else None
-        if folder is None:
-            kept += row["status"] == "ok"
+        if folder is None:  # not re-measured: its old figures came from another machine and baseline
+            if row["status"] == "ok":
+                kept += 1
+                row.update({key: None for key in SPEED_KEYS}, run_peak_rss_mb=None, speed_earlier_in=source.name)
             continue
         for key in SPEED_KEYS:
             row[key] = statistics.median(s[key] for s in samples[folder])
         row["speed_measured_at"], row["speed_commit"], row["speed_model"] = now, commit, folder.name
-        row["load_avg"] = None
+        row["load_avg"] = row["run_peak_rss_mb"] = None  # not measured here
     name, flags = cpu_description()
     meta = {**meta, "threads": args.threads, "speed_machine": machine(),
             "speed_note": (f"Speed columns re-measured {now[:10]} at `{commit}` by `bench/respeed.py` on {name} "
                            f"(flags {' '.join(flags)}; load average {min(loads):.1f}-{max(loads):.1f}): "
                            f"{args.rounds} interleaved rounds, medians, each mxonnx configuration's graph measured "
                            "once on its RTN model (the methods change the weights, not the graph), lm_head float as "
-                           f"in the rows; {kept} peer rows (Quark, INC) keep their earlier speed. The perplexity "
+                           f"in the rows; {kept} peer rows (Quark, INC: their own environments) are not re-measured and "
+                           f"show no speed (their earlier figures, another machine: {source.name}). Perplexity "
                            "columns are unchanged (see each row's commit).")}
     out = args.results / f"{now[:10]}-speed.json"
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
