@@ -33,7 +33,7 @@ IDS = np.random.default_rng(0).integers(3, 96, (2, 40))
 
 
 def emulated_logits(hf_folder: Path, ids: np.ndarray, weights: str, acts: str,
-                    head: tuple[str, str] | None = None) -> np.ndarray:
+                    head: tuple[str | formats.MXFormat, str | formats.MXFormat] | None = None) -> np.ndarray:
     """The torch model with every decoder linear's weight replaced by quantize_dequantize(W) (blocks along the
     reduction axis) and its input by quantize_dequantize(x) along the last axis; lm_head likewise in the formats
     ``head`` = (weights, acts) (its tied weight untied from the embedding), float when None."""
