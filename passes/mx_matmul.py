@@ -2,7 +2,7 @@
 
     MatMul(X, W)  ->  MatMul(MXQuantizeDequantize(X), MXDequantize(codes, exponents))
 
-for q, k, v, o, gate, up and down of every decoder block (and lm_head on request). Weights and activations take
+for q, k, v, o, gate, up and down of every decoder block (and lm_head when selected). Weights and activations take
 their formats independently:
 
 - MX weights: packed codes and E8M0 exponents (``mxonnx.ops.packing``) read by ``com.mxonnx.MXDequantize``, axis 0;

@@ -70,6 +70,7 @@ def test_lm_head_settings(flags, expected, tiny_onnx, tmp_path, capsys):
     (["--lm-head", "mxint8-32/bogus"], "--lm-head 'mxint8-32/bogus': unknown format 'bogus'"),
     (["--lm-head", "mxint8-32", "--quantize-lm-head"], "--quantize-lm-head: not allowed with argument --lm-head"),
     (["--weights", "int8", "--acts", "int8", "--lm-head", "mxint8-32"], "lm_head with int8 activations"),
+    (["--weights", "int8", "--acts", "int8", "--quantize-lm-head"], "--lm-head weights (--quantize-lm-head) with int8"),
 ])
 def test_bad_lm_head_is_one_line_exit_2(flags, message, tiny_onnx, tmp_path, capsys):
     assert main(["quantize", str(tiny_onnx), "-o", str(tmp_path / "q"), "--method", "rtn", *flags]) == 2
