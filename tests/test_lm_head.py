@@ -1,7 +1,8 @@
 """lm_head's formats (``mxonnx quantize --lm-head``): the default (auto) gives it W8A8 MXINT8-32 when the decoder's
 weights and activations are MX, MXINT8-32 weights only when the activations are none, and keeps it float otherwise;
-none, weights (= --quantize-lm-head), a format or WEIGHTS/ACTS; one-line errors; ``inspect``'s bits_per_weight and
-``--target-bits``' budget are the decoder linears'; ``lower --target matmulnbits`` keeps the logits output."""
+none, weights (= --quantize-lm-head), a format or WEIGHTS/ACTS; only a chosen lm_head takes the MX pre-scale;
+one-line errors; ``inspect``'s bits_per_weight and ``--target-bits``' budget are the decoder linears'; ``lower
+--target matmulnbits`` keeps the logits output."""
 
 from __future__ import annotations
 
@@ -62,6 +63,18 @@ def test_lm_head_settings(flags, expected, tiny_onnx, tmp_path, capsys):
     assert head_formats(tmp_path / "q") == expected
     d = inspect_model(tmp_path / "q")
     assert (d["quantized_matmuls"], d["float_matmuls"]) == ((15, 0) if expected[0] != "none" else (14, 1))
+
+
+@pytest.mark.parametrize("head, prescales", [("auto", (1.0, 1.0)), ("mxint8-32/mxint8-32", (0.75, 0.625)),
+                                              ("weights", (0.75, 0.625))])
+def test_only_a_chosen_lm_head_takes_the_prescale(head, prescales, tiny_onnx, tmp_path, capsys):
+    """``--weights-prescale`` / ``--acts-prescale P`` reach an lm_head given formats, not the default 8-bit one."""
+    quantize(tiny_onnx, tmp_path / "q", capsys, "--weights", "mxfp4-32", "--acts", "mxfp4-32", "--weights-prescale",
+             "0.75", "--acts-prescale", "0.625", "--lm-head", head)
+    d = inspect_model(tmp_path / "q")
+    listed = next(l for l in d["linears"] if l["name"] == "lm_head")
+    assert (listed["weights_prescale"], listed["acts_prescale"]) == prescales
+    assert d["prescales"]["weights"]["count"] == 14 + (head != "auto")
 
 
 @pytest.mark.parametrize("flags, message", [
