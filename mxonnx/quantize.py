@@ -27,10 +27,10 @@ run keeps it). Every step takes each linear's own formats.
 
 ``--no-sequential`` takes every block's statistics and Hessians on the float model's inputs instead (the runner
 advances through block ``i`` before it is rewritten). Round to nearest with MX or no activations needs no
-calibration. lm_head, on request, is rounded to nearest at the end. Memory holds one block's float weights,
-statistics and Hessians, one set of hidden states (``calib_samples x calib_seqlen x hidden`` float32) and the
-model's graph, whatever the depth. OUT is written whole or not at all; a killed run continues with ``--resume``
-from its last finished block and gives the same bytes; the input is only read.
+calibration. lm_head, when quantized (``--lm-head``), is rounded to nearest at the end. Memory holds one block's
+float weights, statistics and Hessians, one set of hidden states (``calib_samples x calib_seqlen x hidden``
+float32) and the model's graph, whatever the depth. OUT is written whole or not at all; a killed run continues with
+``--resume`` from its last finished block and gives the same bytes; the input is only read.
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def check_config(config: QuantizeConfig) -> None:
         if override.acts is not None:
             check_activation_format(override.acts)
     if acts.kind == "int" and config.lm_head_override == "" and not config.overrides:
-        raise InputError(f"--quantize-lm-head with {acts.name} activations is not supported: only the decoder "
-                         "linears' inputs are calibrated")
+        raise InputError(f"--lm-head weights (--quantize-lm-head) with {acts.name} activations is not supported: "
+                         "only the decoder linears' inputs are calibrated")
     if (weights.kind == "none" and acts.kind == "none" and kv.kind == "none" and not overrides
             and config.target_bits is None and not config.rotate):
         raise InputError("weights, activations and KV cache are all 'none': nothing to quantize")

@@ -2,7 +2,7 @@
 
     MatMul(X, W)  ->  MatMul(MXQuantizeDequantize(X), MXDequantize(codes, exponents))
 
-for q, k, v, o, gate, up and down of every decoder block (and lm_head on request). Weights and activations take
+for q, k, v, o, gate, up and down of every decoder block (and lm_head when selected). Weights and activations take
 their formats independently:
 
 - MX weights: packed codes and E8M0 exponents (``mxonnx.ops.packing``) read by ``com.mxonnx.MXDequantize``, axis 0;
@@ -67,12 +67,12 @@ class RoundToNearest:
         return formats.quantize(w, format_of(self.fmt, name), axis=0)
 
 
-def selected_linears(model: ir.Model, quantize_lm_head: bool = False) -> list[Linear]:
+def selected_linears(model: ir.Model, lm_head: bool = False) -> list[Linear]:
     """q, k, v, o, gate, up, down of every decoder block, in block order, then lm_head when asked for."""
     blocks = find_decoder_blocks(model)
     linears = [linear for block in blocks for linear in block.linears()]
-    lm_head = find_lm_head(model, blocks) if quantize_lm_head else None
-    return linears + ([lm_head] if lm_head is not None else [])
+    head = find_lm_head(model, blocks) if lm_head else None
+    return linears + ([head] if head is not None else [])
 
 
 STATIC_ACTIVATIONS = "int8"  # the only fixed-point activation format: per channel, calibrated range

@@ -25,7 +25,7 @@ block and the hidden size, head_dim and the MLP width (SmolLM2, block 32: 32, 32
 
 Tied embeddings: absorbing ``gamma_final`` makes lm_head ``Q^T diag(gamma_final) E^T``, no longer the embedding's
 transpose, so lm_head gets its own initializer (``vocab x hidden`` more float weights: 28.3 M, 113 MB in float32
-for SmolLM2, unless ``--quantize-lm-head`` quantizes it). Nothing else is added. New weights are lazy tensors
+for SmolLM2, unless ``--lm-head`` quantizes it, as by default). Nothing else is added. New weights are lazy tensors
 computed from the source tensors (in float64, stored in each weight's dtype) when read.
 """
 

@@ -1,8 +1,8 @@
 """``mxonnx quantize`` with GPTQ on the tiny Llama: the output runs, its weights are valid codes of the format close
 to the float weights, its logits are nearer the float model's than round-to-nearest's on held-out text; sequential
 and non-sequential calibration give the same first block and different later ones; GPTQ after SmoothQuant/AWQ
-beats the smoothing alone; raised dampening is reported once per linear group; lm_head, on request, is rounded to
-nearest; bad settings exit 2 with one line and write nothing."""
+beats the smoothing alone; raised dampening is reported once per linear group; lm_head (MXINT8-32 by default, or in the
+decoder's formats) is rounded to nearest; bad settings exit 2 with one line and write nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import mxonnx.gptq
 from mxonnx import formats
 from mxonnx.calibrate import calibration_windows, load_tokenizer
 from mxonnx.cli import main
-from mxonnx.config import QuantizeConfig
+from mxonnx.config import LM_HEAD_DEFAULT, QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.eval import OrtCausalLM
 from mxonnx.ops import schema
@@ -77,7 +77,12 @@ def test_gptq_end_to_end(fixture, request, tiny_text, tmp_path, capsys):
     float_weights = {lin.name: lin.weight_array for b in find_decoder_blocks(ir.load(src / "model.onnx"))
                      for lin in b.linears()}
     gptq, rounded = stored_weights(out), stored_weights(rtn)
-    assert set(gptq) == set(float_weights) and len(gptq) == 14
+    assert set(gptq) == set(float_weights) | {"lm_head"} and len(float_weights) == 14
+    source = ir.load(src / "model.onnx")
+    head = formats.quantize(find_lm_head(source, find_decoder_blocks(source)).weight_array, LM_HEAD_DEFAULT, axis=0)
+    for stored in (gptq["lm_head"], rounded["lm_head"]):  # lm_head by default: MXINT8-32, rounded to nearest
+        np.testing.assert_array_equal(stored[0], head[0])
+        np.testing.assert_array_equal(stored[1], head[1])
     fmt = formats.parse_format(WEIGHTS)
     for name, w in float_weights.items():
         codes, exponents = gptq[name]
@@ -107,8 +112,9 @@ def test_sequential_and_non_sequential_differ_after_the_first_block(tiny_onnx, t
     parallel = stored_weights(run_quantize(tiny_onnx, tmp_path / "par", tiny_text, "gptq", sequential=False))
     for name in sequential:
         same = all(np.array_equal(a, b) for a, b in zip(sequential[name], parallel[name]))
-        # block 0 sees the same (float) inputs either way; block 1 sees a quantized or a float block 0
-        assert same == name.startswith("layers.0."), name
+        # block 0 sees the same (float) inputs either way; block 1 sees a quantized or a float block 0; lm_head is
+        # rounded to nearest either way
+        assert same == (name.startswith("layers.0.") or name == "lm_head"), name
 
 
 def static_activation_quantizers(folder: Path) -> dict[str, np.ndarray]:
@@ -194,8 +200,8 @@ def test_raised_dampening_is_reported_once_per_group(tiny_onnx, tiny_text, tmp_p
         f"Hessian of {g} not positive definite; damp raised to 0.1" for g in groups)
 
 
-def test_lm_head_on_request_is_rounded_to_nearest(tiny_onnx, tiny_text, tmp_path):
-    out = run_quantize(tiny_onnx, tmp_path / "q", tiny_text, "gptq", quantize_lm_head=True)
+def test_lm_head_in_decoder_formats_is_rounded_to_nearest(tiny_onnx, tiny_text, tmp_path):
+    out = run_quantize(tiny_onnx, tmp_path / "q", tiny_text, "gptq", lm_head="weights")
     source = ir.load(tiny_onnx / "model.onnx")
     w = find_lm_head(source, find_decoder_blocks(source)).weight_array
     codes, exponents = stored_weights(out)["lm_head"]

@@ -8,7 +8,7 @@ import pytest
 
 from mxonnx import formats
 from mxonnx.cli import main
-from mxonnx.config import QuantizeConfig
+from mxonnx.config import LM_HEAD_DEFAULT, QuantizeConfig
 from mxonnx.inspect import format_inspection, inspect_model
 from mxonnx.quantize import quantize_model
 
@@ -28,11 +28,16 @@ def test_float_model(tiny_onnx):
 
 def test_quantized_model(quantized_folder):
     d = inspect_model(quantized_folder)
-    assert d["quantized_matmuls"] == 14 and d["float_matmuls"] == 1  # lm_head stays float
-    assert d["custom_ops"] == {"com.mxonnx.MXDequantize": 14, "com.mxonnx.MXQuantizeDequantize": 8}
-    assert d["formats"] == {"weights": {"mxint4-32": 14}, "acts": {"mxint8-32": 8}}
+    # 14 decoder linears and, by default for an MX decoder, lm_head W8A8 MXINT8-32 (its input's QDQ is the 9th)
+    assert d["quantized_matmuls"] == 15 and d["float_matmuls"] == 0
+    assert d["custom_ops"] == {"com.mxonnx.MXDequantize": 15, "com.mxonnx.MXQuantizeDequantize": 9}
+    assert d["formats"] == {"weights": {"mxint4-32": 14, LM_HEAD_DEFAULT: 1}, "acts": {"mxint8-32": 9}}
     assert d["opset"] == {"ai.onnx": 21, "com.mxonnx": 1}
+    # the average is the decoder linears' (lm_head listed with its own figure, left out)
     assert d["bits_per_weight"] == pytest.approx(formats.bits_per_weight("mxint4-32"), rel=0.03)
+    head = next(linear for linear in d["linears"] if linear["name"] == "lm_head")
+    assert (head["weights"], head["acts"]) == (LM_HEAD_DEFAULT, LM_HEAD_DEFAULT)
+    assert head["bits_per_weight"] == pytest.approx(formats.bits_per_weight(LM_HEAD_DEFAULT), rel=0.03)
     on_disk = sum(p.stat().st_size for p in quantized_folder.iterdir() if p.name.startswith("model.onnx"))
     assert d["file_bytes"] == on_disk
 

@@ -12,7 +12,7 @@ import pytest
 
 from mxonnx import formats
 from mxonnx.cli import main
-from mxonnx.config import QuantizeConfig
+from mxonnx.config import LM_HEAD_DEFAULT, QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.inspect import inspect_model
 from mxonnx.lower import lower_model
@@ -255,7 +255,9 @@ def test_cli_json_and_inspect_report_the_kv_format(tiny_onnx, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["kv"] == "mxfp8e4m3-16"
     assert main(["inspect", str(out), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["kv_cache"] == {"mxfp8e4m3-16": 2 * LAYERS} and d["formats"]["acts"] == {"mxint8-16": 4 * LAYERS}
+    # the KV quantizers are not counted as activations: 4 per block and lm_head's input (MXINT8-32 by default)
+    assert d["kv_cache"] == {"mxfp8e4m3-16": 2 * LAYERS}
+    assert d["formats"]["acts"] == {"mxint8-16": 4 * LAYERS, LM_HEAD_DEFAULT: 1}
     assert main(["inspect", str(out)]) == 0
     assert "KV cache            mxfp8e4m3-16 x4" in capsys.readouterr().out
     assert inspect_model(tiny_onnx)["kv_cache"] == {}

@@ -18,7 +18,7 @@ from mxonnx.allocate import stored_bits
 from mxonnx.blockwise import BlockwiseRunner
 from mxonnx.calibrate import block_hessians, config_windows
 from mxonnx.cli import main
-from mxonnx.config import QuantizeConfig
+from mxonnx.config import LM_HEAD_DEFAULT, QuantizeConfig
 from mxonnx.errors import InputError
 from mxonnx.eval import OrtCausalLM
 from mxonnx.inspect import format_inspection, inspect_model
@@ -39,6 +39,7 @@ MIXED_FORMATS = {
     **{f"layers.0.{r}": ("mxint4-32", "mxint8-32") for r in ROLES},
     "layers.0.q_proj": ("mxfp4-16", "mxfp8e4m3-32"), "layers.0.down_proj": ("mxint8-32", "mxint8-64"),
     **{f"layers.1.{r}": ("none", "none") for r in ROLES}, "layers.1.k_proj": ("mxint4-128", "none"),
+    "lm_head": (LM_HEAD_DEFAULT, LM_HEAD_DEFAULT),  # the default for an MX decoder
 }
 
 
@@ -89,20 +90,23 @@ def test_later_overrides_win_and_weights_only_keep_the_acts():
 
 
 def emulated_logits(hf_folder, ids: np.ndarray, linear_formats: dict) -> np.ndarray:
-    """The torch model with each decoder linear's weight replaced by quantize_dequantize(W) in its own format and
-    its input by quantize_dequantize(x) in its own activation format (``mxonnx.formats`` only)."""
+    """The torch model with each decoder linear's weight (and lm_head's, untied from the embedding) replaced by
+    quantize_dequantize(W) in its own format and its input by quantize_dequantize(x) in its own activation format
+    (``mxonnx.formats`` only); lm_head stays float when ``linear_formats`` has no entry for it."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(hf_folder).eval()
+    linears = {"lm_head": model.lm_head}
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        for role, linear in zip(ROLES, (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
-                                        mlp.up_proj, mlp.down_proj)):
-            weights, acts = linear_formats[f"layers.{i}.{role}"]
-            w = linear.weight.detach().numpy()  # [N, K]: the reduction axis is 1
-            linear.weight.data = torch.from_numpy(formats.quantize_dequantize(w, weights, axis=1))
-            linear.register_forward_pre_hook(
-                lambda module, args, acts=acts: (torch.from_numpy(formats.quantize_dequantize(args[0].numpy(), acts)),))
+        linears.update({f"layers.{i}.{role}": linear for role, linear in zip(ROLES, (
+            attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj))})
+    for name, (weights, acts) in linear_formats.items():
+        linear = linears[name]
+        w = linear.weight.detach().numpy()  # [N, K]: the reduction axis is 1
+        linear.weight = torch.nn.Parameter(torch.from_numpy(formats.quantize_dequantize(w, weights, axis=1)))
+        linear.register_forward_pre_hook(
+            lambda module, args, acts=acts: (torch.from_numpy(formats.quantize_dequantize(args[0].numpy(), acts)),))
     with torch.no_grad():
         return model(torch.from_numpy(ids)).logits.numpy()
 
@@ -125,18 +129,18 @@ def test_mixed_formats_logits_equal_the_per_linear_emulation(mixed_folder, tiny_
 def test_inspect_lists_every_linear(mixed_folder, capsys):
     d = inspect_model(mixed_folder)
     listed = {l["name"]: l for l in d["linears"]}
-    assert set(listed) == {*MIXED_FORMATS, "lm_head"}
+    assert set(listed) == set(MIXED_FORMATS)
     for name, (weights, acts) in MIXED_FORMATS.items():
         assert (listed[name]["weights"], listed[name]["acts"]) == (weights, acts), name
-    assert (listed["lm_head"]["weights"], listed["lm_head"]["acts"]) == ("none", "none")
     model = ir.load(mixed_folder / "model.onnx")
     quantized = [l for l in d["linears"] if l["weights"] != "none"]
-    assert d["quantized_matmuls"] == len(quantized) == 8
+    assert d["quantized_matmuls"] == len(quantized) == 9  # 8 decoder linears and lm_head
     for linear in quantized:  # each one's bits are what its format stores for its shape
         k, n = model.graph.initializers[f"{linear['name']}.weight_codes"].const_value.shape
         assert linear["weights_count"] == k * n
         assert linear["bits_per_weight"] * k * n == stored_bits(linear["weights"], k, n)
-    average = sum(l["bits_per_weight"] * l["weights_count"] for l in quantized) / sum(l["weights_count"] for l in quantized)
+    decoder = [l for l in quantized if l["name"] != "lm_head"]  # lm_head is listed but left out of the average
+    average = sum(l["bits_per_weight"] * l["weights_count"] for l in decoder) / sum(l["weights_count"] for l in decoder)
     assert d["bits_per_weight"] == pytest.approx(average, rel=1e-12)
     table = format_inspection(d)
     assert "layer 0  mxfp4-16/mxfp8e4m3-32" in table
@@ -201,7 +205,8 @@ def test_every_method_takes_mixed_formats(method, tiny_onnx, tiny_text, tmp_path
     (["--override", "layers.*.mlp.nothing=mxint8-32"], "matches no linear"),
     (["--override", "layers.0.q_proj=mxint9-32"], "9 bits is outside"),
     (["--override", "layers.0.q_proj"], "expected PATTERN=FORMAT"),
-    (["--override", "lm_head=mxint8-32"], "only quantized with --quantize-lm-head"),
+    (["--lm-head", "none", "--override", "lm_head=mxint8-32"], "lm_head stays float in this run"),
+    (["--weights", "int8", "--acts", "none", "--override", "lm_head=mxint8-32"], "lm_head stays float in this run"),
     (["--override", "*=none"], "nothing to quantize"),
     (["--override", "layers.0.q_proj=mxint4-32/int4"], "not supported"),
     (["--override", "lm_head=mxint8-32/int8", "--quantize-lm-head"], "lm_head with int8"),

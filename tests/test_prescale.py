@@ -18,7 +18,7 @@ from test_quantize import IDS, emulated_logits, folder_digest
 
 from mxonnx import formats, gptq, prescale
 from mxonnx.cli import main
-from mxonnx.config import QuantizeConfig
+from mxonnx.config import LM_HEAD_DEFAULT, QuantizeConfig
 from mxonnx.eval import OrtCausalLM
 from mxonnx.inspect import inspect_model
 from mxonnx.lower import lower_model
@@ -253,7 +253,8 @@ def quantize(src, out, **settings):
 
 def test_rtn_round_trip_equals_emulation(tiny_hf, tiny_onnx, tmp_path):
     """W4A4 MXFP4-32 with p = 3/4 on both: logits equal the torch model with every linear's weight and input
-    quantize-dequantized by the numpy reference; native kernels and function bodies agree."""
+    quantize-dequantized by the numpy reference (lm_head's default W8A8 MXINT8-32 without a pre-scale); native
+    kernels and function bodies agree."""
     before = folder_digest(tiny_onnx)
     out = quantize(tiny_onnx, tmp_path / "q", weights="mxfp4-32", acts="mxfp4-32", method="rtn",
                    weights_prescale=0.75, acts_prescale=0.75)
@@ -261,8 +262,9 @@ def test_rtn_round_trip_equals_emulation(tiny_hf, tiny_onnx, tmp_path):
     fmt = formats.with_prescale("mxfp4-32", 0.75)
     lm = OrtCausalLM(out / "model.onnx")
     logits = lm.logits(IDS)
-    np.testing.assert_allclose(logits, emulated_logits(tiny_hf, IDS, fmt, fmt), rtol=0, atol=1e-5)
-    plain = emulated_logits(tiny_hf, IDS, "mxfp4-32", "mxfp4-32")
+    head = (LM_HEAD_DEFAULT, LM_HEAD_DEFAULT)
+    np.testing.assert_allclose(logits, emulated_logits(tiny_hf, IDS, fmt, fmt, head), rtol=0, atol=1e-5)
+    plain = emulated_logits(tiny_hf, IDS, "mxfp4-32", "mxfp4-32", head)
     assert np.abs(logits - plain).max() > 1e-3  # the pre-scale changes the numbers
     functions_only = create_session(out / "model.onnx", use_native=False).run(["logits"], lm.feed(IDS))[0]
     np.testing.assert_allclose(logits, functions_only, rtol=0, atol=1e-5)
@@ -304,9 +306,10 @@ def test_searched_prescales_with_gptq(method, tiny_onnx, tiny_text, tmp_path, ca
 def test_inspect_reports_the_prescale(tiny_onnx, tmp_path, capsys):
     out = quantize(tiny_onnx, tmp_path / "q", weights="mxfp4-32", acts="mxfp4-32", method="rtn", weights_prescale=0.75)
     info = inspect_model(out)
+    # the 14 decoder linears; lm_head's default MXINT8-32 takes no pre-scale
     assert info["prescales"]["weights"] == {"count": 14, "min": 0.75, "max": 0.75}
     assert info["prescales"]["acts"] == {"count": 0}
-    assert info["formats"]["weights"] == {"mxfp4-32": 14}
+    assert info["formats"]["weights"] == {"mxfp4-32": 14, LM_HEAD_DEFAULT: 1}
     assert main(["inspect", str(out)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("weights pre-scale"))
     assert line.split(None, 2)[2] == "p = 0.75 on 14 (values times 1/p)"

@@ -1,5 +1,6 @@
-"""``mxonnx quantize`` end to end on the tiny Llama: logits equal an emulation built only from mxonnx.formats, the
-function bodies and the native kernels agree, optimum generates from OUT, and bad input leaves nothing behind."""
+"""``mxonnx quantize`` end to end on the tiny Llama: logits equal an emulation built only from mxonnx.formats (lm_head
+in its default W8A8 MXINT8-32 included), the function bodies and the native kernels agree, optimum generates from
+OUT, and bad input leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from conftest import visible_lines
 from mxonnx import formats
 from mxonnx.calibrate import collect_statistics
 from mxonnx.cli import main
-from mxonnx.config import QuantizeConfig
+from mxonnx.config import LM_HEAD_DEFAULT, QuantizeConfig
 from mxonnx.eval import OrtCausalLM, generate_text
 from mxonnx.inspect import inspect_model
 from mxonnx.ops.native import native_library_path
@@ -31,22 +32,27 @@ from mxonnx.session import create_session
 IDS = np.random.default_rng(0).integers(3, 96, (2, 40))
 
 
-def emulated_logits(hf_folder: Path, ids: np.ndarray, weights: str, acts: str) -> np.ndarray:
+def emulated_logits(hf_folder: Path, ids: np.ndarray, weights: str, acts: str,
+                    head: tuple[str | formats.MXFormat, str | formats.MXFormat] | None = None) -> np.ndarray:
     """The torch model with every decoder linear's weight replaced by quantize_dequantize(W) (blocks along the
-    reduction axis) and its input by quantize_dequantize(x) along the last axis."""
+    reduction axis) and its input by quantize_dequantize(x) along the last axis; lm_head likewise in the formats
+    ``head`` = (weights, acts) (its tied weight untied from the embedding), float when None."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(hf_folder).eval()
 
-    def quantize_input(module, args):
-        return (torch.from_numpy(formats.quantize_dequantize(args[0].numpy(), acts, axis=-1)),)
+    def quantize(linear: torch.nn.Linear, weights: str, acts: str) -> None:
+        w = linear.weight.detach().numpy()  # [N, K]: the reduction axis is 1
+        linear.weight = torch.nn.Parameter(torch.from_numpy(formats.quantize_dequantize(w, weights, axis=1)))
+        linear.register_forward_pre_hook(
+            lambda module, args: (torch.from_numpy(formats.quantize_dequantize(args[0].numpy(), acts, axis=-1)),))
 
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            w = linear.weight.detach().numpy()  # [N, K]: the reduction axis is 1
-            linear.weight.data = torch.from_numpy(formats.quantize_dequantize(w, weights, axis=1))
-            linear.register_forward_pre_hook(quantize_input)
+            quantize(linear, weights, acts)
+    if head is not None:
+        quantize(model.lm_head, *head)
     with torch.no_grad():
         return model(torch.from_numpy(ids)).logits.numpy()
 
@@ -76,7 +82,8 @@ def test_logits_equal_formats_emulation(fixture, weights, acts, tiny_hf, tmp_pat
     out = quantized(src, tmp_path / "q", weights, acts)
     assert folder_digest(src) == before, "the input model must not change"
     logits = OrtCausalLM(out / "model.onnx").logits(IDS)
-    np.testing.assert_allclose(logits, emulated_logits(tiny_hf, IDS, weights, acts), rtol=0, atol=1e-5)
+    head = (LM_HEAD_DEFAULT, "none" if acts == "none" else LM_HEAD_DEFAULT)  # the default for an MX decoder
+    np.testing.assert_allclose(logits, emulated_logits(tiny_hf, IDS, weights, acts, head), rtol=0, atol=1e-5)
 
 
 def test_functions_and_native_kernels_agree(tiny_onnx, tmp_path):
@@ -105,8 +112,10 @@ def test_cli_quantize_json(tiny_onnx, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_onnx), "-o", str(out), "--method", "rtn", "--weights", "mxint4-32", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"output", "method", "weights", "acts", "kv", "seconds", "peak_rss_mb", "resumed_blocks"}
-    assert (result["weights"], result["acts"], result["method"], result["kv"]) == ("mxint4-32", "mxint8-128", "rtn", "none")
+    assert set(result) == {"output", "method", "weights", "acts", "kv", "lm_head", "seconds", "peak_rss_mb",
+                           "resumed_blocks"}
+    assert (result["weights"], result["acts"], result["method"], result["kv"], result["lm_head"]) == (
+        "mxint4-32", "mxint8-128", "rtn", "none", f"{LM_HEAD_DEFAULT}/{LM_HEAD_DEFAULT}")
 
 
 def _nan_weight_model(src: Path, dst: Path) -> Path:

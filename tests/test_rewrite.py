@@ -19,6 +19,7 @@ from mxonnx.passes.mx_matmul import rewrite_mx_matmuls, selected_linears
 from mxonnx.session import create_session
 
 LINEARS_PER_BLOCK = 7
+HEAD = "mxint8-32"  # lm_head's weight and activation format by default when the decoder is MX (config.LM_HEAD_DEFAULT)
 
 
 def rewritten(folder, **config) -> ir.Model:
@@ -33,10 +34,11 @@ def op_counts(model: ir.Model) -> collections.Counter:
 def test_weights_and_activations(tiny_onnx):
     model = rewritten(tiny_onnx, weights="mxint4-32", acts="mxint8-32")
     counts = op_counts(model)
-    assert counts[schema.DOMAIN, schema.DEQUANTIZE] == 2 * LINEARS_PER_BLOCK
-    # one shared QDQ for q/k/v and one for gate/up: 4 per block
-    assert counts[schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE] == 2 * 4
+    assert counts[schema.DOMAIN, schema.DEQUANTIZE] == 2 * LINEARS_PER_BLOCK + 1  # + lm_head (default)
+    # one shared QDQ for q/k/v and one for gate/up: 4 per block, + one before lm_head
+    assert counts[schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE] == 2 * 4 + 1
     assert set(model.functions) == {(schema.DOMAIN, schema.DEQUANTIZE, "mxint4-32"),
+                                    (schema.DOMAIN, schema.DEQUANTIZE, HEAD),
                                     (schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE, "mxint8-32")}
     for block in find_decoder_blocks(ir.load(tiny_onnx / "model.onnx")):
         assert not any(f"layers.{block.index}." in name and name.endswith(".weight") and "norm" not in name
@@ -48,27 +50,43 @@ def test_weights_and_activations(tiny_onnx):
 
 def test_nodes_carry_format_axis_and_overload(tiny_onnx):
     model = rewritten(tiny_onnx, weights="MXFP4-32", acts="mxfp8e4m3-64")
+    head = {v.producer() for v in model.graph.outputs[0].producer().inputs}  # lm_head's input QDQ and weight
+    assert {n.op_type for n in head} == {schema.DEQUANTIZE, schema.QUANTIZE_DEQUANTIZE}
     for node in model.graph:
         if node.domain == schema.DOMAIN:
             fmt = node.attributes[schema.FORMAT_ATTR].as_string()
             assert node.overload == fmt
             assert node.attributes[schema.AXIS_ATTR].as_int() == schema.DEFAULT_AXIS[node.op_type]
-            assert fmt == ("mxfp4-32" if node.op_type == schema.DEQUANTIZE else "mxfp8e4m3-64")
-        if node.op_type == schema.DEQUANTIZE:
+            assert fmt == (HEAD if node in head else "mxfp4-32" if node.op_type == schema.DEQUANTIZE else "mxfp8e4m3-64")
+        if node.op_type == schema.DEQUANTIZE and node not in head:
             codes, exponents = (v.const_value for v in node.inputs)
             assert codes.dtype == ir.DataType.UINT4 and exponents.dtype == ir.DataType.UINT8
 
 
 def test_weight_only_has_no_activation_quantization(tiny_onnx):
-    counts = op_counts(rewritten(tiny_onnx, weights="mxint4-128", acts="none"))
+    model = rewritten(tiny_onnx, weights="mxint4-128", acts="none")
+    counts = op_counts(model)
     assert counts[schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE] == 0
-    assert counts[schema.DOMAIN, schema.DEQUANTIZE] == 2 * LINEARS_PER_BLOCK
+    assert counts[schema.DOMAIN, schema.DEQUANTIZE] == 2 * LINEARS_PER_BLOCK + 1  # lm_head: weights only too
+    assert set(model.functions) == {(schema.DOMAIN, schema.DEQUANTIZE, "mxint4-128"), (schema.DOMAIN, schema.DEQUANTIZE, HEAD)}
 
 
-def test_lm_head_only_on_request(tiny_onnx):
-    default = op_counts(rewritten(tiny_onnx, weights="mxint8-32", acts="none"))
-    with_head = op_counts(rewritten(tiny_onnx, weights="mxint8-32", acts="none", quantize_lm_head=True))
-    assert with_head[schema.DOMAIN, schema.DEQUANTIZE] == default[schema.DOMAIN, schema.DEQUANTIZE] + 1
+@pytest.mark.parametrize("lm_head, head_weights, head_acts", [("none", None, None), ("weights", "mxint4-64", "mxfp8e4m3-32"),
+                                                              ("auto", HEAD, HEAD), ("mxfp6e3m2-32/none", "mxfp6e3m2-32", None)])
+def test_lm_head_setting(tiny_onnx, lm_head, head_weights, head_acts):
+    """``lm_head``: none keeps it float, weights gives it the decoder's formats, auto W8A8 MXINT8-32, else as given."""
+    model = rewritten(tiny_onnx, weights="mxint4-64", acts="mxfp8e4m3-32", lm_head=lm_head)
+    counts = op_counts(model)
+    assert counts[schema.DOMAIN, schema.DEQUANTIZE] == 2 * LINEARS_PER_BLOCK + (head_weights is not None)
+    assert counts[schema.DOMAIN, schema.QUANTIZE_DEQUANTIZE] == 2 * 4 + (head_acts is not None)
+    weight = model.graph.outputs[0].producer().inputs[1].producer()
+    assert (weight.op_type == schema.DEQUANTIZE) == (head_weights is not None)
+    if head_weights is not None:
+        assert weight.attributes[schema.FORMAT_ATTR].as_string() == head_weights
+    x = model.graph.outputs[0].producer().inputs[0].producer()
+    assert (x.op_type == schema.QUANTIZE_DEQUANTIZE) == (head_acts is not None)
+    if head_acts is not None:
+        assert x.attributes[schema.FORMAT_ATTR].as_string() == head_acts
 
 
 def test_weights_equal_reference_quantization(tiny_onnx):
