@@ -133,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in plain column order (default: MX blocks by decreasing Hessian diagonal)")
     p.add_argument("--no-sequential", action="store_true", help="GPTQ on the float model's inputs instead of the quantized prefix's")
     p.add_argument("--exponent-search", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ: choose each MX block's shared exponent among E-1, E, E+1 by the GPTQ loss instead of E "
-                        "(the OCP rule); default: on for MXINT weights (measured best), off for MXFP")
+                   help="choose each MX block's shared exponent among E-1, E, E+1 instead of E (the OCP rule): "
+                        "with GPTQ by the GPTQ loss (default on for MXINT weights, measured best; off for MXFP); "
+                        "rtn/sq/awq: by the output error from the calibration statistics (makes them calibrate; "
+                        "default off)")
     for side, text in (("weights", "MX weights: elements from P * w / 2^E (the OCP exponent E), values divided by P "
                                     "again, so the block maximum no longer clips (MXFP4: 0.75); 'search': one P per "
                                     "weight among --prescale-candidates by the Hessian-weighted (else plain) error"),

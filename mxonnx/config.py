@@ -53,8 +53,8 @@ class QuantizeConfig:
     damp: float = 0.01
     act_order: bool = True  # GPTQ columns in order of decreasing Hessian diagonal, whole MX blocks kept together
     sequential: bool = True
-    # GPTQ: shared exponents chosen among E-1, E, E+1 by the GPTQ loss (issue 19); None: the measured default,
-    # :attr:`searches_exponents`
+    # shared exponents chosen among E-1, E, E+1 by the GPTQ loss (issue 19), or without GPTQ by the statistics'
+    # diagonal Hessian (:attr:`rounds_with_exponent_choice`); None: the measured default, :attr:`searches_exponents`
     exponent_search: bool | None = None
     # element pre-scale p of the MX weight / activation quantizers (mxonnx.prescale; issue 19): None (plain OCP),
     # a number in (0.5, 1], or PRESCALE_SEARCH (one p per tensor among prescale_candidates)
@@ -94,6 +94,13 @@ class QuantizeConfig:
         if not self.uses_gptq:
             return False
         return self.exponent_search
+
+    @property
+    def rounds_with_exponent_choice(self) -> bool:
+        """Without GPTQ, ``--exponent-search`` (off by default: RTN stays the paper's uncalibrated baseline) rounds to
+        nearest with each MX block's exponent chosen by the calibration statistics
+        (:func:`mxonnx.gptq.round_with_exponent_choice`)."""
+        return not self.uses_gptq and bool(self.exponent_search)
 
     @property
     def lm_head_override(self) -> str | None:

@@ -568,6 +568,58 @@ def _encode(q: np.ndarray, params: np.ndarray, fmt: formats.MXFormat) -> tuple[n
     return codes, params.astype(np.float32)
 
 
+def round_with_exponent_choice(w: np.ndarray, channel_weight: np.ndarray, fmt: str | formats.MXFormat, *,
+                               damp: float = 0.01, offsets=EXPONENT_OFFSETS,
+                               name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+    """Round to nearest with output-aware shared exponents (issue 19 item 1, for RTN and AWQ): GPTQ (Algorithm 1)
+    with the diagonal Hessian ``H = diag(h)``, ``h_j = m_j + damp * mean(m)``, ``m_j = mean_t x_tj^2`` from the
+    calibration statistics. No error then passes between channels, so every element is rounded to nearest as RTN
+    does, and each MX block's exponent is the candidate ``E + o`` (``o`` in ``offsets``, E the OCP rule, ties to E)
+    of least ``sum_j h_j (w_jn - q_jn)^2``: the squared output error of the block's channels for uncorrelated
+    inputs (:func:`choose_exponents` with ``U^ = I``). ``w [K, N]``; returns ``formats.quantize(w, fmt, axis=0)``'s
+    layout. Formats other than MX round to nearest unchanged."""
+    fmt = formats.parse_format(fmt)
+    w = np.asarray(w, np.float32)
+    if fmt.kind != "mx":
+        return formats.quantize(w, fmt, axis=0)
+    formats.check_finite(w, name)
+    k = w.shape[0]
+    m = np.asarray(channel_weight, np.float64)
+    if m.shape != (k,):
+        raise InputError(f"{name}: {m.shape[0] if m.ndim == 1 else m.shape} channel weights for {k} input channels")
+    h = m + damp * float(m.mean()) if k else m
+    b = fmt.block_size
+    starts = np.arange(0, k, b)
+    ocp = formats.shared_exponents(w, fmt, axis=0)  # [ceil(K / b), N]
+    best_loss = best = best_q = None
+    for o in offsets:
+        trial = np.clip(ocp + o, -127, 127).astype(ocp.dtype)
+        q = formats.quantize_dequantize_with_exponent(w, np.repeat(trial, b, axis=0)[:k], fmt)
+        loss = np.add.reduceat(np.square(w - q, dtype=np.float64) * h[:, None], starts, axis=0)
+        if best is None:
+            best_loss, best, best_q = loss, trial, q
+            continue
+        better = loss < best_loss  # strict: ties keep the earlier candidate (E first)
+        best_loss = np.where(better, loss, best_loss)
+        best = np.where(better, trial, best)
+        best_q = np.where(np.repeat(better, b, axis=0)[:k], q, best_q)
+    return _encode(best_q, best, fmt)
+
+
+class ExponentChoiceRounding:
+    """The weight provider of :func:`round_with_exponent_choice`: ``fmt`` one format or one per linear name,
+    ``channel_weights`` the mean squared input ``m [K]`` of each linear (by name)."""
+
+    def __init__(self, fmt: "str | formats.MXFormat | Mapping[str, str | formats.MXFormat]",
+                 channel_weights: Mapping[str, np.ndarray], damp: float = 0.01):
+        self.fmt = fmt if isinstance(fmt, Mapping) else formats.parse_format(fmt)
+        self.channel_weights, self.damp = channel_weights, damp
+
+    def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fmt = self.fmt[name] if isinstance(self.fmt, Mapping) else self.fmt
+        return round_with_exponent_choice(w, self.channel_weights[name], fmt, damp=self.damp, name=name)
+
+
 class GptqWeightProvider:
     """Weight provider for the rewrite pass: ``provider(name, w) -> (codes, scales)`` GPTQ-quantizes the linear
     ``name`` (e.g. "layers.3.q_proj") with the Hessian of its input. ``hessians`` is keyed by linear name or by

@@ -54,7 +54,7 @@ from mxonnx.calibrate import block_hessians, block_statistics, config_windows, s
 from mxonnx.config import (LM_HEAD_AUTO, LM_HEAD_DECODER, METHODS, PRESCALE_SEARCH, QuantizeConfig,
                            default_calib_text)
 from mxonnx.errors import InputError
-from mxonnx.gptq import GptqWeightProvider, check_blocks
+from mxonnx.gptq import ExponentChoiceRounding, GptqWeightProvider, check_blocks
 from mxonnx.genai_config import GenaiUnsupportedError, write_mx_genai_config
 from mxonnx.layer_formats import LinearFormat, matches, parse_override, resolve_formats
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, ModelPaths, copy_model_assets, resolve_model
@@ -134,10 +134,8 @@ def check_config(config: QuantizeConfig) -> None:
         raise InputError("--rotate-block is the block of --rotate; add --rotate")
     if config.rotate:
         rotation_block(config)
-    if config.exponent_search and not (config.method.endswith("gptq")
-                                       and (weights.kind == "mx" or overrides or config.target_bits is not None)):
-        raise InputError("--exponent-search chooses MX shared exponents inside GPTQ: use a +gptq method "
-                         "and an MX weight format")
+    if config.exponent_search and not (weights.kind == "mx" or overrides or config.target_bits is not None):
+        raise InputError("--exponent-search chooses the shared exponents of MX weights: use an MX weight format")
     if config.method not in AVAILABLE_METHODS:
         raise InputError(f"unknown method {config.method!r}; choose one of {', '.join(AVAILABLE_METHODS)}")
     check_prescale_config(config, weights, acts)
@@ -238,7 +236,8 @@ class BlockPlan:
 
     @property
     def needs_statistics(self) -> bool:
-        return self.smoothing or self.static_acts or self.config.searches_act_prescale
+        return (self.smoothing or self.static_acts or self.config.searches_act_prescale
+                or self.config.rounds_with_exponent_choice)
 
     @property
     def samples_rows(self) -> bool:
@@ -317,6 +316,20 @@ def weight_prescales(config: QuantizeConfig, linears: Sequence[Linear], weights:
             for l in mx}
 
 
+def input_second_moments(block: DecoderBlock, stats: Mapping[str, ActivationStats],
+                         folded: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per linear of ``block``, ``mean_t x_tj^2`` of its input as the rewritten graph feeds it (``x / r`` with ``r``
+    the row scales folded into its group)."""
+    moments = {}
+    for group, linears in block.groups().items():
+        key = group_key(block, group)
+        m = stats[key].mean_sq
+        if key in folded:
+            m = m / np.square(np.asarray(folded[key], np.float64))
+        moments.update({l.name: m for l in linears})
+    return moments
+
+
 def _hessian_lookup(block: DecoderBlock, hessians: Mapping[str, np.ndarray]):
     """linear -> its Hessian in ``block_hessians``' result (keyed by linear name or by input group)."""
     group_of = {l.name: group for group, linears in block.groups().items() for l in linears}
@@ -340,6 +353,7 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
     weights, acts = plan.weights_of(block.linears()), plan.acts_of(block.linears())
     chosen = {"acts": act_prescales(config, block, acts, stats, folded)}
     acts = apply_prescales(acts, chosen["acts"])
+    channel_weights = input_second_moments(block, stats, folded) if config.rounds_with_exponent_choice else None
     del stats
     if config.uses_gptq and any(f.kind != "none" for f in weights.values()):
         hessians = block_hessians(runner, block, acts, advance=advance_float, act_scales=act_scales)
@@ -355,7 +369,8 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
             runner.advance(block.index)
         chosen["weights"] = weight_prescales(config, block.linears(), weights)
         weights = apply_prescales(weights, chosen["weights"])
-        provider = RoundToNearest(weights)
+        provider = (RoundToNearest(weights) if channel_weights is None
+                    else ExponentChoiceRounding(weights, channel_weights, damp=config.damp))
     MxMatMulPass(block.linears(), weights, acts, provider, act_scales)(model)
     if runner is not None and config.sequential and not last:
         runner.advance(block.index)  # the next block's inputs from this block quantized

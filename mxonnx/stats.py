@@ -5,6 +5,7 @@ Every decoder block has four linear inputs, one per group of linears reading the
 and ``down``. For each, over the calibration tokens ``x_t [K]``:
 
     max_abs_j = max_t |x_tj|   (SmoothQuant, paper Eq. 3)      mean_abs_j = mean_t |x_tj|   (AWQ, paper Eq. 5)
+    mean_sq_j = mean_t x_tj^2  (diag H / 2: the output-aware exponent choice of RTN and AWQ, issue 19)
     xtx = sum_t x_t^T x_t  (float64; the GPTQ Hessian is H = 2/n xtx, paper Eq. 7)
 
 plus, on request, a sample of raw input rows (AWQ's search). No ONNX, no onnxruntime: arrays only (``xtx`` is
@@ -33,6 +34,7 @@ class ActivationStats:
     count: int  # tokens seen
     xtx: np.ndarray | None = None  # [K, K] float64, sum_t x_t^T x_t
     sample: np.ndarray | None = None  # [n, K] float32 rows drawn at random from the calibration tokens
+    mean_sq: np.ndarray | None = None  # [K] float64, mean_t x_tj^2
 
     @property
     def hessian(self) -> np.ndarray:
@@ -48,6 +50,7 @@ class StatsAccumulator:
     def __init__(self, k: int, hessian: bool = False, sample: bool = False):
         self.max_abs = np.zeros(k, np.float32)
         self.sum_abs = np.zeros(k, np.float64)
+        self.sum_sq = np.zeros(k, np.float64)
         self.count = 0
         self.gram = HessianAccumulator(k) if hessian else None
         self.rows: list[np.ndarray] | None = [] if sample else None
@@ -57,6 +60,7 @@ class StatsAccumulator:
         magnitude = np.abs(x)
         np.maximum(self.max_abs, magnitude.max(axis=0), out=self.max_abs)
         self.sum_abs += magnitude.sum(axis=0, dtype=np.float64)
+        self.sum_sq += np.einsum("tk,tk->k", x, x, dtype=np.float64)
         self.count += x.shape[0]
         if self.rows is not None and rows is not None and len(rows):
             self.rows.append(np.array(x[rows], np.float32))
@@ -68,7 +72,8 @@ class StatsAccumulator:
         sample = None if self.rows is None else (
             np.concatenate(self.rows) if self.rows else np.zeros((0, len(self.max_abs)), np.float32))
         xtx = self.gram.xtx if self.gram is not None else None
-        return ActivationStats(self.max_abs, mean_abs, self.count, xtx, sample)
+        mean_sq = self.sum_sq / max(self.count, 1)
+        return ActivationStats(self.max_abs, mean_abs, self.count, xtx, sample, mean_sq)
 
 
 def group_key(block: DecoderBlock, group: str) -> str:

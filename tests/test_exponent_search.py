@@ -10,7 +10,8 @@ import pytest
 from mxonnx import formats
 from mxonnx.config import QuantizeConfig
 from mxonnx.errors import InputError
-from mxonnx.gptq import GptqWeightProvider, _MxRows, choose_exponents, gptq_quantize, searches_exponents_by_default
+from mxonnx.gptq import (GptqWeightProvider, _MxRows, choose_exponents, gptq_quantize, round_with_exponent_choice,
+                         searches_exponents_by_default)
 from mxonnx.quantize import check_config
 from test_gptq import correlated_layer, hessian_of, output_error
 
@@ -60,11 +61,68 @@ def test_search_lowers_the_output_error(fmt):
     assert (exponents[1] != exponents[0]).mean() > 0.01  # (the two runs' weights drift apart: not only +-1)
 
 
-def test_search_needs_gptq_and_mx_weights():
-    with pytest.raises(InputError, match="exponent-search"):
-        check_config(QuantizeConfig(method="awq", exponent_search=True))
-    with pytest.raises(InputError, match="exponent-search"):
-        check_config(QuantizeConfig(method="gptq", weights="int4", acts="none", exponent_search=True))
+def test_search_needs_mx_weights():
+    for method in ("gptq", "rtn", "awq"):
+        with pytest.raises(InputError, match="exponent-search"):
+            check_config(QuantizeConfig(method=method, weights="int4", acts="none", exponent_search=True))
+    check_config(QuantizeConfig(method="awq", exponent_search=True))  # without GPTQ: from the statistics
+
+
+@pytest.mark.parametrize("fmt", ["mxint4-32", "mxint4-128", "mxfp4-32"])
+def test_rounding_choice_is_gptq_with_a_diagonal_hessian(fmt):
+    """Without GPTQ the exponents are chosen by ``sum_j h_j (w_j - q_j)^2``: bit for bit GPTQ's own choice with
+    ``H = diag(2 m)`` (which carries no error between channels), and a lower weighted error than the OCP rule."""
+    rng = np.random.default_rng(5)
+    k, n = 256, 96
+    w = (rng.standard_normal((k, n)) * rng.lognormal(0, 1, (k, 1))).astype(np.float32)
+    m = rng.lognormal(0, 1.5, k)
+    chosen = round_with_exponent_choice(w, m, fmt)
+    reference = gptq_quantize(w, np.diag(2 * m), fmt, act_order=False, exponent_search=True)
+    for c, r in zip(chosen, reference):
+        np.testing.assert_array_equal(c, r)
+    ocp = formats.quantize(w, fmt, axis=0)
+    assert (chosen[1] != ocp[1]).mean() > 0.05
+
+    def weighted_error(codes_scales):
+        return float((np.square(w - formats.dequantize(*codes_scales, fmt, axis=0)) * m[:, None]).sum())
+
+    assert weighted_error(chosen) < 0.97 * weighted_error(ocp)
+    tie = round_with_exponent_choice(np.zeros_like(w), m, fmt)  # all candidates equal: E (the OCP rule) is kept
+    for c, r in zip(tie, formats.quantize(np.zeros_like(w), fmt, axis=0)):
+        np.testing.assert_array_equal(c, r)
+
+
+def test_rtn_search_in_the_driver(tiny_onnx, tiny_text, tmp_path):
+    """``--method rtn --exponent-search`` calibrates and stores, for every linear, the exponents of
+    round_with_exponent_choice on its input's mean squares (here every block on the float model's inputs, measured
+    by collect_statistics); the codes are those of the chosen exponents, so the model differs from plain RTN."""
+    import onnx
+    import onnx_ir as ir
+
+    from mxonnx.calibrate import collect_statistics
+    from mxonnx.passes.llama_structure import find_decoder_blocks
+    from mxonnx.quantize import quantize_model
+    from mxonnx.stats import group_key
+
+    settings = dict(method="rtn", weights="mxint4-16", acts="mxint8-16", lm_head="none", calib_path=tiny_text,
+                    calib_samples=3, calib_seqlen=48, sequential=False, progress=False)
+    config = QuantizeConfig(exponent_search=True, **settings)
+    quantize_model(tiny_onnx, tmp_path / "search", config)
+    quantize_model(tiny_onnx, tmp_path / "plain", QuantizeConfig(**settings))
+    model = ir.load(tiny_onnx / "model.onnx")
+    blocks = find_decoder_blocks(model)
+    stats = collect_statistics(model, blocks, tiny_onnx, config)
+    stored = {name: {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / name / "model.onnx")).graph.initializer}
+              for name in ("search", "plain")}
+    changed = 0
+    for block in blocks:
+        for group, linears in block.groups().items():
+            for linear in linears:
+                _, scales = round_with_exponent_choice(np.asarray(linear.weight_array, np.float32),
+                                                       stats[group_key(block, group)].mean_sq, "mxint4-16")
+                np.testing.assert_array_equal(stored["search"][f"{linear.name}.weight_exponents"], scales)
+                changed += int((scales != stored["plain"][f"{linear.name}.weight_exponents"]).any())
+    assert changed >= 7  # most linears move some exponent
 
 
 @pytest.mark.parametrize(("fmt", "expected"), [
@@ -78,7 +136,7 @@ def test_exponent_search_default_by_format(fmt, expected):
 
 @pytest.mark.parametrize(("settings", "expected"), [
     (dict(method="awq+gptq"), None),  # each linear by its own format
-    (dict(method="rtn"), False),      # no GPTQ, no search
+    (dict(method="rtn"), False),      # no GPTQ: GPTQ's search is off (RTN's is rounds_with_exponent_choice)
     (dict(method="awq+gptq", exponent_search=False), False),  # --no-exponent-search
     (dict(method="gptq", weights="mxfp4-32", exponent_search=True), True),
 ])
