@@ -93,11 +93,13 @@ def config_windows(tokenizer_folder: str | os.PathLike | None, config: QuantizeC
 
 
 def block_statistics(runner: BlockwiseRunner, block: DecoderBlock, hessians: bool = False,
-                     rows: list[np.ndarray] | None = None, advance: bool = False) -> dict[str, ActivationStats]:
+                     rows: list[np.ndarray] | None = None, advance: bool = False,
+                     squares: bool = False) -> dict[str, ActivationStats]:
     """``{group_key: ActivationStats}`` of the four linear inputs of ``block`` over every window of ``runner``
     (the block's inputs as the runner holds them); ``hessians`` adds ``xtx``; ``rows`` (:func:`sample_rows`) keeps
-    those tokens of each window as the sample; ``advance`` also moves the runner past the block."""
-    accumulators = {group: StatsAccumulator(linears[0].shape[0], hessians, rows is not None)
+    those tokens of each window as the sample; ``advance`` also moves the runner past the block; ``squares`` adds
+    ``mean_sq``."""
+    accumulators = {group: StatsAccumulator(linears[0].shape[0], hessians, rows is not None, squares)
                     for group, linears in block.groups().items()}
     window = dict.fromkeys(accumulators, 0)
 
@@ -144,11 +146,12 @@ def block_hessians(runner: BlockwiseRunner, block: DecoderBlock,
 
 def collect_statistics(model: ir.Model, blocks: list[DecoderBlock], tokenizer_folder: str | os.PathLike | None,
                        config: QuantizeConfig, hessians: bool = False, sample_tokens: int = 0,
-                       groups: Iterable[str] | None = None, threads: int | None = None) -> dict[str, ActivationStats]:
+                       groups: Iterable[str] | None = None, threads: int | None = None,
+                       squares: bool = False) -> dict[str, ActivationStats]:
     """:func:`block_statistics` of every block of ``model`` as it is (one pass, block after block, each on the
     previous blocks' outputs) over :func:`config_windows`; ``sample_tokens`` rows kept per group
     (:func:`sample_rows`); ``groups`` restricts the result to some keys of ``linear_groups(blocks)`` (blocks after
-    the last one asked for are not run)."""
+    the last one asked for are not run); ``squares`` adds ``mean_sq``."""
     keys = list(linear_groups(blocks)) if groups is None else list(groups)
     unknown = sorted(set(keys) - set(linear_groups(blocks)))
     if unknown:
@@ -159,5 +162,5 @@ def collect_statistics(model: ir.Model, blocks: list[DecoderBlock], tokenizer_fo
     last = max(int(key.split(".")[1]) for key in keys) if keys else -1
     stats: dict[str, ActivationStats] = {}
     for block in blocks[: last + 1]:
-        stats.update(block_statistics(runner, block, hessians, rows, advance=block.index < last))
+        stats.update(block_statistics(runner, block, hessians, rows, advance=block.index < last, squares=squares))
     return {key: stats[key] for key in keys}

@@ -344,7 +344,8 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
     advance_float = not config.sequential and not last  # non-sequential: the next inputs come from this block in float
     stats = None
     if plan.needs_statistics:
-        stats = block_statistics(runner, block, rows=rows, advance=advance_float and not config.uses_gptq)
+        stats = block_statistics(runner, block, rows=rows, advance=advance_float and not config.uses_gptq,
+                                 squares=config.rounds_with_exponent_choice)
     scales, alphas = smoothing_scales(plan, block, stats) if plan.smoothing else ({}, None)
     if scales:
         fold_smoothing_scales(model, [block], {block.index: scales})

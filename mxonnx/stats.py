@@ -34,7 +34,7 @@ class ActivationStats:
     count: int  # tokens seen
     xtx: np.ndarray | None = None  # [K, K] float64, sum_t x_t^T x_t
     sample: np.ndarray | None = None  # [n, K] float32 rows drawn at random from the calibration tokens
-    mean_sq: np.ndarray | None = None  # [K] float64, mean_t x_tj^2
+    mean_sq: np.ndarray | None = None  # [K] float64, mean_t x_tj^2 (on request)
 
     @property
     def hessian(self) -> np.ndarray:
@@ -47,10 +47,11 @@ class ActivationStats:
 class StatsAccumulator:
     """Running reductions of one linear input, fed one window ``x [tokens, K]`` at a time."""
 
-    def __init__(self, k: int, hessian: bool = False, sample: bool = False):
+    def __init__(self, k: int, hessian: bool = False, sample: bool = False, squares: bool = False):
+        """``squares``: also ``mean_sq`` (only the exponent choice without GPTQ reads it)."""
         self.max_abs = np.zeros(k, np.float32)
         self.sum_abs = np.zeros(k, np.float64)
-        self.sum_sq = np.zeros(k, np.float64)
+        self.sum_sq = np.zeros(k, np.float64) if squares else None
         self.count = 0
         self.gram = HessianAccumulator(k) if hessian else None
         self.rows: list[np.ndarray] | None = [] if sample else None
@@ -60,7 +61,8 @@ class StatsAccumulator:
         magnitude = np.abs(x)
         np.maximum(self.max_abs, magnitude.max(axis=0), out=self.max_abs)
         self.sum_abs += magnitude.sum(axis=0, dtype=np.float64)
-        self.sum_sq += np.einsum("tk,tk->k", x, x, dtype=np.float64)
+        if self.sum_sq is not None:
+            self.sum_sq += np.einsum("tk,tk->k", x, x, dtype=np.float64)
         self.count += x.shape[0]
         if self.rows is not None and rows is not None and len(rows):
             self.rows.append(np.array(x[rows], np.float32))
@@ -72,7 +74,7 @@ class StatsAccumulator:
         sample = None if self.rows is None else (
             np.concatenate(self.rows) if self.rows else np.zeros((0, len(self.max_abs)), np.float32))
         xtx = self.gram.xtx if self.gram is not None else None
-        mean_sq = self.sum_sq / max(self.count, 1)
+        mean_sq = None if self.sum_sq is None else self.sum_sq / max(self.count, 1)
         return ActivationStats(self.max_abs, mean_abs, self.count, xtx, sample, mean_sq)
 
 

@@ -111,7 +111,7 @@ def test_rtn_search_in_the_driver(tiny_onnx, tiny_text, tmp_path):
     quantize_model(tiny_onnx, tmp_path / "plain", QuantizeConfig(**settings))
     model = ir.load(tiny_onnx / "model.onnx")
     blocks = find_decoder_blocks(model)
-    stats = collect_statistics(model, blocks, tiny_onnx, config)
+    stats = collect_statistics(model, blocks, tiny_onnx, config, squares=True)
     stored = {name: {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / name / "model.onnx")).graph.initializer}
               for name in ("search", "plain")}
     changed = 0
