@@ -145,6 +145,23 @@ class BlockwiseRunner:
         nodes, external = self._block_region(index, [self.boundaries[index + 1]])
         return self._open(nodes, external, [self.boundaries[index + 1]], self.boundaries[index], head)
 
+    def open_capture(self, index: int) -> tuple[list[str], RegionSession]:
+        """One session of block ``index`` whose outputs are the inputs of its linear groups (names returned, in
+        order) followed by the block's output, run on hidden states the caller holds (e.g. a second stream). The
+        runner must be at block ``index`` (its stored states are the other stream)."""
+        self._check_position(index)
+        groups = self.group_inputs[index]
+        outputs = [*groups.values(), self.boundaries[index + 1]]
+        nodes, external = self._block_region(index, outputs)
+        return list(groups), self._open(nodes, external, outputs, self.boundaries[index], None)
+
+    def advance_states(self, index: int, states: list[np.ndarray]) -> None:
+        """Move ``states`` (one ``[1, T, hidden]`` array per window, a stream the caller holds) past block ``index``
+        as it now is in the model, in place."""
+        session = self.open_block(index)
+        for window in range(len(states)):
+            states[window] = session.run(window, states[window])[0]
+
     def open_tail(self, outputs: Sequence[ir.Value]) -> RegionSession:
         """One session of what ``outputs`` (e.g. the logits) compute from the last block's output ``h_L`` (the final
         norm and lm_head), run on hidden states the caller holds."""

@@ -144,6 +144,45 @@ def block_hessians(runner: BlockwiseRunner, block: DecoderBlock,
     return hessians
 
 
+def block_cross_grams(runner: BlockwiseRunner, block: DecoderBlock,
+                      acts: formats.MXFormat | Mapping[str, formats.MXFormat],
+                      float_states: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """``{key: 2/n A^T X}`` for the four linear groups of ``block`` (keys as :func:`block_hessians`'): ``A`` the
+    group's input on the quantized prefix's stream (the runner's hidden states) quantize-dequantized to ``acts``,
+    ``X`` the same input on the float model's stream ``float_states`` (the block's inputs in the float model, one
+    array per window), tokens paired. Moves ``float_states`` past the block (in place); the runner stays. MX or
+    float activations only (static int8 scales are calibrated later than this runs)."""
+    groups = block.groups()
+    per_linear = {linear.name: acts[linear.name] if isinstance(acts, Mapping) else acts
+                  for linears in groups.values() for linear in linears}
+    group_acts = {group: list(dict.fromkeys(per_linear[linear.name] for linear in linears))
+                  for group, linears in groups.items()}
+    if any(fmt.kind == "int" for fmts in group_acts.values() for fmt in fmts):
+        raise InputError("the float-target GPTQ supports MX or float activations, not static int8")
+    names, session = runner.open_capture(block.index)
+    sums = {(group, fmt): np.zeros((groups[group][0].shape[0],) * 2) for group in names for fmt in group_acts[group]}
+    tokens = 0
+    for window, quantized_state in enumerate(runner.hidden_states):
+        floats = session.run(window, float_states[window])
+        quantized = session.run(window, quantized_state)
+        for group, x, x_q in zip(names, floats, quantized):
+            x, x_q = x.reshape(-1, x.shape[-1]), x_q.reshape(-1, x_q.shape[-1])
+            for fmt in group_acts[group]:
+                a = formats.quantize_dequantize(x_q, fmt, axis=-1) if fmt.kind == "mx" else x_q
+                sums[(group, fmt)] += a.T @ x
+        tokens += floats[0].reshape(-1, floats[0].shape[-1]).shape[0]
+        float_states[window] = floats[-1]
+    result = {}
+    for group, linears in groups.items():
+        for fmt in group_acts[group]:
+            cross = sums.pop((group, fmt)) * (2.0 / tokens)
+            if len(group_acts[group]) == 1:
+                result[group_key(block, group)] = cross
+            else:
+                result.update({l.name: cross for l in linears if per_linear[l.name] == fmt})
+    return result
+
+
 def collect_statistics(model: ir.Model, blocks: list[DecoderBlock], tokenizer_folder: str | os.PathLike | None,
                        config: QuantizeConfig, hessians: bool = False, sample_tokens: int = 0,
                        groups: Iterable[str] | None = None, threads: int | None = None,

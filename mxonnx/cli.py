@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in plain column order (default: MX blocks by decreasing Hessian diagonal)")
     p.add_argument("--no-sequential", action="store_true", help="GPTQ on the float model's inputs instead of the quantized prefix's")
+    p.add_argument("--gptq-float-target", action="store_true",
+                   help="GPTQ matches the float model's outputs, ||X W - A Q|| with A the quantized prefix's input "
+                        "and X the float model's (asymmetric calibration, after GPTAQ); keeps a second stream of "
+                        "calibration hidden states")
     p.add_argument("--exponent-search", action=argparse.BooleanOptionalAction, default=None,
                    help="choose each MX block's shared exponent among E-1, E, E+1 instead of E (the OCP rule): "
                         "with GPTQ by the GPTQ loss (default on for MXINT weights, measured best; off for MXFP); "
@@ -233,7 +237,8 @@ def _run(args: argparse.Namespace) -> None:
             weights=args.weights, acts=args.acts, method=args.method, kv=args.kv, alpha=args.alpha, calib_path=args.calib,
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
-            act_order=not args.no_act_order, sequential=not args.no_sequential, exponent_search=args.exponent_search,
+            act_order=not args.no_act_order, sequential=not args.no_sequential,
+            gptq_float_target=args.gptq_float_target, exponent_search=args.exponent_search,
             lm_head="weights" if args.quantize_lm_head else (args.lm_head or "auto"), rotate=args.rotate,
             rotate_block=args.rotate_block,
             progress=progress,

@@ -53,6 +53,9 @@ class QuantizeConfig:
     damp: float = 0.01
     act_order: bool = True  # GPTQ columns in order of decreasing Hessian diagonal, whole MX blocks kept together
     sequential: bool = True
+    # GPTQ fits the float model's outputs, ||X W - A Q||, A the quantized prefix's input, X the float model's
+    # (asymmetric calibration after GPTAQ; mxonnx.gptq.float_target_weights); keeps a second stream of hidden states
+    gptq_float_target: bool = False
     # shared exponents chosen among E-1, E, E+1 by the GPTQ loss (issue 19), or without GPTQ by the statistics'
     # diagonal Hessian (:attr:`rounds_with_exponent_choice`); None: the measured default, :attr:`searches_exponents`
     exponent_search: bool | None = None

@@ -606,6 +606,30 @@ def round_with_exponent_choice(w: np.ndarray, channel_weight: np.ndarray, fmt: s
     return _encode(best_q, best, fmt)
 
 
+def float_target_weights(weights: Mapping[str, np.ndarray], hessian: np.ndarray, cross: np.ndarray,
+                         damp: float = 0.01) -> dict[str, np.ndarray]:
+    """GPTQ's target when its inputs come from the quantized prefix but the output to match is the float model's
+    (asymmetric calibration, after GPTAQ, arXiv 2504.02692). With ``A`` a linear's input on the quantized stream
+    and ``X`` the same tokens' input in the float model, ``||X W - A Q||^2 = ||A (W* - Q)||^2 + const`` for
+
+        W* = argmin_V ||X W - A V||^2 + lambda n/2 ||V - W||^2 = (H + lambda I)^-1 (C + lambda I) W,
+
+    ``H = 2/n A^T A`` (Eq. 7), ``C = 2/n A^T X``, ``lambda = damp * mean(diag H)`` (GPTQ's dampening, here a ridge
+    toward W), so GPTQ (Algorithm 1) on ``W*`` with ``H`` minimises the error against the float model's output.
+    ``weights``: ``{name: W [K, N]}`` of the linears reading that input (one solve for all); float64 inside."""
+    h = np.array(hessian, np.float64)
+    lam = damp * float(np.mean(np.diag(h))) if len(h) else 0.0
+    if not lam > 0:  # no signal (or no dampening asked): the ridge has no scale, keep the weights
+        return {name: np.asarray(w, np.float32) for name, w in weights.items()}
+    names = list(weights)
+    w = np.concatenate([np.asarray(weights[n], np.float64) for n in names], axis=1)
+    h[np.diag_indices_from(h)] += lam
+    target = np.linalg.solve(h, np.asarray(cross, np.float64) @ w + lam * w)
+    del h
+    widths = np.cumsum([weights[n].shape[1] for n in names])[:-1]
+    return {n: part.astype(np.float32) for n, part in zip(names, np.split(target, widths, axis=1))}
+
+
 class ExponentChoiceRounding:
     """The weight provider of :func:`round_with_exponent_choice`: ``fmt`` one format or one per linear name,
     ``channel_weights`` the mean squared input ``m [K]`` of each linear (by name)."""

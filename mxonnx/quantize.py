@@ -10,7 +10,10 @@ The driver, for every method, in the spirit of the GPTQ reference's sequential l
 3. **activation ranges** for static ``int8``: the statistics' peaks divided by the row scales just folded;
 4. **weights**: GPTQ (``*gptq``; Hessians from a second run of block ``i``, now folded, with its activations
    quantized as the rewritten graph will: :func:`mxonnx.calibrate.block_hessians`; paper Algorithm 1) or round
-   to nearest;
+   to nearest. With ``--gptq-float-target`` GPTQ aims at the float model's output instead of the block's own on
+   the quantized prefix: a second stream of hidden states runs the float model beside it, the cross-grams
+   ``A^T X`` of its inputs (:func:`mxonnx.calibrate.block_cross_grams`) give the weights GPTQ approaches
+   (:func:`mxonnx.gptq.float_target_weights`);
 5. **rewrite** block ``i``'s seven MatMuls (``MxMatMulPass``), then **persist** its new tensors to the work folder
    (:mod:`mxonnx.workdir`): they leave memory, and the block counts as finished;
 6. **advance** the calibration hidden states through the quantized block.
@@ -29,7 +32,7 @@ run keeps it). Every step takes each linear's own formats.
 advances through block ``i`` before it is rewritten). Round to nearest with MX or no activations needs no
 calibration. lm_head, when quantized (``--lm-head``), is rounded to nearest at the end. Memory holds one block's
 float weights, statistics and Hessians, one set of hidden states (``calib_samples x calib_seqlen x hidden``
-float32) and the model's graph, whatever the depth. OUT is written whole or not at all; a killed run continues with
+float32; two with ``--gptq-float-target``) and the model's graph, whatever the depth. OUT is written whole or not at all; a killed run continues with
 ``--resume`` from its last finished block and gives the same bytes; the input is only read.
 """
 
@@ -50,11 +53,11 @@ import onnx_ir as ir
 from mxonnx import formats
 from mxonnx.allocate import Allocation, choose_formats, measure_losses, stored_bits
 from mxonnx.blockwise import BlockwiseRunner
-from mxonnx.calibrate import block_hessians, block_statistics, config_windows, sample_rows
+from mxonnx.calibrate import block_cross_grams, block_hessians, block_statistics, config_windows, sample_rows
 from mxonnx.config import (LM_HEAD_AUTO, LM_HEAD_DECODER, METHODS, PRESCALE_SEARCH, QuantizeConfig,
                            default_calib_text)
 from mxonnx.errors import InputError
-from mxonnx.gptq import ExponentChoiceRounding, GptqWeightProvider, check_blocks
+from mxonnx.gptq import ExponentChoiceRounding, GptqWeightProvider, check_blocks, float_target_weights
 from mxonnx.genai_config import GenaiUnsupportedError, write_mx_genai_config
 from mxonnx.layer_formats import LinearFormat, matches, parse_override, resolve_formats
 from mxonnx.modelio import EXTERNAL_DATA_NAME, ONNX_NAME, ModelPaths, copy_model_assets, resolve_model
@@ -142,6 +145,14 @@ def check_config(config: QuantizeConfig) -> None:
     check_target_bits(config)
     if config.uses_gptq:
         check_gptq_config(config)
+    if config.gptq_float_target:
+        if not config.uses_gptq:
+            raise InputError("--gptq-float-target changes GPTQ's target: use a GPTQ method (gptq, sq+gptq, awq+gptq)")
+        if not config.sequential:
+            raise InputError("--gptq-float-target needs the sequential GPTQ (inputs from the quantized prefix), "
+                             "not --no-sequential")
+        if acts.kind == "int" or any(o.acts is not None and o.acts.kind == "int" for o in overrides):
+            raise InputError("--gptq-float-target supports MX or float activations, not int8")
 
 
 def check_lm_head_setting(config: QuantizeConfig) -> None:
@@ -336,10 +347,39 @@ def _hessian_lookup(block: DecoderBlock, hessians: Mapping[str, np.ndarray]):
     return lambda linear: hessians.get(linear.name, hessians.get(group_key(block, group_of[linear.name])))
 
 
+def float_targets(block: DecoderBlock, weights: Mapping[str, formats.MXFormat], hessians: Mapping[str, np.ndarray],
+                  crosses: Mapping[str, np.ndarray], damp: float) -> dict[str, np.ndarray]:
+    """``--gptq-float-target``: per quantized linear of ``block``, the weights GPTQ approaches so that its output
+    matches the float model's (:func:`mxonnx.gptq.float_target_weights`), one solve per Hessian."""
+    group_of = {l.name: group for group, linears in block.groups().items() for l in linears}
+    by_key: dict[str, list[Linear]] = {}
+    for linear in block.linears():
+        if weights[linear.name].kind != "none":
+            key = linear.name if linear.name in hessians else group_key(block, group_of[linear.name])
+            by_key.setdefault(key, []).append(linear)
+    targets = {}
+    for key, linears in by_key.items():
+        targets.update(float_target_weights({l.name: l.weight_array for l in linears}, hessians[key], crosses[key],
+                                            damp))
+    return targets
+
+
+class TargetWeights:
+    """A weight provider handing ``provider`` the weights ``targets[name]`` instead of the graph's (once each)."""
+
+    def __init__(self, provider, targets: dict[str, np.ndarray]):
+        self.provider, self.targets = provider, targets
+
+    def __call__(self, name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.provider(name, self.targets.pop(name, w))
+
+
 def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner | None, plan: BlockPlan,
-                   rows: list[np.ndarray] | None, last: bool) -> BlockResult:
+                   rows: list[np.ndarray] | None, last: bool,
+                   float_states: list[np.ndarray] | None = None) -> BlockResult:
     """Steps 1-4 and the rewrite of the module docstring for one block (in place). Leaves the runner at the next
-    block's inputs unless ``last``."""
+    block's inputs unless ``last``; ``float_states`` (``--gptq-float-target``: the block's inputs in the float
+    model) are moved past the block in float."""
     config = plan.config
     advance_float = not config.sequential and not last  # non-sequential: the next inputs come from this block in float
     stats = None
@@ -357,15 +397,22 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
     channel_weights = input_second_moments(block, stats, folded) if config.rounds_with_exponent_choice else None
     del stats
     if config.uses_gptq and any(f.kind != "none" for f in weights.values()):
+        crosses = block_cross_grams(runner, block, acts, float_states) if float_states is not None else None
         hessians = block_hessians(runner, block, acts, advance=advance_float, act_scales=act_scales)
+        targets = float_targets(block, weights, hessians, crosses, config.damp) if crosses is not None else None
+        del crosses
         chosen["weights"] = weight_prescales(config, block.linears(), weights, _hessian_lookup(block, hessians))
         weights = apply_prescales(weights, chosen["weights"])
         provider = GptqWeightProvider(hessians, weights, block_size=config.gptq_block,
                                       micro_block=config.gptq_micro_block, damp=config.damp,
                                       act_order=config.act_order, exponent_search=config.searches_exponents,
                                       release=True)
+        if targets is not None:
+            provider = TargetWeights(provider, targets)
         del hessians  # the provider drops each one once factored
     else:
+        if float_states is not None:
+            runner.advance_states(block.index, float_states)
         if advance_float and config.uses_gptq:  # GPTQ had no weight here: the Hessian run would have advanced
             runner.advance(block.index)
         chosen["weights"] = weight_prescales(config, block.linears(), weights)
@@ -543,18 +590,25 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
             rows = sample_rows(*windows.shape, SAMPLE_TOKENS, config.seed) if plan.samples_rows else None
             runner = BlockwiseRunner(onnx_model, blocks, windows, progress=config.progress)
         results = [replay_block(onnx_model, block, plan, work, persisted) for block in blocks[:resumed]]
+        # --gptq-float-target: the float model's stream beside the quantized prefix's, persisted after it
+        float_states = list(runner.hidden_states) if runner is not None and config.gptq_float_target else None
         if runner is not None and resumed:
             hidden = work.hidden_states()
             if hidden is None:
                 raise InputError(f"{work.path} holds no calibration hidden states to resume from; remove it and "
                                  "start again")
+            if float_states is not None:
+                float_states = [np.array(h) for h in hidden[len(hidden) // 2:]]
+                hidden = hidden[: len(hidden) // 2]
             runner.restore(resumed, hidden)
             del hidden
         for block in tqdm(blocks[resumed:], desc=config.method, unit="block", disable=not config.progress,
                           leave=False, initial=resumed, total=len(blocks)):
             last = block.index == len(blocks) - 1
-            result = quantize_block(onnx_model, block, runner, plan, rows, last)
+            result = quantize_block(onnx_model, block, runner, plan, rows, last, float_states)
             hidden = runner.hidden_states if runner is not None and not last else None
+            if hidden is not None and float_states is not None:
+                hidden = [*hidden, *float_states]
             work.persist_block(onnx_model, block.index, persisted, result.scales, result.record(), hidden)
             results.append(result)
         del runner, windows
