@@ -1,5 +1,5 @@
-"""The measured sensitivity of ``--target-bits`` (:mod:`mxonnx.sensitivity`): the divergence of one probed linear is
-the whole model's KL, the losses do not move under a rescaling that keeps the model's function (the Hessian error
+"""The measured sensitivity of ``--target-bits`` (:mod:`mxonnx.sensitivity`): the divergence of each probed linear
+is the whole model's KL with it alone rounded, the losses do not move under a rescaling that keeps the model's function (the Hessian error
 alone does), and a damaged linear ranks first."""
 
 from __future__ import annotations
@@ -39,17 +39,25 @@ def logits(model: ir.Model, ids: np.ndarray, blocks, tmp_path) -> list[np.ndarra
                                                  blocks[0].head_dim))[0][0] for w in ids]
 
 
-def test_one_probed_linear_gives_the_models_kl(tiny_onnx, tmp_path):
+@pytest.mark.parametrize("max_streams", [64, 1])
+def test_each_probed_linear_gives_the_models_kl(max_streams, tiny_onnx, tmp_path):
+    """D_i is the KL of the whole model with linear i alone rounded, for linears of different blocks, however many
+    streams a pass carries."""
     model, blocks = load(tiny_onnx)
     ids = windows()
-    got = linear_divergences(model, blocks, ids, "mxint4-128", ["layers.1.down_proj"], positions=ids.shape[1])
-    assert set(got) == {"layers.1.down_proj"}
+    names = ["layers.0.v_proj", "layers.1.down_proj", "layers.1.q_proj"]
+    got = linear_divergences(model, blocks, ids, "mxint4-128", names, positions=ids.shape[1], max_streams=max_streams)
+    assert set(got) == set(names)
     ref = [log_softmax(x) for x in logits(model, ids, blocks, tmp_path)]
-    down = blocks[1].down
-    set_weight(down, formats.quantize_dequantize(down.weight_array, "mxint4-128", axis=0))
-    expected = np.mean([kl_divergence(r, x) for r, x in zip(ref, logits(model, ids, blocks, tmp_path))])
-    assert expected > 0
-    assert got["layers.1.down_proj"] == pytest.approx(expected, rel=1e-4)
+    by_name = {l.name: l for b in blocks for l in b.linears()}
+    for name in names:
+        linear = by_name[name]
+        original = linear.weight_array.copy()
+        set_weight(linear, formats.quantize_dequantize(original, "mxint4-128", axis=0))
+        expected = np.mean([kl_divergence(r, x) for r, x in zip(ref, logits(model, ids, blocks, tmp_path))])
+        set_weight(linear, original)
+        assert expected > 0
+        assert got[name] == pytest.approx(expected, rel=1e-4), name
 
 
 def sensitivities(model, blocks, ids):
