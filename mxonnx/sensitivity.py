@@ -41,6 +41,7 @@ PROBE_WINDOWS = 2  # calibration windows the divergences are measured on
 PROBE_SEQLEN = 256  # their first tokens
 PROBE_POSITIONS = 128  # positions per window whose logits are compared
 MAX_STREAMS = 64  # perturbed streams carried at once (7B, 2 x 256 tokens: 0.5 GB of hidden states)
+MEASURE_FRACTION = 1 / 16  # candidates with at least this fraction of the probe's Hessian error get their own KL
 
 
 def probe_windows(windows: np.ndarray, count: int = PROBE_WINDOWS, seqlen: int = PROBE_SEQLEN) -> np.ndarray:
@@ -65,18 +66,30 @@ def linear_divergences(model: ir.Model, blocks: Sequence[DecoderBlock], windows:
                        names: Sequence[str], positions: int = PROBE_POSITIONS, seed: int = 0,
                        progress: bool = False, max_streams: int = MAX_STREAMS) -> dict[str, float]:
     """``{name: D_i}`` (module docstring) for the linears ``names``, each rounded to nearest in ``probe`` alone (the
-    rest of the model float); ``windows`` ``[n, T]`` token ids (e.g. :func:`probe_windows`), the logits compared at
+    rest of the model float): :func:`measured_divergences` with one format."""
+    probe = formats.parse_format(probe)
+    table = measured_divergences(model, blocks, windows, {name: [probe] for name in names}, positions, seed,
+                                 progress, max_streams)
+    return {name: row[probe.name] for name, row in table.items()}
+
+
+def measured_divergences(model: ir.Model, blocks: Sequence[DecoderBlock], windows: np.ndarray,
+                         probes: Mapping[str, Sequence[str | formats.MXFormat]], positions: int = PROBE_POSITIONS,
+                         seed: int = 0, progress: bool = False,
+                         max_streams: int = MAX_STREAMS) -> dict[str, dict[str, float]]:
+    """``{name: {format name: D_ic}}``: for every linear of ``probes`` and each of its formats, the KL divergence of
+    the model's next-token distribution with that linear alone rounded to nearest in the format (the rest float)
+    from the float model's; ``windows`` ``[n, T]`` token ids (e.g. :func:`probe_windows`), the logits compared at
     ``positions`` positions per window drawn with ``seed``. ``model`` is read, not changed.
 
-    One stream per linear carries its perturbed block output through the later (float) blocks to the logits. The
-    float hidden states entering every block are computed once; the linears are then taken in chunks of at most
-    ``max_streams``, each chunk one pass from its first linear's block to the end (memory: ``L + 1 + max_streams``
-    hidden states of the probe windows)."""
+    One stream per (linear, format) carries its perturbed block output through the later (float) blocks to the
+    logits. The float hidden states entering every block are computed once; the streams are then taken in chunks
+    of at most ``max_streams``, each chunk one pass from its first stream's block to the end (memory:
+    ``L + 1 + max_streams`` hidden states of the probe windows)."""
     from tqdm.auto import tqdm
 
-    probe = formats.parse_format(probe)
-    wanted = set(names)
-    targets = [(block.index, linear) for block in blocks for linear in block.linears() if linear.name in wanted]
+    targets = [(block.index, linear, formats.parse_format(fmt)) for block in blocks for linear in block.linears()
+               for fmt in probes.get(linear.name, ())]
     if not targets:
         return {}
     runner = BlockwiseRunner(model, blocks, windows)
@@ -91,30 +104,67 @@ def linear_divergences(model: ir.Model, blocks: Sequence[DecoderBlock], windows:
     seqlen = runner.windows.shape[1]
     picks = [np.sort(rng.choice(seqlen, size=min(positions, seqlen), replace=False)) for _ in range(n)]
     ref = [log_softmax(tail.run(w, entering[-1][w][:, picks[w]])[0][0]) for w in range(n)]
-    chunks = [targets[i: i + max(1, max_streams)] for i in range(0, len(targets), max(1, max_streams))]
+    size = max(1, max_streams)
+    chunks = [targets[i: i + size] for i in range(0, len(targets), size)]
     total = sum(len(blocks) - chunk[0][0] for chunk in chunks)
-    result: dict[str, float] = {}
+    result: dict[str, dict[str, float]] = {}
     with tqdm(total=total, desc="sensitivity (KL)", unit="block", disable=not progress, leave=False) as bar:
         for chunk in chunks:
-            streams: dict[str, list[np.ndarray]] = {}
+            streams: dict[tuple[str, str], list[np.ndarray]] = {}
             for block in blocks[chunk[0][0]:]:
                 inputs = {l.weight.name: f"{l.name}.probe_weight" for l in block.linears()}
                 session = runner.open_block(block.index, weights_as_inputs(inputs))
                 floats = {inputs[l.weight.name]: l.weight_array.astype(np.float32) for l in block.linears()}
                 for states in streams.values():
                     states[:] = [session.run(w, states[w], floats)[0] for w in range(n)]
-                for index, linear in chunk:
+                for index, linear, fmt in chunk:
                     if index == block.index:
                         name = inputs[linear.weight.name]
-                        feed = {**floats, name: formats.quantize_dequantize(floats[name], probe, axis=0)}
-                        streams[linear.name] = [session.run(w, entering[index][w], feed)[0] for w in range(n)]
+                        feed = {**floats, name: formats.quantize_dequantize(floats[name], fmt, axis=0)}
+                        streams[(linear.name, fmt.name)] = [session.run(w, entering[index][w], feed)[0]
+                                                            for w in range(n)]
                 del session, floats
                 bar.update()
-            for name, states in streams.items():
-                result[name] = float(np.mean([kl_divergence(ref[w], tail.run(w, states[w][:, picks[w]])[0][0])
-                                              for w in range(n)]))
+            for (name, fmt), states in streams.items():
+                result.setdefault(name, {})[fmt] = float(np.mean(
+                    [kl_divergence(ref[w], tail.run(w, states[w][:, picks[w]])[0][0]) for w in range(n)]))
             del streams
     return result
+
+
+def formats_to_measure(losses: Mapping[str, Sequence[float]], candidates: Sequence[str | formats.MXFormat],
+                       probe_index: int, fraction: float = MEASURE_FRACTION) -> dict[str, list[formats.MXFormat]]:
+    """Per linear, the candidates whose KL is measured: the probe and every candidate whose Hessian error is at
+    least ``fraction`` of the probe's (the others, e.g. 8-bit ones, are carried from the probe by the Hessian
+    ratio: their KL is second order small)."""
+    cands = [formats.parse_format(c) for c in candidates]
+    out = {}
+    for name, row in losses.items():
+        probe = float(row[probe_index])
+        out[name] = [c for i, c in enumerate(cands) if i == probe_index or float(row[i]) >= fraction * probe > 0]
+    return out
+
+
+def measured_losses(losses: Mapping[str, Sequence[float]], divergences: Mapping[str, Mapping[str, float]],
+                    candidates: Sequence[str | formats.MXFormat], probe_index: int) -> dict[str, list[float]]:
+    """``{name: [D_ic for c]}``: the measured KL where :func:`measured_divergences` has it, else the probe's carried
+    by the Hessian errors, ``D_i,probe * L_ic / L_i,probe``; then made non-increasing as the Hessian error falls
+    (a candidate with less error than another never scores more KL: a finer grid measured worse on the few probe
+    tokens is taken as equal)."""
+    names = [formats.parse_format(c).name for c in candidates]
+    out = {}
+    for name, row in losses.items():
+        measured = divergences[name]
+        probe = float(row[probe_index])
+        base = max(measured[names[probe_index]], 0.0)
+        d = [max(measured[c], 0.0) if c in measured else (base * float(row[i]) / probe if probe > 0 else 0.0)
+             for i, c in enumerate(names)]
+        best = np.inf
+        for i in sorted(range(len(d)), key=lambda i: -float(row[i])):
+            best = min(best, d[i])
+            d[i] = best
+        out[name] = d
+    return out
 
 
 def scaled_losses(losses: Mapping[str, Sequence[float]], divergences: Mapping[str, float],

@@ -12,7 +12,8 @@ from mxonnx import formats
 from mxonnx.allocate import measure_losses
 from mxonnx.blockwise import BlockwiseRunner, decoder_feed
 from mxonnx.passes.llama_structure import find_decoder_blocks
-from mxonnx.sensitivity import kl_divergence, linear_divergences, log_softmax, scaled_losses
+from mxonnx.sensitivity import (formats_to_measure, kl_divergence, linear_divergences, log_softmax, measured_divergences,
+                                measured_losses, scaled_losses)
 from mxonnx.session import create_session
 
 CANDIDATES = ["mxint4-128", "mxint4-32", "mxint8-32"]
@@ -100,3 +101,29 @@ def test_a_damaged_linear_ranks_first(tiny_onnx):
     got = linear_divergences(model, blocks, windows(), "mxint4-128", names)
     assert set(got) == set(names) and all(v >= 0 for v in got.values())
     assert max(got, key=got.get) == "layers.0.up_proj"
+
+
+def test_several_formats_per_linear_are_each_measured(tiny_onnx):
+    model, blocks = load(tiny_onnx)
+    ids = windows()
+    table = measured_divergences(model, blocks, ids, {"layers.0.o_proj": ["mxint4-128", "mxint4-32"],
+                                                      "layers.1.up_proj": ["mxint4-32"]}, max_streams=2)
+    assert {k: set(v) for k, v in table.items()} == {"layers.0.o_proj": {"mxint4-128", "mxint4-32"},
+                                                     "layers.1.up_proj": {"mxint4-32"}}
+    for name, row in table.items():
+        for fmt, value in row.items():
+            assert value == pytest.approx(linear_divergences(model, blocks, ids, fmt, [name])[name], rel=1e-6)
+
+
+def test_measured_losses_carry_unmeasured_candidates_and_never_rise_as_the_error_falls():
+    cands = ["mxint4-128", "mxint4-32", "mxint4-16", "mxint8-32"]
+    losses = {"a": [8.0, 4.0, 2.0, 0.01], "b": [8.0, 4.0, 2.0, 0.01], "c": [0.0, 0.0, 0.0, 0.0]}
+    assert {k: [f.name for f in v] for k, v in formats_to_measure(losses, cands, 0).items()} == {
+        "a": cands[:3], "b": cands[:3], "c": cands[:1]}
+    divergences = {"a": {"mxint4-128": 0.4, "mxint4-32": 0.1, "mxint4-16": 0.05},
+                   "b": {"mxint4-128": 0.4, "mxint4-32": 0.5, "mxint4-16": 0.3},  # 4-32 measured worse than 4-128
+                   "c": {"mxint4-128": 0.0}}
+    got = measured_losses(losses, divergences, cands, 0)
+    assert got["a"] == pytest.approx([0.4, 0.1, 0.05, 0.4 * 0.01 / 8])
+    assert got["b"] == pytest.approx([0.4, 0.4, 0.3, 0.0005])
+    assert got["c"] == [0.0, 0.0, 0.0, 0.0]
