@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ matches the float model's outputs, ||X W - A Q|| with A the quantized prefix's input "
                         "and X the float model's (asymmetric calibration, after GPTAQ); keeps a second stream of "
                         "calibration hidden states")
+    p.add_argument("--float-target-damp", type=float, default=1.0, metavar="D",
+                   help="--gptq-float-target's ridge toward the float weights, a fraction of the mean Hessian "
+                        "diagonal (default 1.0)")
     p.add_argument("--exponent-search", action=argparse.BooleanOptionalAction, default=None,
                    help="choose each MX block's shared exponent among E-1, E, E+1 instead of E (the OCP rule): "
                         "with GPTQ by the GPTQ loss (default on for MXINT weights, measured best; off for MXFP); "
@@ -238,7 +241,8 @@ def _run(args: argparse.Namespace) -> None:
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
             act_order=not args.no_act_order, sequential=not args.no_sequential,
-            gptq_float_target=args.gptq_float_target, exponent_search=args.exponent_search,
+            gptq_float_target=args.gptq_float_target, float_target_damp=args.float_target_damp,
+            exponent_search=args.exponent_search,
             lm_head="weights" if args.quantize_lm_head else (args.lm_head or "auto"), rotate=args.rotate,
             rotate_block=args.rotate_block,
             progress=progress,

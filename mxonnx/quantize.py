@@ -145,6 +145,8 @@ def check_config(config: QuantizeConfig) -> None:
     check_target_bits(config)
     if config.uses_gptq:
         check_gptq_config(config)
+    if not (math.isfinite(config.float_target_damp) and config.float_target_damp > 0):
+        raise InputError(f"--float-target-damp must be a finite number > 0, got {config.float_target_damp}")
     if config.gptq_float_target:
         if not config.uses_gptq:
             raise InputError("--gptq-float-target changes GPTQ's target: use a GPTQ method (gptq, sq+gptq, awq+gptq)")
@@ -399,7 +401,8 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
     if config.uses_gptq and any(f.kind != "none" for f in weights.values()):
         crosses = block_cross_grams(runner, block, acts, float_states) if float_states is not None else None
         hessians = block_hessians(runner, block, acts, advance=advance_float, act_scales=act_scales)
-        targets = float_targets(block, weights, hessians, crosses, config.damp) if crosses is not None else None
+        targets = (float_targets(block, weights, hessians, crosses, config.float_target_damp)
+                   if crosses is not None else None)
         del crosses
         chosen["weights"] = weight_prescales(config, block.linears(), weights, _hessian_lookup(block, hessians))
         weights = apply_prescales(weights, chosen["weights"])

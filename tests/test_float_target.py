@@ -82,6 +82,7 @@ def test_block_zero_cross_grams_are_the_hessians_with_float_activations(tiny_onn
     (["--method", "awq", "--exponent-search"], "use a GPTQ method"),
     (["--no-sequential"], "needs the sequential GPTQ"),
     (["--weights", "int4", "--acts", "int8"], "not int8"),
+    (["--float-target-damp", "0"], "finite number > 0"),
 ])
 def test_float_target_refuses_what_it_cannot_do(flags, message, tiny_onnx, tiny_text, tmp_path, capsys):
     out = tmp_path / "q"
