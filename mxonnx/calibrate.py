@@ -126,8 +126,8 @@ def block_hessians(runner: BlockwiseRunner, block: DecoderBlock,
                   for linears in groups.values() for linear in linears}
     group_acts = {group: list(dict.fromkeys(per_linear[linear.name] for linear in linears))
                   for group, linears in groups.items()}
-    accumulators = {(group, fmt): HessianAccumulator(linears[0].shape[0])
-                    for group, linears in groups.items() for fmt in group_acts[group]}
+    widths = runner.group_widths[block.index]  # the runner's: a group already rewritten has no float weight to read
+    accumulators = {(group, fmt): HessianAccumulator(widths[group]) for group in groups for fmt in group_acts[group]}
     group_scales = ({group: act_scales[linears[0].name] for group, linears in groups.items()
                      if any(fmt.kind == "int" for fmt in group_acts[group])} if act_scales is not None else None)
     runner.capture_gram_sets(block.index, group_acts,
@@ -146,12 +146,14 @@ def block_hessians(runner: BlockwiseRunner, block: DecoderBlock,
 
 def block_cross_grams(runner: BlockwiseRunner, block: DecoderBlock,
                       acts: formats.MXFormat | Mapping[str, formats.MXFormat],
-                      float_states: list[np.ndarray]) -> dict[str, np.ndarray]:
+                      float_states: list[np.ndarray], advance: bool = True) -> dict[str, np.ndarray]:
     """``{key: 2/n A^T X}`` for the four linear groups of ``block`` (keys as :func:`block_hessians`'): ``A`` the
     group's input on the quantized prefix's stream (the runner's hidden states) quantize-dequantized to ``acts``,
     ``X`` the same input on the float model's stream ``float_states`` (the block's inputs in the float model, one
-    array per window), tokens paired. Moves ``float_states`` past the block (in place); the runner stays. MX or
-    float activations only (static int8 scales are calibrated later than this runs)."""
+    array per window), tokens paired. Moves ``float_states`` past the block (in place, the block as the float model
+    has it: run it before the block is rewritten); the runner stays. MX or
+    float activations only (static int8 scales are calibrated later than this runs). ``advance`` False leaves
+    ``float_states`` as they are."""
     groups = block.groups()
     per_linear = {linear.name: acts[linear.name] if isinstance(acts, Mapping) else acts
                   for linears in groups.values() for linear in linears}
@@ -160,7 +162,8 @@ def block_cross_grams(runner: BlockwiseRunner, block: DecoderBlock,
     if any(fmt.kind == "int" for fmts in group_acts.values() for fmt in fmts):
         raise InputError("the float-target GPTQ supports MX or float activations, not static int8")
     names, session = runner.open_capture(block.index)
-    sums = {(group, fmt): np.zeros((groups[group][0].shape[0],) * 2) for group in names for fmt in group_acts[group]}
+    widths = runner.group_widths[block.index]
+    sums = {(group, fmt): np.zeros((widths[group],) * 2) for group in names for fmt in group_acts[group]}
     tokens = 0
     for window, quantized_state in enumerate(runner.hidden_states):
         floats = session.run(window, float_states[window])
@@ -171,7 +174,8 @@ def block_cross_grams(runner: BlockwiseRunner, block: DecoderBlock,
                 a = formats.quantize_dequantize(x_q, fmt, axis=-1) if fmt.kind == "mx" else x_q
                 sums[(group, fmt)] += a.T @ x
         tokens += floats[0].reshape(-1, floats[0].shape[-1]).shape[0]
-        float_states[window] = floats[-1]
+        if advance:
+            float_states[window] = floats[-1]
     result = {}
     for group, linears in groups.items():
         for fmt in group_acts[group]:

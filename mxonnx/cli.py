@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in plain column order (default: MX blocks by decreasing Hessian diagonal)")
     p.add_argument("--no-sequential", action="store_true", help="GPTQ on the float model's inputs instead of the quantized prefix's")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="GPTQ one linear group at a time inside each block (qkv, o, gate/up, down), each group's "
+                        "Hessians with the groups before it quantized")
     p.add_argument("--gptq-float-target", action="store_true",
                    help="GPTQ matches the float model's outputs, ||X W - A Q|| with A the quantized prefix's input "
                         "and X the float model's (asymmetric calibration, after GPTAQ); keeps a second stream of "
@@ -241,7 +244,8 @@ def _run(args: argparse.Namespace) -> None:
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
             act_order=not args.no_act_order, sequential=not args.no_sequential,
-            gptq_float_target=args.gptq_float_target, float_target_damp=args.float_target_damp,
+            true_sequential=args.true_sequential, gptq_float_target=args.gptq_float_target,
+            float_target_damp=args.float_target_damp,
             exponent_search=args.exponent_search,
             lm_head="weights" if args.quantize_lm_head else (args.lm_head or "auto"), rotate=args.rotate,
             rotate_block=args.rotate_block,

@@ -53,6 +53,9 @@ class QuantizeConfig:
     damp: float = 0.01
     act_order: bool = True  # GPTQ columns in order of decreasing Hessian diagonal, whole MX blocks kept together
     sequential: bool = True
+    # GPTQ one linear group at a time inside a block (qkv, o, gate/up, down), each group's Hessians taken with the
+    # groups before it quantized (the GPTQ reference's true-sequential): one more run of the block per group
+    true_sequential: bool = False
     # GPTQ fits the float model's outputs, ||X W - A Q||, A the quantized prefix's input, X the float model's
     # (asymmetric calibration after GPTAQ; mxonnx.gptq.float_target_weights); keeps a second stream of hidden states
     gptq_float_target: bool = False

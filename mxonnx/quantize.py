@@ -145,6 +145,9 @@ def check_config(config: QuantizeConfig) -> None:
     check_target_bits(config)
     if config.uses_gptq:
         check_gptq_config(config)
+    if config.true_sequential and not (config.uses_gptq and config.sequential):
+        raise InputError("--true-sequential orders GPTQ's groups inside a block: use a GPTQ method without "
+                         "--no-sequential")
     if not (math.isfinite(config.float_target_damp) and config.float_target_damp > 0):
         raise InputError(f"--float-target-damp must be a finite number > 0, got {config.float_target_damp}")
     if config.gptq_float_target:
@@ -351,12 +354,12 @@ def _hessian_lookup(block: DecoderBlock, hessians: Mapping[str, np.ndarray]):
 
 def float_targets(block: DecoderBlock, weights: Mapping[str, formats.MXFormat], hessians: Mapping[str, np.ndarray],
                   crosses: Mapping[str, np.ndarray], damp: float) -> dict[str, np.ndarray]:
-    """``--gptq-float-target``: per quantized linear of ``block``, the weights GPTQ approaches so that its output
-    matches the float model's (:func:`mxonnx.gptq.float_target_weights`), one solve per Hessian."""
+    """``--gptq-float-target``: per quantized linear of ``block`` named in ``weights``, the weights GPTQ approaches
+    so that its output matches the float model's (:func:`mxonnx.gptq.float_target_weights`), one solve per Hessian."""
     group_of = {l.name: group for group, linears in block.groups().items() for l in linears}
     by_key: dict[str, list[Linear]] = {}
     for linear in block.linears():
-        if weights[linear.name].kind != "none":
+        if linear.name in weights and weights[linear.name].kind != "none":
             key = linear.name if linear.name in hessians else group_key(block, group_of[linear.name])
             by_key.setdefault(key, []).append(linear)
     targets = {}
@@ -399,20 +402,33 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
     channel_weights = input_second_moments(block, stats, folded) if config.rounds_with_exponent_choice else None
     del stats
     if config.uses_gptq and any(f.kind != "none" for f in weights.values()):
-        crosses = block_cross_grams(runner, block, acts, float_states) if float_states is not None else None
-        hessians = block_hessians(runner, block, acts, advance=advance_float, act_scales=act_scales)
-        targets = (float_targets(block, weights, hessians, crosses, config.float_target_damp)
-                   if crosses is not None else None)
-        del crosses
-        chosen["weights"] = weight_prescales(config, block.linears(), weights, _hessian_lookup(block, hessians))
-        weights = apply_prescales(weights, chosen["weights"])
-        provider = GptqWeightProvider(hessians, weights, block_size=config.gptq_block,
-                                      micro_block=config.gptq_micro_block, damp=config.damp,
-                                      act_order=config.act_order, exponent_search=config.searches_exponents,
-                                      release=True)
-        if targets is not None:
-            provider = TargetWeights(provider, targets)
-        del hessians  # the provider drops each one once factored
+        # one stage for the block, or (--true-sequential) one per linear group in graph order, each group's Hessians
+        # taken with the groups before it already quantized
+        stages = list(block.groups().values()) if config.true_sequential else [block.linears()]
+        chosen["weights"] = {}
+        for number, linears in enumerate(stages):
+            final = number == len(stages) - 1
+            crosses = (block_cross_grams(runner, block, acts, float_states, advance=final)
+                       if float_states is not None else None)
+            hessians = block_hessians(runner, block, acts, advance=advance_float and final, act_scales=act_scales)
+            lookup = _hessian_lookup(block, hessians)
+            needed = {id(lookup(linear)) for linear in linears}
+            hessians = {key: h for key, h in hessians.items() if id(h) in needed}
+            targets = (float_targets(block, {l.name: weights[l.name] for l in linears}, hessians, crosses,
+                                     config.float_target_damp) if crosses is not None else None)
+            del crosses
+            stage_prescales = weight_prescales(config, linears, weights, lookup)
+            chosen["weights"].update(stage_prescales)
+            stage_weights = apply_prescales({l.name: weights[l.name] for l in linears}, stage_prescales)
+            provider = GptqWeightProvider(hessians, stage_weights, block_size=config.gptq_block,
+                                          micro_block=config.gptq_micro_block, damp=config.damp,
+                                          act_order=config.act_order, exponent_search=config.searches_exponents,
+                                          release=True)
+            if targets is not None:
+                provider = TargetWeights(provider, targets)
+            del hessians, lookup  # the provider drops each one once factored
+            MxMatMulPass(linears, stage_weights, {l.name: acts[l.name] for l in linears}, provider, act_scales)(model)
+            del provider
     else:
         if float_states is not None:
             runner.advance_states(block.index, float_states)
@@ -422,7 +438,7 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
         weights = apply_prescales(weights, chosen["weights"])
         provider = (RoundToNearest(weights) if channel_weights is None
                     else ExponentChoiceRounding(weights, channel_weights, damp=config.damp))
-    MxMatMulPass(block.linears(), weights, acts, provider, act_scales)(model)
+        MxMatMulPass(block.linears(), weights, acts, provider, act_scales)(model)
     if runner is not None and config.sequential and not last:
         runner.advance(block.index)  # the next block's inputs from this block quantized
     return BlockResult(scales, alphas, {side: p for side, p in chosen.items() if p} or None)
