@@ -136,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ one linear group at a time inside each block (qkv, o, gate/up, down), each group's "
                         "Hessians with the groups before it quantized")
     p.add_argument("--gptq-float-target", action="store_true",
-                   help="GPTQ matches the float model's outputs, ||X W - A Q|| with A the quantized prefix's input "
-                        "and X the float model's (asymmetric calibration, after GPTAQ); keeps a second stream of "
-                        "calibration hidden states")
+                   help="experimental, measured far worse on SmolLM2 (README): GPTQ matches the float model's "
+                        "outputs, ||X W - A Q|| with A the quantized prefix's input and X the float model's "
+                        "(asymmetric calibration, after GPTAQ); keeps a second stream of calibration hidden states")
     p.add_argument("--float-target-damp", type=float, default=1.0, metavar="D",
                    help="--gptq-float-target's ridge toward the float weights, a fraction of the mean Hessian "
                         "diagonal (default 1.0)")

@@ -71,7 +71,7 @@ from mxonnx.passes.smoothing import BlockScales, fold_smoothing_scales, folded_r
 from mxonnx.passes.smoothquant import smoothquant_scales
 from mxonnx.prescale import (
     apply_prescales, check_candidates, check_prescale, choose_act_prescale, choose_weight_prescale)
-from mxonnx.sensitivity import formats_to_measure, measured_divergences, measured_losses, probe_windows
+from mxonnx.sensitivity import linear_divergences, probe_windows, scaled_losses
 from mxonnx.stats import ActivationStats, group_key
 from mxonnx.workdir import WorkFolder, resumable_output_dir
 
@@ -539,18 +539,16 @@ class BudgetProblem:
 def allocate_formats(onnx_model: ir.Model, blocks: Sequence[DecoderBlock], windows: np.ndarray,
                      problem: BudgetProblem, config: QuantizeConfig) -> Allocation:
     """``--target-bits``: the Hessian-weighted RTN losses of every free linear under every candidate, measured in
-    one pass over the float model's blocks (before any is changed); the KL divergence of the model's output with
-    each linear alone in each candidate whose Hessian error is not negligible, the others carried from the
-    cheapest candidate's by the Hessian ratio (:mod:`mxonnx.sensitivity`); and the allocation meeting the budget
-    with those KLs as losses."""
+    one pass over the float model's blocks (before any is changed), scaled per linear by the KL divergence of
+    the model's output with it in the cheapest candidate (:mod:`mxonnx.sensitivity`), and the
+    allocation meeting the budget."""
     runner = BlockwiseRunner(onnx_model, blocks, windows, progress=config.progress)
     losses = measure_losses(runner, blocks, list(problem.shapes), config.candidates, progress=config.progress)
     del runner
     probe = min(range(len(config.candidates)), key=lambda c: formats.bits_per_weight(config.candidates[c]))
-    wanted = formats_to_measure(losses, config.candidates, probe)
-    divergences = measured_divergences(onnx_model, blocks, probe_windows(windows), wanted, seed=config.seed,
-                                       progress=config.progress)
-    losses = measured_losses(losses, divergences, config.candidates, probe)
+    divergences = linear_divergences(onnx_model, blocks, probe_windows(windows), config.candidates[probe],
+                                     list(problem.shapes), seed=config.seed, progress=config.progress)
+    losses = scaled_losses(losses, divergences, probe)
     return choose_formats(config.target_bits, config.candidates, problem.shapes, losses, problem.fixed_bits,
                           problem.fixed_weights)
 

@@ -1,5 +1,5 @@
-"""The measured sensitivity of ``--target-bits`` (:mod:`mxonnx.sensitivity`): the divergence of each probed linear
-is the whole model's KL with it alone rounded, the losses do not move under a rescaling that keeps the model's function (the Hessian error
+"""The measured sensitivity of ``--target-bits`` (:mod:`mxonnx.sensitivity`): the divergence of one probed linear is
+the whole model's KL, the losses do not move under a rescaling that keeps the model's function (the Hessian error
 alone does), and a damaged linear ranks first."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from mxonnx import formats
 from mxonnx.allocate import measure_losses
 from mxonnx.blockwise import BlockwiseRunner, decoder_feed
 from mxonnx.passes.llama_structure import find_decoder_blocks
-from mxonnx.sensitivity import (formats_to_measure, kl_divergence, linear_divergences, log_softmax, measured_divergences,
-                                measured_losses, scaled_losses)
+from mxonnx.sensitivity import kl_divergence, linear_divergences, log_softmax, scaled_losses
 from mxonnx.session import create_session
 
 CANDIDATES = ["mxint4-128", "mxint4-32", "mxint8-32"]
@@ -40,25 +39,17 @@ def logits(model: ir.Model, ids: np.ndarray, blocks, tmp_path) -> list[np.ndarra
                                                  blocks[0].head_dim))[0][0] for w in ids]
 
 
-@pytest.mark.parametrize("max_streams", [64, 1])
-def test_each_probed_linear_gives_the_models_kl(max_streams, tiny_onnx, tmp_path):
-    """D_i is the KL of the whole model with linear i alone rounded, for linears of different blocks, however many
-    streams a pass carries."""
+def test_one_probed_linear_gives_the_models_kl(tiny_onnx, tmp_path):
     model, blocks = load(tiny_onnx)
     ids = windows()
-    names = ["layers.0.v_proj", "layers.1.down_proj", "layers.1.q_proj"]
-    got = linear_divergences(model, blocks, ids, "mxint4-128", names, positions=ids.shape[1], max_streams=max_streams)
-    assert set(got) == set(names)
+    got = linear_divergences(model, blocks, ids, "mxint4-128", ["layers.1.down_proj"], positions=ids.shape[1])
+    assert set(got) == {"layers.1.down_proj"}
     ref = [log_softmax(x) for x in logits(model, ids, blocks, tmp_path)]
-    by_name = {l.name: l for b in blocks for l in b.linears()}
-    for name in names:
-        linear = by_name[name]
-        original = linear.weight_array.copy()
-        set_weight(linear, formats.quantize_dequantize(original, "mxint4-128", axis=0))
-        expected = np.mean([kl_divergence(r, x) for r, x in zip(ref, logits(model, ids, blocks, tmp_path))])
-        set_weight(linear, original)
-        assert expected > 0
-        assert got[name] == pytest.approx(expected, rel=1e-4), name
+    down = blocks[1].down
+    set_weight(down, formats.quantize_dequantize(down.weight_array, "mxint4-128", axis=0))
+    expected = np.mean([kl_divergence(r, x) for r, x in zip(ref, logits(model, ids, blocks, tmp_path))])
+    assert expected > 0
+    assert got["layers.1.down_proj"] == pytest.approx(expected, rel=1e-4)
 
 
 def sensitivities(model, blocks, ids):
@@ -101,29 +92,3 @@ def test_a_damaged_linear_ranks_first(tiny_onnx):
     got = linear_divergences(model, blocks, windows(), "mxint4-128", names)
     assert set(got) == set(names) and all(v >= 0 for v in got.values())
     assert max(got, key=got.get) == "layers.0.up_proj"
-
-
-def test_several_formats_per_linear_are_each_measured(tiny_onnx):
-    model, blocks = load(tiny_onnx)
-    ids = windows()
-    table = measured_divergences(model, blocks, ids, {"layers.0.o_proj": ["mxint4-128", "mxint4-32"],
-                                                      "layers.1.up_proj": ["mxint4-32"]}, max_streams=2)
-    assert {k: set(v) for k, v in table.items()} == {"layers.0.o_proj": {"mxint4-128", "mxint4-32"},
-                                                     "layers.1.up_proj": {"mxint4-32"}}
-    for name, row in table.items():
-        for fmt, value in row.items():
-            assert value == pytest.approx(linear_divergences(model, blocks, ids, fmt, [name])[name], rel=1e-6)
-
-
-def test_measured_losses_carry_unmeasured_candidates_and_never_rise_as_the_error_falls():
-    cands = ["mxint4-128", "mxint4-32", "mxint4-16", "mxint8-32"]
-    losses = {"a": [8.0, 4.0, 2.0, 0.01], "b": [8.0, 4.0, 2.0, 0.01], "c": [0.0, 0.0, 0.0, 0.0]}
-    assert {k: [f.name for f in v] for k, v in formats_to_measure(losses, cands, 0).items()} == {
-        "a": cands[:3], "b": cands[:3], "c": cands[:1]}
-    divergences = {"a": {"mxint4-128": 0.4, "mxint4-32": 0.1, "mxint4-16": 0.05},
-                   "b": {"mxint4-128": 0.4, "mxint4-32": 0.5, "mxint4-16": 0.3},  # 4-32 measured worse than 4-128
-                   "c": {"mxint4-128": 0.0}}
-    got = measured_losses(losses, divergences, cands, 0)
-    assert got["a"] == pytest.approx([0.4, 0.1, 0.05, 0.4 * 0.01 / 8])
-    assert got["b"] == pytest.approx([0.4, 0.4, 0.3, 0.0005])
-    assert got["c"] == [0.0, 0.0, 0.0, 0.0]
