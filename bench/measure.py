@@ -57,7 +57,8 @@ def _peak_rss_kib(pid: int) -> int | None:
 def run_child(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
               poll_seconds: float = 0.05) -> ChildRun:
     """Run ``cmd`` to completion; its peak RSS is the last ``VmHWM`` read from ``/proc`` while it runs (a high-water
-    mark of that process image alone: ``ru_maxrss`` would also count the parent's pages at fork time).
+    mark of that process image alone: ``ru_maxrss`` would also count the parent's pages at fork time), read every
+    ``poll_seconds``, so memory taken in the last poll interval before the child exits is missed.
     Files a child leaves in its working directory land in ``cwd``."""
     full_env = {**os.environ, **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
