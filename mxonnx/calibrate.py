@@ -146,14 +146,13 @@ def block_hessians(runner: BlockwiseRunner, block: DecoderBlock,
 
 def block_cross_grams(runner: BlockwiseRunner, block: DecoderBlock,
                       acts: formats.MXFormat | Mapping[str, formats.MXFormat],
-                      float_states: list[np.ndarray], advance: bool = True) -> dict[str, np.ndarray]:
+                      float_states: list[np.ndarray]) -> dict[str, np.ndarray]:
     """``{key: 2/n A^T X}`` for the four linear groups of ``block`` (keys as :func:`block_hessians`'): ``A`` the
     group's input on the quantized prefix's stream (the runner's hidden states) quantize-dequantized to ``acts``,
     ``X`` the same input on the float model's stream ``float_states`` (the block's inputs in the float model, one
     array per window), tokens paired. Moves ``float_states`` past the block (in place, the block as the float model
     has it: run it before the block is rewritten); the runner stays. MX or
-    float activations only (static int8 scales are calibrated later than this runs). ``advance`` False leaves
-    ``float_states`` as they are."""
+    float activations only (static int8 scales are calibrated later than this runs)."""
     groups = block.groups()
     per_linear = {linear.name: acts[linear.name] if isinstance(acts, Mapping) else acts
                   for linears in groups.values() for linear in linears}
@@ -174,8 +173,7 @@ def block_cross_grams(runner: BlockwiseRunner, block: DecoderBlock,
                 a = formats.quantize_dequantize(x_q, fmt, axis=-1) if fmt.kind == "mx" else x_q
                 sums[(group, fmt)] += a.T @ x
         tokens += floats[0].reshape(-1, floats[0].shape[-1]).shape[0]
-        if advance:
-            float_states[window] = floats[-1]
+        float_states[window] = floats[-1]
     result = {}
     for group, linears in groups.items():
         for fmt in group_acts[group]:

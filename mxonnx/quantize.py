@@ -158,6 +158,9 @@ def check_config(config: QuantizeConfig) -> None:
                              "not --no-sequential")
         if acts.kind == "int" or any(o.acts is not None and o.acts.kind == "int" for o in overrides):
             raise InputError("--gptq-float-target supports MX or float activations, not int8")
+        if config.true_sequential:  # its float stream would run a block whose first groups are already rewritten
+            raise InputError("--gptq-float-target and --true-sequential cannot be combined: the float model's stream "
+                             "needs the block before any group of it is quantized")
 
 
 def check_lm_head_setting(config: QuantizeConfig) -> None:
@@ -408,8 +411,7 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
         chosen["weights"] = {}
         for number, linears in enumerate(stages):
             final = number == len(stages) - 1
-            crosses = (block_cross_grams(runner, block, acts, float_states, advance=final)
-                       if float_states is not None else None)
+            crosses = block_cross_grams(runner, block, acts, float_states) if float_states is not None else None
             hessians = block_hessians(runner, block, acts, advance=advance_float and final, act_scales=act_scales)
             lookup = _hessian_lookup(block, hessians)
             needed = {id(lookup(linear)) for linear in linears}

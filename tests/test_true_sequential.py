@@ -1,7 +1,7 @@
 """``--true-sequential``: GPTQ one linear group at a time inside a block, each group's Hessians taken with the groups
 before it quantized. Block 0's q/k/v see the same inputs either way (the same codes); its later groups see quantized
-q/k/v, o_proj (and so on) and differ; the result beats round to nearest; with the float target it runs too; a
-method without GPTQ is refused with one line."""
+q/k/v, o_proj (and so on) and differ; the result beats round to nearest; a method without sequential GPTQ, and the
+float target (whose float stream needs the block unrewritten), are refused with one line."""
 
 from __future__ import annotations
 
@@ -22,17 +22,15 @@ def test_groups_after_the_first_see_the_quantized_ones(tiny_onnx, tiny_text, tmp
     assert {"layers.0.o_proj", "layers.0.down_proj", "layers.1.q_proj"}.isdisjoint(same)
 
 
-@pytest.mark.parametrize("float_target", [False, True])
-def test_true_sequential_beats_round_to_nearest(float_target, tiny_onnx, tiny_text, tmp_path):
+def test_true_sequential_beats_round_to_nearest(tiny_onnx, tiny_text, tmp_path):
     windows = held_out_windows(tiny_onnx, tmp_path)
     reference = logits(tiny_onnx, windows)
     rtn = logits_mse(run_quantize(tiny_onnx, tmp_path / "rtn", tiny_text, "rtn"), reference, windows)
-    out = run_quantize(tiny_onnx, tmp_path / "ts", tiny_text, "awq+gptq", true_sequential=True,
-                       gptq_float_target=float_target, calib_samples=32)
+    out = run_quantize(tiny_onnx, tmp_path / "ts", tiny_text, "awq+gptq", true_sequential=True, calib_samples=32)
     assert logits_mse(out, reference, windows) < 0.8 * rtn
 
 
-@pytest.mark.parametrize("flags", [["--method", "awq"], ["--no-sequential"]])
+@pytest.mark.parametrize("flags", [["--method", "awq"], ["--no-sequential"], ["--gptq-float-target"]])
 def test_true_sequential_needs_sequential_gptq(flags, tiny_onnx, tiny_text, tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["quantize", str(tiny_onnx), "-o", str(out), "--calib", str(tiny_text), "--true-sequential", *flags]
