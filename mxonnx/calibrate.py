@@ -111,6 +111,31 @@ def block_statistics(runner: BlockwiseRunner, block: DecoderBlock, hessians: boo
     return {group_key(block, group): acc.result() for group, acc in accumulators.items()}
 
 
+def _group_act_formats(block: DecoderBlock, acts: formats.MXFormat | Mapping[str, formats.MXFormat]):
+    """``(per_linear, group_acts)``: each linear's activation format, and the distinct formats each input group is
+    read in (one, unless ``--override`` gives linears of one input different ones)."""
+    groups = block.groups()
+    per_linear = {linear.name: acts[linear.name] if isinstance(acts, Mapping) else acts
+                  for linears in groups.values() for linear in linears}
+    group_acts = {group: list(dict.fromkeys(per_linear[linear.name] for linear in linears))
+                  for group, linears in groups.items()}
+    return per_linear, group_acts
+
+
+def _keyed_by_input(block: DecoderBlock, per_linear: Mapping[str, formats.MXFormat],
+                    group_acts: Mapping[str, list[formats.MXFormat]],
+                    computed: Mapping[tuple[str, formats.MXFormat], np.ndarray]) -> dict[str, np.ndarray]:
+    """``computed[(group, fmt)]`` keyed by the group's key, or, for a group read in several formats, by the name of
+    each linear (one array per format, shared by the linears reading it)."""
+    keyed = {}
+    for group, linears in block.groups().items():
+        if len(group_acts[group]) == 1:
+            keyed[group_key(block, group)] = computed[(group, group_acts[group][0])]
+        else:
+            keyed.update({linear.name: computed[(group, per_linear[linear.name])] for linear in linears})
+    return keyed
+
+
 def block_hessians(runner: BlockwiseRunner, block: DecoderBlock,
                    acts: formats.MXFormat | Mapping[str, formats.MXFormat], advance: bool = False,
                    act_scales: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -122,10 +147,7 @@ def block_hessians(runner: BlockwiseRunner, block: DecoderBlock,
     ``acts`` may give one format per linear name (``--override``): a group whose linears read its input in
     different formats gets one Hessian per linear, keyed by the linear's name, instead of the group's."""
     groups = block.groups()
-    per_linear = {linear.name: acts[linear.name] if isinstance(acts, Mapping) else acts
-                  for linears in groups.values() for linear in linears}
-    group_acts = {group: list(dict.fromkeys(per_linear[linear.name] for linear in linears))
-                  for group, linears in groups.items()}
+    per_linear, group_acts = _group_act_formats(block, acts)
     widths = runner.group_widths[block.index]  # the runner's: a group already rewritten has no float weight to read
     accumulators = {(group, fmt): HessianAccumulator(widths[group]) for group in groups for fmt in group_acts[group]}
     group_scales = ({group: act_scales[linears[0].name] for group, linears in groups.items()
@@ -135,13 +157,7 @@ def block_hessians(runner: BlockwiseRunner, block: DecoderBlock,
                              advance=advance, group_scales=group_scales)
     computed = {pair: acc.take_hessian() for pair, acc in accumulators.items()}
     del accumulators
-    hessians = {}
-    for group, linears in groups.items():
-        if len(group_acts[group]) == 1:
-            hessians[group_key(block, group)] = computed[(group, group_acts[group][0])]
-        else:  # one array per format, shared by the linears reading it
-            hessians.update({linear.name: computed[(group, per_linear[linear.name])] for linear in linears})
-    return hessians
+    return _keyed_by_input(block, per_linear, group_acts, computed)
 
 
 def block_cross_grams(runner: BlockwiseRunner, block: DecoderBlock,
@@ -153,17 +169,12 @@ def block_cross_grams(runner: BlockwiseRunner, block: DecoderBlock,
     array per window), tokens paired. Moves ``float_states`` past the block (in place, the block as the float model
     has it: run it before the block is rewritten); the runner stays. MX or
     float activations only (static int8 scales are calibrated later than this runs)."""
-    groups = block.groups()
-    per_linear = {linear.name: acts[linear.name] if isinstance(acts, Mapping) else acts
-                  for linears in groups.values() for linear in linears}
-    group_acts = {group: list(dict.fromkeys(per_linear[linear.name] for linear in linears))
-                  for group, linears in groups.items()}
+    per_linear, group_acts = _group_act_formats(block, acts)
     if any(fmt.kind == "int" for fmts in group_acts.values() for fmt in fmts):
         raise InputError("the float-target GPTQ supports MX or float activations, not static int8")
     names, session = runner.open_capture(block.index)
     widths = runner.group_widths[block.index]
     sums = {(group, fmt): np.zeros((widths[group],) * 2) for group in names for fmt in group_acts[group]}
-    tokens = 0
     for window, quantized_state in enumerate(runner.hidden_states):
         floats = session.run(window, float_states[window])
         quantized = session.run(window, quantized_state)
@@ -172,17 +183,9 @@ def block_cross_grams(runner: BlockwiseRunner, block: DecoderBlock,
             for fmt in group_acts[group]:
                 a = formats.quantize_dequantize(x_q, fmt, axis=-1) if fmt.kind == "mx" else x_q
                 sums[(group, fmt)] += a.T @ x
-        tokens += floats[0].reshape(-1, floats[0].shape[-1]).shape[0]
         float_states[window] = floats[-1]
-    result = {}
-    for group, linears in groups.items():
-        for fmt in group_acts[group]:
-            cross = sums.pop((group, fmt)) * (2.0 / tokens)
-            if len(group_acts[group]) == 1:
-                result[group_key(block, group)] = cross
-            else:
-                result.update({l.name: cross for l in linears if per_linear[l.name] == fmt})
-    return result
+    scale = 2.0 / runner.windows.size  # every window's tokens
+    return _keyed_by_input(block, per_linear, group_acts, {pair: s * scale for pair, s in sums.items()})
 
 
 def collect_statistics(model: ir.Model, blocks: list[DecoderBlock], tokenizer_folder: str | os.PathLike | None,

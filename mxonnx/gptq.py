@@ -614,8 +614,8 @@ def float_target_weights(weights: Mapping[str, np.ndarray], hessian: np.ndarray,
 
         W* = argmin_V ||X W - A V||^2 + lambda n/2 ||V - W||^2 = (H + lambda I)^-1 (C + lambda I) W,
 
-    ``H = 2/n A^T A`` (Eq. 7), ``C = 2/n A^T X``, ``lambda = damp * mean(diag H)`` (GPTQ's dampening, here a ridge
-    toward W), so GPTQ (Algorithm 1) on ``W*`` with ``H`` minimises the error against the float model's output.
+    ``H = 2/n A^T A`` (Eq. 7), ``C = 2/n A^T X``, ``lambda = damp * mean(diag H)`` (a ridge toward W, scaled as
+    GPTQ's dampening; the driver passes ``--float-target-damp``), so GPTQ (Algorithm 1) on ``W*`` with ``H`` minimises the error against the float model's output.
     ``weights``: ``{name: W [K, N]}`` of the linears reading that input (one solve for all); float64 inside."""
     h = np.array(hessian, np.float64)
     lam = damp * float(np.mean(np.diag(h))) if len(h) else 0.0

@@ -32,8 +32,9 @@ run keeps it). Every step takes each linear's own formats.
 advances through block ``i`` before it is rewritten). Round to nearest with MX or no activations needs no
 calibration. lm_head, when quantized (``--lm-head``), is rounded to nearest at the end. Memory holds one block's
 float weights, statistics and Hessians, one set of hidden states (``calib_samples x calib_seqlen x hidden``
-float32; two with ``--gptq-float-target``) and the model's graph, whatever the depth. OUT is written whole or not at all; a killed run continues with
-``--resume`` from its last finished block and gives the same bytes; the input is only read.
+float32; two with ``--gptq-float-target``) and the model's graph, whatever the depth. OUT is written whole or not
+at all; a killed run continues with ``--resume`` from its last finished block and gives the same bytes; the input
+is only read.
 """
 
 from __future__ import annotations
@@ -349,22 +350,27 @@ def input_second_moments(block: DecoderBlock, stats: Mapping[str, ActivationStat
     return moments
 
 
+def _hessian_key(block: DecoderBlock, hessians: Mapping[str, np.ndarray]):
+    """linear -> the key of its Hessian in ``block_hessians``' result (its name, else its input group's key)."""
+    group_of = {l.name: group for group, linears in block.groups().items() for l in linears}
+    return lambda linear: linear.name if linear.name in hessians else group_key(block, group_of[linear.name])
+
+
 def _hessian_lookup(block: DecoderBlock, hessians: Mapping[str, np.ndarray]):
     """linear -> its Hessian in ``block_hessians``' result (keyed by linear name or by input group)."""
-    group_of = {l.name: group for group, linears in block.groups().items() for l in linears}
-    return lambda linear: hessians.get(linear.name, hessians.get(group_key(block, group_of[linear.name])))
+    key = _hessian_key(block, hessians)
+    return lambda linear: hessians.get(key(linear))
 
 
 def float_targets(block: DecoderBlock, weights: Mapping[str, formats.MXFormat], hessians: Mapping[str, np.ndarray],
                   crosses: Mapping[str, np.ndarray], damp: float) -> dict[str, np.ndarray]:
     """``--gptq-float-target``: per quantized linear of ``block`` named in ``weights``, the weights GPTQ approaches
     so that its output matches the float model's (:func:`mxonnx.gptq.float_target_weights`), one solve per Hessian."""
-    group_of = {l.name: group for group, linears in block.groups().items() for l in linears}
+    key = _hessian_key(block, hessians)
     by_key: dict[str, list[Linear]] = {}
     for linear in block.linears():
         if linear.name in weights and weights[linear.name].kind != "none":
-            key = linear.name if linear.name in hessians else group_key(block, group_of[linear.name])
-            by_key.setdefault(key, []).append(linear)
+            by_key.setdefault(key(linear), []).append(linear)
     targets = {}
     for key, linears in by_key.items():
         targets.update(float_target_weights({l.name: l.weight_array for l in linears}, hessians[key], crosses[key],
@@ -413,9 +419,9 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
             final = number == len(stages) - 1
             crosses = block_cross_grams(runner, block, acts, float_states) if float_states is not None else None
             hessians = block_hessians(runner, block, acts, advance=advance_float and final, act_scales=act_scales)
+            key = _hessian_key(block, hessians)
+            hessians = {key(linear): hessians[key(linear)] for linear in linears}  # this stage's only
             lookup = _hessian_lookup(block, hessians)
-            needed = {id(lookup(linear)) for linear in linears}
-            hessians = {key: h for key, h in hessians.items() if id(h) in needed}
             targets = (float_targets(block, {l.name: weights[l.name] for l in linears}, hessians, crosses,
                                      config.float_target_damp) if crosses is not None else None)
             del crosses
