@@ -99,7 +99,7 @@ def _prescale_text(report: float | dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mxonnx.config import DEFAULT_CANDIDATES, DEFAULT_PRESCALE_CANDIDATES, METHODS
+    from mxonnx.config import AWQ_SEARCHES, DEFAULT_CANDIDATES, DEFAULT_PRESCALE_CANDIDATES, METHODS, SENSITIVITIES
 
     parser = _Parser(prog="mxonnx", description="mxonnx: Llama models to microscaling (MX) quantized ONNX graphs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV-cache format: keys (after rope) and values MX-quantized along head_dim as they enter the "
                         "cache, e.g. mxint8-64, mxfp8e4m3-32 (block dividing head_dim); default none")
     p.add_argument("--alpha", type=_unit_float, default=None, help="SmoothQuant strength (default 0.5) or a fixed AWQ alpha (default: grid search)")
+    p.add_argument("--awq-search", choices=AWQ_SEARCHES, default="rtn",
+                   help="what AWQ's alpha search scores: rtn (default: the output error with the weights rounded to "
+                        "nearest) or gptq (with them GPTQ-quantized; awq+gptq only)")
     p.add_argument("--calib", type=Path, default=None, help="calibration text (default: WikiText-2 validation)")
     p.add_argument("--calib-samples", type=_positive_int, default=128)
     p.add_argument("--calib-seqlen", type=_positive_int, default=512)
@@ -176,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "average at most B with the least estimated loss")
     p.add_argument("--candidates", type=_format_list, default=None, metavar="F,F,...",
                    help=f"weight formats --target-bits chooses from (default {','.join(DEFAULT_CANDIDATES)})")
+    p.add_argument("--sensitivity", choices=SENSITIVITIES, default="share",
+                   help="--target-bits' loss: share (default: each block's KL with it in the cheapest candidate, "
+                        "split among its linears) or context (each linear's KL per candidate, measured with every "
+                        "other linear in the candidate nearest the budget)")
     _common(p)
 
     p = sub.add_parser("eval", help="WikiText-2 perplexity through onnxruntime")
@@ -240,7 +247,7 @@ def _run(args: argparse.Namespace) -> None:
         from mxonnx.quantize import quantize_model
 
         cfg = QuantizeConfig(
-            weights=args.weights, acts=args.acts, method=args.method, kv=args.kv, alpha=args.alpha, calib_path=args.calib,
+            weights=args.weights, acts=args.acts, method=args.method, kv=args.kv, alpha=args.alpha, awq_search=args.awq_search, calib_path=args.calib,
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
             act_order=not args.no_act_order, sequential=not args.no_sequential,
@@ -250,7 +257,7 @@ def _run(args: argparse.Namespace) -> None:
             lm_head="weights" if args.quantize_lm_head else (args.lm_head or "auto"), rotate=args.rotate,
             rotate_block=args.rotate_block,
             progress=progress,
-            overrides=tuple(args.override), target_bits=args.target_bits,
+            overrides=tuple(args.override), target_bits=args.target_bits, sensitivity=args.sensitivity,
             weights_prescale=args.weights_prescale, acts_prescale=args.acts_prescale,
             **({"candidates": args.candidates} if args.candidates is not None else {}),
             **({"prescale_candidates": args.prescale_candidates} if args.prescale_candidates is not None else {}),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 METHODS = ("rtn", "gptq", "sq", "awq", "sq+gptq", "awq+gptq")
 DEFAULT_CANDIDATES = ("mxint4-128", "mxint4-32", "mxint4-16", "mxint8-32")  # --target-bits' weight formats
+AWQ_SEARCHES = ("rtn", "gptq")  # --awq-search: what AWQ's alpha search scores
+SENSITIVITIES = ("share", "context")  # --sensitivity: what --target-bits' loss measures (mxonnx.sensitivity)
 PRESCALE_SEARCH = "search"
 DEFAULT_PRESCALE_CANDIDATES = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # --prescale-candidates
 
@@ -79,6 +81,13 @@ class QuantizeConfig:
     overrides: tuple[str, ...] = ()  # "PATTERN=FORMAT" or "PATTERN=WEIGHTS/ACTS", later ones win (mxonnx.layer_formats)
     target_bits: float | None = None  # stored bits per weight the allocation may average (mxonnx.allocate)
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    # what AWQ's alpha search scores (passes/awq.py): "rtn", the group's output error with the weights rounded to
+    # nearest (AWQ's own), or "gptq", with them GPTQ-quantized on the input's float Hessian (GPTQ methods only)
+    awq_search: str = "rtn"
+    # what the allocation's loss measures (mxonnx.sensitivity): "share" (each block's KL with it rounded to the
+    # cheapest candidate, split by the linears' output errors, carried by Hessian errors) or "context" (each
+    # linear's KL measured per candidate with every other linear in the candidate nearest the budget)
+    sensitivity: str = "share"
     progress: bool = True
 
     @property

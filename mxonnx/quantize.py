@@ -72,7 +72,7 @@ from mxonnx.passes.smoothing import BlockScales, fold_smoothing_scales, folded_r
 from mxonnx.passes.smoothquant import smoothquant_scales
 from mxonnx.prescale import (
     apply_prescales, check_candidates, check_prescale, choose_act_prescale, choose_weight_prescale)
-from mxonnx.sensitivity import linear_divergences, probe_windows, scaled_losses
+from mxonnx.sensitivity import context_divergences, linear_divergences, probe_windows, scaled_losses
 from mxonnx.stats import ActivationStats, group_key
 from mxonnx.workdir import WorkFolder, resumable_output_dir
 
@@ -149,6 +149,10 @@ def check_config(config: QuantizeConfig) -> None:
     if config.true_sequential and not (config.uses_gptq and config.sequential):
         raise InputError("--true-sequential orders GPTQ's groups inside a block: use a GPTQ method without "
                          "--no-sequential")
+    if config.awq_search == "gptq" and not (config.uses_awq and config.uses_gptq):
+        raise InputError("--awq-search gptq scores AWQ's alphas by GPTQ's error: use --method awq+gptq")
+    if config.sensitivity == "context" and config.target_bits is None:
+        raise InputError("--sensitivity is the loss of --target-bits' allocation; add --target-bits")
     if not (math.isfinite(config.float_target_damp) and config.float_target_damp > 0):
         raise InputError(f"--float-target-damp must be a finite number > 0, got {config.float_target_damp}")
     if config.gptq_float_target:
@@ -289,13 +293,14 @@ class BlockResult:
         return extra or None
 
 
-def smoothing_scales(plan: BlockPlan, block: DecoderBlock,
-                     stats: Mapping[str, ActivationStats]) -> tuple[BlockScales, dict[str, float] | None]:
-    """The block's SmoothQuant or AWQ scales (and AWQ's alphas), or none."""
+def smoothing_scales(plan: BlockPlan, block: DecoderBlock, stats: Mapping[str, ActivationStats],
+                     hessians: Mapping[str, np.ndarray] | None = None) -> tuple[BlockScales, dict[str, float] | None]:
+    """The block's SmoothQuant or AWQ scales (and AWQ's alphas), or none; ``hessians`` (``--awq-search gptq``):
+    the float Hessians of the groups' inputs AWQ's search runs GPTQ with."""
     if plan.config.uses_smoothquant:
         return smoothquant_scales(block, stats, plan.config), None
     if plan.config.uses_awq:
-        return awq_block_scales(block, stats, plan.config, linear_formats=plan.pairs_of(block))
+        return awq_block_scales(block, stats, plan.config, linear_formats=plan.pairs_of(block), hessians=hessians)
     return {}, None
 
 
@@ -400,7 +405,11 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
     if plan.needs_statistics:
         stats = block_statistics(runner, block, rows=rows, advance=advance_float and not config.uses_gptq,
                                  squares=config.rounds_with_exponent_choice)
-    scales, alphas = smoothing_scales(plan, block, stats) if plan.smoothing else ({}, None)
+    search_hessians = None
+    if plan.smoothing and config.uses_awq and config.awq_search == "gptq" and config.alpha is None:
+        search_hessians = block_hessians(runner, block, formats.parse_format("none"))  # one more run of the block
+    scales, alphas = smoothing_scales(plan, block, stats, search_hessians) if plan.smoothing else ({}, None)
+    del search_hessians
     if scales:
         fold_smoothing_scales(model, [block], {block.index: scales})
     folded = folded_rows(block, scales)
@@ -544,12 +553,31 @@ class BudgetProblem:
                        self.fixed_weights)
 
 
+def context_base(config: QuantizeConfig, linear_formats: Mapping[str, LinearFormat],
+                 problem: BudgetProblem) -> dict[str, formats.MXFormat]:
+    """The point ``--sensitivity context`` measures around: every free linear in the candidate of most bits per
+    weight within the target (the cheapest when none is), the others in their own weight formats."""
+    cands = [formats.parse_format(c) for c in config.candidates]
+    within = [c for c in cands if c.bits_per_weight <= config.target_bits * (1 + 1e-12)]
+    centre = (max(within, key=lambda c: c.bits_per_weight) if within
+              else min(cands, key=lambda c: c.bits_per_weight))
+    return {name: centre if name in problem.shapes else lf.weights for name, lf in linear_formats.items()}
+
+
 def allocate_formats(onnx_model: ir.Model, blocks: Sequence[DecoderBlock], windows: np.ndarray,
-                     problem: BudgetProblem, config: QuantizeConfig) -> Allocation:
-    """``--target-bits``: the Hessian-weighted RTN losses of every free linear under every candidate, measured in
-    one pass over the float model's blocks (before any is changed), scaled per linear by the KL divergence of
-    the model's output with it in the cheapest candidate (:mod:`mxonnx.sensitivity`), and the
-    allocation meeting the budget."""
+                     problem: BudgetProblem, config: QuantizeConfig,
+                     linear_formats: Mapping[str, LinearFormat]) -> Allocation:
+    """``--target-bits``: the allocation meeting the budget, of the least summed loss. ``--sensitivity share``: the
+    Hessian-weighted RTN losses of every free linear under every candidate, measured in one pass over the float
+    model's blocks (before any is changed), scaled per linear by the KL divergence of the model's output with it in
+    the cheapest candidate (:func:`mxonnx.sensitivity.linear_divergences`). ``context``: each linear's KL per
+    candidate with the others rounded at :func:`context_base` (:func:`mxonnx.sensitivity.context_divergences`)."""
+    if config.sensitivity == "context":
+        base = context_base(config, linear_formats, problem)
+        losses = context_divergences(onnx_model, blocks, probe_windows(windows), base, config.candidates,
+                                     list(problem.shapes), seed=config.seed, progress=config.progress)
+        return choose_formats(config.target_bits, config.candidates, problem.shapes, losses, problem.fixed_bits,
+                              problem.fixed_weights)
     runner = BlockwiseRunner(onnx_model, blocks, windows, progress=config.progress)
     losses = measure_losses(runner, blocks, list(problem.shapes), config.candidates, progress=config.progress)
     del runner
@@ -605,7 +633,7 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
         if problem is not None:
             stored = work.plan()
             allocation = (Allocation.from_dict(stored) if stored is not None
-                          else allocate_formats(onnx_model, blocks, windows, problem, config))
+                          else allocate_formats(onnx_model, blocks, windows, problem, config, linear_formats))
             if stored is None:
                 work.save_plan(allocation.as_dict())
             linear_formats = {**linear_formats, **{name: LinearFormat(formats.parse_format(fmt), linear_formats[name].acts)

@@ -83,13 +83,53 @@ def group_error(x: np.ndarray, weights: Sequence[np.ndarray], rows: np.ndarray, 
     return error
 
 
+def gptq_group_error(weights: Sequence[np.ndarray], rows: np.ndarray, hessian: np.ndarray, weights_fmt,
+                     gptq: Mapping) -> float:
+    """``sum_W tr(E^T H_s E)``, ``E = s W - GPTQ(s W; H_s)``, ``H_s = diag(s)^-1 H diag(s)^-1``: the output error
+    (on the calibration inputs ``X``, ``H = 2/n X^T X``, float activations) of the group's weights scaled by the row
+    scales ``s`` and then quantized by GPTQ (Algorithm 1) as the block's rewrite will, instead of rounded to nearest.
+    ``gptq``: :func:`mxonnx.gptq.gptq_quantize`'s options (``damp``, ``act_order``, ``block_size``,
+    ``micro_block``, ``exponent_search``: None for each format's default)."""
+    from mxonnx.formats import dequantize
+    from mxonnx.gptq import gptq_quantize, inverse_hessian_factor, searches_exponents_by_default
+
+    r = np.asarray(rows, np.float64)
+    h = np.asarray(hessian, np.float64) / np.outer(r, r)
+    fmts = [parse_format(f) for f in _per_weight(weights_fmt, len(weights))]
+    factors = {}
+    error = 0.0
+    for w, fmt in zip(weights, fmts):
+        if fmt.kind == "none":
+            continue
+        unit = (fmt.block_size or 1) if gptq.get("act_order") else None
+        if unit not in factors:
+            factors[unit] = inverse_hessian_factor(h, gptq.get("damp", 0.01), order_unit=unit)
+        scaled = (np.asarray(w, np.float64) * r[:, None]).astype(np.float32)
+        search = gptq.get("exponent_search")
+        codes, scales = gptq_quantize(scaled, factors[unit], fmt, block_size=gptq.get("block_size", 128),
+                                      micro_block=gptq.get("micro_block"),
+                                      exponent_search=searches_exponents_by_default(fmt) if search is None else search)
+        e = scaled.astype(np.float64) - dequantize(codes, scales, fmt, axis=0)
+        error += float(np.einsum("kn,kn->", h @ e, e))
+    return error
+
+
 def search_group(block: DecoderBlock, group: str, stats: ActivationStats, alphas: Sequence[float],
-                 weights_fmt, acts_fmt, weights: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+                 weights_fmt, acts_fmt, weights: Sequence[np.ndarray] | None = None,
+                 hessian: np.ndarray | None = None, gptq: Mapping | None = None) -> tuple[np.ndarray, float]:
     """(scales, alpha) minimising ``group_error`` over ``alphas`` (o_proj: scales per KV channel), on ``weights``
-    (default: the group's current weights)."""
+    (default: the group's current weights); with the group input's float Hessian ``hessian`` and GPTQ's options
+    ``gptq``, minimising :func:`gptq_group_error` instead (``--awq-search gptq``)."""
     mean_abs = per_kv_channel(stats.mean_abs, block, np.mean) if group == "o" else stats.mean_abs
     if len(alphas) == 1:
         return awq_scales(mean_abs, alphas[0]), float(alphas[0])
+    if hessian is not None:
+        if weights is None:
+            weights = [linear.weight_array for linear in block.groups()[group]]
+        errors = [gptq_group_error(weights, row_scales(group, awq_scales(mean_abs, a), block), hessian, weights_fmt,
+                                   gptq or {}) for a in alphas]
+        best = float(alphas[int(np.argmin(errors))])
+        return awq_scales(mean_abs, best), best
     if stats.sample is None or not len(stats.sample):
         raise InputError("the AWQ search needs sampled calibration inputs (block_statistics(rows=...))")
     if weights is None:
@@ -110,11 +150,13 @@ def alpha_grid(config: QuantizeConfig, alphas: Sequence[float] | None = None) ->
 
 def awq_block_scales(block: DecoderBlock, stats: Mapping[str, ActivationStats], config: QuantizeConfig,
                      alphas: Sequence[float] | None = None,
-                     linear_formats: Mapping[str, tuple] | None = None) -> tuple[BlockScales, dict[str, float]]:
+                     linear_formats: Mapping[str, tuple] | None = None,
+                     hessians: Mapping[str, np.ndarray] | None = None) -> tuple[BlockScales, dict[str, float]]:
     """AWQ's scales of every group of ``block`` and the alpha chosen for each (:func:`alpha_grid`), each searched
     on the weights the group has once the groups before it in ``FOLD_ORDER`` are folded; plain data, the model
     is not changed. ``linear_formats``: ``{linear name: (weights, acts)}`` when formats differ per linear
-    (``--override``, ``--target-bits``), else ``config.weights``/``config.acts`` for all."""
+    (``--override``, ``--target-bits``), else ``config.weights``/``config.acts`` for all. ``hessians``: the float
+    Hessians of the groups' inputs by group key (``--awq-search gptq``: alpha by :func:`gptq_group_error`)."""
     grid = alpha_grid(config, alphas)
     chosen: dict[str, float] = {}
 
@@ -127,8 +169,11 @@ def awq_block_scales(block: DecoderBlock, stats: Mapping[str, ActivationStats], 
 
     def choose(group: str, weights) -> np.ndarray:
         weights_fmt, acts_fmt = formats_of(group)
-        s, alpha = search_group(block, group, stats[group_key(block, group)], grid, weights_fmt, acts_fmt,
-                                weights(group))
+        key = group_key(block, group)
+        gptq = dict(damp=config.damp, act_order=config.act_order, block_size=config.gptq_block,
+                    micro_block=config.gptq_micro_block, exponent_search=config.searches_exponents)
+        s, alpha = search_group(block, group, stats[key], grid, weights_fmt, acts_fmt, weights(group),
+                                hessians.get(key) if hessians is not None else None, gptq)
         chosen[group] = round(alpha, 4)
         return s
 

@@ -51,3 +51,53 @@ def test_int8_search_minimises_the_static_error(tiny_onnx, tiny_text):
         errors.append(float(np.square(xq.astype(np.float64) @ wq - x.astype(np.float64) @ w).sum()))
     _, alpha = search_group(block, "down", stats, grid, "mxint4-32", "int8")
     assert alpha == grid[int(np.argmin(errors))]
+
+
+def test_gptq_search_scores_the_scaled_weights_gptq_quantized():
+    """``gptq_group_error`` is ``tr(E^T H_s E)`` of GPTQ run on ``s W`` with ``H_s = S^-1 H S^-1``, computed here by
+    hand; with ``s = 1`` it is GPTQ's own loss on ``W``, and it never exceeds the same error of round to nearest."""
+    from mxonnx.formats import dequantize
+    from mxonnx.gptq import gptq_quantize
+    from mxonnx.passes.awq import gptq_group_error
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((512, 64)) * np.geomspace(0.1, 10.0, 64)).astype(np.float64)
+    h = 2.0 / len(x) * x.T @ x
+    weights = [rng.standard_normal((64, 24)).astype(np.float32), rng.standard_normal((64, 8)).astype(np.float32)]
+    rows = rng.uniform(0.5, 2.0, 64)
+    options = dict(damp=0.01, act_order=False, block_size=128, micro_block=None, exponent_search=False)
+    hs = h / np.outer(rows, rows)
+    expected = rtn = 0.0
+    for w in weights:
+        ws = (w.astype(np.float64) * rows[:, None]).astype(np.float32)
+        codes, scales = gptq_quantize(ws, hs, "mxint4-32", damp=0.01)
+        e = ws - dequantize(codes, scales, "mxint4-32", axis=0)
+        expected += float(np.sum((hs @ e) * e))
+        r = ws - quantize_dequantize(ws, "mxint4-32", axis=0)
+        rtn += float(np.sum((hs @ r) * r))
+    got = gptq_group_error(weights, rows, h, "mxint4-32", options)
+    assert got == np.float64(got) and abs(got - expected) <= 1e-6 * expected
+    assert got < rtn
+
+
+def test_awq_search_gptq_end_to_end(tiny_onnx, tiny_text, tmp_path):
+    """``--awq-search gptq`` runs on the tiny model, records alphas from the grid and beats round to nearest; a
+    method without AWQ and GPTQ is refused with one line."""
+    from conftest import visible_lines
+    from test_gptq_pipeline import held_out_windows, logits, logits_mse, run_quantize
+
+    from mxonnx.cli import main
+    from mxonnx.passes.awq import ALPHA_METADATA
+
+    windows = held_out_windows(tiny_onnx, tmp_path)
+    reference = logits(tiny_onnx, windows)
+    rtn = logits_mse(run_quantize(tiny_onnx, tmp_path / "rtn", tiny_text, "rtn"), reference, windows)
+    out = run_quantize(tiny_onnx, tmp_path / "ag", tiny_text, "awq+gptq", awq_search="gptq", calib_samples=32)
+    assert logits_mse(out, reference, windows) < 0.8 * rtn
+    import json
+    alphas = json.loads(ir.load(out / "model.onnx").metadata_props[ALPHA_METADATA])
+    grid = set(np.round(np.linspace(0, 1, 20), 4))
+    assert alphas and all(a in grid for block in alphas for a in block.values())
+
+    code = main(["quantize", str(tiny_onnx), "-o", str(tmp_path / "bad"), "--method", "gptq", "--awq-search", "gptq"])
+    assert code == 2 and not (tmp_path / "bad").exists()

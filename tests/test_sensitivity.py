@@ -92,3 +92,38 @@ def test_a_damaged_linear_ranks_first(tiny_onnx):
     got = linear_divergences(model, blocks, windows(), "mxint4-128", names)
     assert set(got) == set(names) and all(v >= 0 for v in got.values())
     assert max(got, key=got.get) == "layers.0.up_proj"
+
+
+def test_context_divergence_is_the_models_kl_beside_the_base_quantized_others(tiny_onnx, tmp_path):
+    """``D_ic`` of :func:`context_divergences` is the whole model's KL with every linear rounded in its base format
+    but linear ``i``, rounded in ``c``; a candidate equal to the base scores the all-base KL; a budget of one
+    block's streams (several runs of origins) gives the same figures as one run."""
+    from mxonnx.sensitivity import context_divergences
+
+    model, blocks = load(tiny_onnx)
+    ids = windows()
+    linears = [l for b in blocks for l in b.linears()]
+    base = {l.name: formats.parse_format("mxint4-32") for l in linears}
+    names = [blocks[0].v.name, blocks[-1].down.name]
+    cands = ["mxint4-128", "mxint4-32", "mxint8-32"]
+    got = context_divergences(model, blocks, ids, base, cands, names, positions=ids.shape[1])
+    small = context_divergences(model, blocks, ids, base, cands, names, positions=ids.shape[1], budget_bytes=1)
+    assert set(got) == set(names)
+    for name in names:
+        assert small[name] == pytest.approx(got[name], rel=1e-6)
+
+    ref = [log_softmax(x) for x in logits(model, ids, blocks, tmp_path)]
+    floats = {l.name: l.weight_array.copy() for l in linears}
+
+    def model_kl(formats_by_name: dict[str, str]) -> float:
+        for l in linears:
+            set_weight(l, formats.quantize_dequantize(floats[l.name], formats_by_name[l.name], axis=0))
+        return float(np.mean([kl_divergence(r, x) for r, x in zip(ref, logits(model, ids, blocks, tmp_path))]))
+
+    all_base = model_kl({l.name: "mxint4-32" for l in linears})
+    for name in names:
+        assert got[name][1] == pytest.approx(all_base, rel=1e-4)
+        for c in (0, 2):
+            expected = model_kl({l.name: cands[c] if l.name == name else "mxint4-32" for l in linears})
+            assert got[name][c] == pytest.approx(expected, rel=1e-4)
+    assert got[blocks[-1].down.name][0] > got[blocks[-1].down.name][2]  # 4 bits in blocks of 128 cost more than 8
