@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--sensitivity", default="share", help="--target-bits' loss (mxonnx quantize --sensitivity)")
+    p.add_argument("--exponent-search", action="store_true",
+                   help="every run with GPTQ's exponent search (the default recipe) instead of the OCP exponents of "
+                        "the published uniform rows")
     p.add_argument("--fp32", type=Path, default=FP32)
     p.add_argument("--work", type=Path, default=REPO / "bench" / ".work" / "pareto")
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -53,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> dict:
     """What makes two rows comparable."""
-    return {"method": args.method, "windows": args.windows, "seqlen": args.seqlen, "calib_samples": args.calib_samples}
+    return {"method": args.method, "windows": args.windows, "seqlen": args.seqlen, "calib_samples": args.calib_samples,
+            "exponent_search": args.exponent_search}
 
 
 def wanted_rows(args: argparse.Namespace) -> list[dict]:
@@ -62,20 +67,33 @@ def wanted_rows(args: argparse.Namespace) -> list[dict]:
     for spec in args.targets:
         bits, _, acts = str(spec).partition("/")
         rows.append({"kind": "target-bits", "target_bits": float(bits), "acts": acts or args.acts,
-                     "candidates": args.candidates})
+                     "candidates": args.candidates, "sensitivity": args.sensitivity})
     for spec in args.uniform:
         weights, _, acts = spec.partition("/")
         rows.append({"kind": "uniform", "weights": weights, "acts": acts or "mxint8-128"})
     return [{**row, **settings(args)} for row in rows]
 
 
+RECIPE_DEFAULTS = {"exponent_search": False}  # rows saved before a key existed were measured so
+TARGET_DEFAULTS = {"sensitivity": "share"}
+
+
 def recipe(row: dict) -> dict:
-    return {k: row.get(k) for k in ("kind", "target_bits", "weights", "acts", "candidates", "method", "windows",
-                                    "seqlen", "calib_samples")}
+    keys = ("kind", "target_bits", "weights", "acts", "candidates", "method", "windows", "seqlen", "calib_samples",
+            "exponent_search", "sensitivity")
+    defaults = {**RECIPE_DEFAULTS, **(TARGET_DEFAULTS if row.get("kind") == "target-bits" else {})}
+    return {k: row.get(k, defaults.get(k)) for k in keys}
 
 
 def load_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def add_row(path: Path, row: dict) -> list[dict]:
+    """Append ``row`` to the file's rows as they are now (another run of this script may have added some)."""
+    rows = [*load_rows(path), row]
+    save_rows(path, rows)
+    return rows
 
 
 def save_rows(path: Path, rows: list[dict]) -> None:
@@ -113,16 +131,17 @@ def mxonnx(*args: str) -> dict:
 
 def measure(row: dict, args: argparse.Namespace) -> dict:
     """Quantize, inspect and evaluate one recipe; the row with its results."""
-    name = (f"tb{row['target_bits']:g}-{row['acts']}" if row["kind"] == "target-bits"
+    name = (f"tb{row['target_bits']:g}-{row['acts']}-{row['sensitivity']}" if row["kind"] == "target-bits"
             else f"u-{row['weights']}-{row['acts']}")
+    name += "-es" if row.get("exponent_search") else ""
     out = args.work / name
     shutil.rmtree(out, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    # OCP exponents, as the published uniform rows it is compared with
+    # OCP exponents, as the published uniform rows it is compared with, unless --exponent-search
     flags = ["--method", row["method"], "--acts", row["acts"], "--calib-samples", str(row["calib_samples"]),
-             "--no-exponent-search", "--lm-head", "none"]
+             "--exponent-search" if row.get("exponent_search") else "--no-exponent-search", "--lm-head", "none"]
     if row["kind"] == "target-bits":
-        flags += ["--target-bits", str(row["target_bits"])]
+        flags += ["--target-bits", str(row["target_bits"]), "--sensitivity", row.get("sensitivity", "share")]
         if row["candidates"]:
             flags += ["--candidates", row["candidates"]]
     else:
@@ -183,15 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"measuring {recipe(row)}", flush=True)
             try:
-                rows.append(measure(row, args))
+                rows = add_row(path, measure(row, args))
             except RuntimeError as exc:
                 print(f"  {exc}", flush=True)
                 continue
-            save_rows(path, rows)
-    mine = [r for r in rows if all(r.get(k) == v for k, v in settings(args).items())]
-    published = published_uniform_rows(args.results, args)
+    mine = [r for r in rows if all(recipe(r)[k] == v for k, v in settings(args).items())]
+    published = published_uniform_rows(args.results, args) if not args.exponent_search else []
     for r in sorted(mine, key=lambda r: r["bits_per_weight"]):
-        what = f"target {r['target_bits']:g}" if r["kind"] == "target-bits" else f"uniform {r['weights']}"
+        what = (f"target {r['target_bits']:g} {recipe(r)['sensitivity']}" if r["kind"] == "target-bits"
+                else f"uniform {r['weights']}")
         print(f"{what:<18} acts {r['acts']:<12} {r['bits_per_weight']:.4f} bits  ppl {r['perplexity']:.3f}")
     if mine or published:
         png = plot(published, mine, args.results / "pareto.png",

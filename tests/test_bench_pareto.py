@@ -69,3 +69,18 @@ def test_measures_only_the_missing_rows_and_plots(tiny_onnx, tiny_text, tmp_path
     assert calls == []
     out = capsys.readouterr().out
     assert "target 4.6" in out and "uniform mxint4-32" in out
+
+
+def test_rows_saved_before_a_setting_existed_count_as_its_old_value(tmp_path):
+    """A row without ``exponent_search``/``sensitivity`` was measured with the OCP exponents and the share loss; a
+    row another run added meanwhile is kept when this run adds its own."""
+    old = {"kind": "target-bits", "target_bits": 4.25, "acts": "mxint8-32", "candidates": None, "method": "awq+gptq",
+           "windows": 40, "seqlen": 2048, "calib_samples": 128}
+    new = pareto.wanted_rows(pareto.parse_args(["--targets", "4.25"]))[0]
+    assert pareto.recipe(old) == pareto.recipe(new)
+    context = pareto.wanted_rows(pareto.parse_args(["--targets", "4.25", "--sensitivity", "context",
+                                                    "--exponent-search"]))[0]
+    assert pareto.recipe(context) != pareto.recipe(old)
+    path = tmp_path / "pareto.json"
+    pareto.save_rows(path, [old])
+    assert pareto.add_row(path, context) == [old, context]
