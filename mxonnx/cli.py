@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=_unit_float, default=None, help="SmoothQuant strength (default 0.5) or a fixed AWQ alpha (default: grid search)")
     p.add_argument("--awq-search", choices=AWQ_SEARCHES, default="rtn",
                    help="what AWQ's alpha search scores: rtn (default: the output error with the weights rounded to "
-                        "nearest) or gptq (with them GPTQ-quantized; awq+gptq only)")
+                        "nearest) or gptq (with them GPTQ-quantized; awq+gptq only; measured: no gain, 2.5x the time)")
     p.add_argument("--calib", type=Path, default=None, help="calibration text (default: WikiText-2 validation)")
     p.add_argument("--calib-samples", type=_positive_int, default=128)
     p.add_argument("--calib-seqlen", type=_positive_int, default=512)
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", choices=SENSITIVITIES, default="share",
                    help="--target-bits' loss: share (default: each block's KL with it in the cheapest candidate, "
                         "split among its linears) or context (each linear's KL per candidate, measured with every "
-                        "other linear in the candidate nearest the budget)")
+                        "other linear in the candidate nearest the budget; measured: helps rtn, loses with awq+gptq)")
     _common(p)
 
     p = sub.add_parser("eval", help="WikiText-2 perplexity through onnxruntime")
