@@ -167,14 +167,18 @@ def plot(published: list[dict], rows: list[dict], out: Path, title: str) -> Path
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    series = (("uniform formats (bench/run.py rows)", published, "o"),
-              ("uniform controls", [r for r in rows if r["kind"] == "uniform"], "s"),
-              ("--target-bits", sorted((r for r in rows if r["kind"] == "target-bits"), key=lambda r: r["target_bits"]), "D"))
+    targets = [r for r in rows if r["kind"] == "target-bits"]
+    series = [("uniform formats (bench/run.py rows)", published, "o"),
+              ("uniform controls", [r for r in rows if r["kind"] == "uniform"], "s")]
+    for loss in sorted({recipe(r)["sensitivity"] for r in targets}):  # one line per --sensitivity
+        series.append((f"--target-bits, --sensitivity {loss}",
+                       sorted((r for r in targets if recipe(r)["sensitivity"] == loss), key=lambda r: r["target_bits"]),
+                       "D" if loss == "share" else "^"))
     for label, points, marker in series:
         if not points:
             continue
         xs, ys = [p["bits_per_weight"] for p in points], [p["perplexity"] for p in points]
-        ax.plot(xs, ys, marker=marker, linestyle="-" if marker == "D" else "none", label=label)
+        ax.plot(xs, ys, marker=marker, linestyle="-" if marker in "D^" else "none", label=label)
         for p, x, y in zip(points, xs, ys):
             text = (f"B={p['target_bits']:g} {p['acts']}" if p["kind"] == "target-bits"
                     else p.get("label") or f"{p['weights']}/{p['acts']}")
