@@ -56,6 +56,24 @@ def kl_divergence(ref_logp: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(ref_logp) * (ref_logp - logq)).sum(axis=-1).mean())
 
 
+def logit_divergence(model: ir.Model, runner: BlockwiseRunner, float_states: Sequence[np.ndarray], positions: int,
+                     seed: int):
+    """``states -> mean_t KL(p_float || p_states)``: the next-token distributions the final norm and lm_head give
+    from the last block's outputs ``states`` (one array per window of ``runner``) against those from
+    ``float_states``, at ``positions`` positions per window drawn with ``seed`` (the same for every call)."""
+    logits = [v for v in model.graph.outputs if v.name == "logits"] or list(model.graph.outputs)[:1]
+    tail = runner.open_tail(logits)
+    rng = np.random.default_rng(seed)
+    n, seqlen = runner.windows.shape
+    picks = [np.sort(rng.choice(seqlen, size=min(positions, seqlen), replace=False)) for _ in range(n)]
+    ref = [log_softmax(tail.run(w, float_states[w][:, picks[w]])[0][0]) for w in range(n)]
+
+    def divergence(states: Sequence[np.ndarray]) -> float:
+        return float(np.mean([kl_divergence(ref[w], tail.run(w, states[w][:, picks[w]])[0][0]) for w in range(n)]))
+
+    return divergence
+
+
 def linear_divergences(model: ir.Model, blocks: Sequence[DecoderBlock], windows: np.ndarray, probe: str | formats.MXFormat,
                       names: Sequence[str], positions: int = PROBE_POSITIONS, seed: int = 0,
                       progress: bool = False) -> dict[str, float]:
@@ -102,14 +120,8 @@ def linear_divergences(model: ir.Model, blocks: Sequence[DecoderBlock], windows:
         else:
             float_states = [session.run(w, float_states[w], floats)[0] for w in range(n)]
         del session, floats, probed
-    logits = [v for v in model.graph.outputs if v.name == "logits"] or list(model.graph.outputs)[:1]
-    tail = runner.open_tail(logits)
-    rng = np.random.default_rng(seed)
-    seqlen = runner.windows.shape[1]
-    picks = [np.sort(rng.choice(seqlen, size=min(positions, seqlen), replace=False)) for _ in range(n)]
-    ref = [log_softmax(tail.run(w, float_states[w][:, picks[w]])[0][0]) for w in range(n)]
-    block_kl = {i: float(np.mean([kl_divergence(ref[w], tail.run(w, states[w][:, picks[w]])[0][0])
-                                  for w in range(n)])) for i, states in streams.items()}
+    divergence = logit_divergence(model, runner, float_states, positions, seed)
+    block_kl = {i: divergence(states) for i, states in streams.items()}
     return {key: block_kl[i] * share for key, (i, share) in shares.items()}
 
 
@@ -187,16 +199,7 @@ def context_divergences(model: ir.Model, blocks: Sequence[DecoderBlock], windows
         counts.append(sum(1 for l in block.linears() if l.name in wanted
                           for fmt in cands if fmt != base.get(l.name)))
         del session, floats, feed
-    logits = [v for v in model.graph.outputs if v.name == "logits"] or list(model.graph.outputs)[:1]
-    tail = runner.open_tail(logits)
-    rng = np.random.default_rng(seed)
-    seqlen = runner.windows.shape[1]
-    picks = [np.sort(rng.choice(seqlen, size=min(positions, seqlen), replace=False)) for _ in range(n)]
-    ref = [log_softmax(tail.run(w, float_states[w][:, picks[w]])[0][0]) for w in range(n)]
-
-    def divergence(states: list[np.ndarray]) -> float:
-        return float(np.mean([kl_divergence(ref[w], tail.run(w, states[w][:, picks[w]])[0][0]) for w in range(n)]))
-
+    divergence = logit_divergence(model, runner, float_states, positions, seed)
     base_kl = divergence(base_states)
     del float_states, base_states
     out = {name: [base_kl] * len(cands) for name in names}
