@@ -38,6 +38,16 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def _sweeps(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -138,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ one linear group at a time inside each block (qkv, o, gate/up, down), each group's "
                         "Hessians with the groups before it quantized")
+    p.add_argument("--gptq-refine", type=_sweeps, default=0, metavar="N",
+                   help="N sweeps of coordinate descent on GPTQ's layer loss after Algorithm 1, exponents kept "
+                        "(after QuantEase; default 0)")
     p.add_argument("--gptq-float-target", action="store_true",
                    help="experimental, measured far worse on SmolLM2 (README): GPTQ matches the float model's "
                         "outputs, ||X W - A Q|| with A the quantized prefix's input and X the float model's "
@@ -251,7 +264,7 @@ def _run(args: argparse.Namespace) -> None:
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
             act_order=not args.no_act_order, sequential=not args.no_sequential,
-            true_sequential=args.true_sequential, gptq_float_target=args.gptq_float_target,
+            true_sequential=args.true_sequential, gptq_float_target=args.gptq_float_target, gptq_refine=args.gptq_refine,
             float_target_damp=args.float_target_damp,
             exponent_search=args.exponent_search,
             lm_head="weights" if args.quantize_lm_head else (args.lm_head or "auto"), rotate=args.rotate,

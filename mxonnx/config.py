@@ -61,6 +61,8 @@ class QuantizeConfig:
     # GPTQ fits the float model's outputs, ||X W - A Q||, A the quantized prefix's input, X the float model's
     # (asymmetric calibration after GPTAQ; mxonnx.gptq.float_target_weights); keeps a second stream of hidden states
     gptq_float_target: bool = False
+    # sweeps of coordinate descent on GPTQ's layer loss after Algorithm 1 (mxonnx.gptq.refine_by_coordinate_descent)
+    gptq_refine: int = 0
     float_target_damp: float = 1.0  # its ridge toward W, a fraction of the mean Hessian diagonal (0.01 overfits)
     # shared exponents chosen among E-1, E, E+1 by the GPTQ loss (issue 19), or without GPTQ by the statistics'
     # diagonal Hessian (:attr:`rounds_with_exponent_choice`); None: the measured default, :attr:`searches_exponents`

@@ -483,14 +483,16 @@ def check_blocks(fmt: formats.MXFormat, block_size: int, micro_block: int | None
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray | InverseHessianFactor, fmt: str | formats.MXFormat, *,
                   block_size: int = 128, micro_block: int | None = None, damp: float = 0.01, act_order: bool = False,
-                  exponent_search: bool = False, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+                  exponent_search: bool = False, refine_sweeps: int = 0,
+                  name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """GPTQ-quantize ``w [K, N]`` given the Hessian ``[K, K]`` of its input, or a factor of it from
     ``inverse_hessian_factor`` shared by linears that read one input (then ``damp`` and ``act_order`` were given
     there, act-order with ``order_unit`` = the format's block, 1 for per-channel int). ``block_size`` is B1,
     ``micro_block`` B2 (default the format's block). Returns ``(codes, scales)`` laid out as
     ``formats.quantize(w, fmt, axis=0)``, so ``formats.dequantize(codes, scales, fmt, axis=0)`` gives the GPTQ
     weights. ``exponent_search`` (MX formats): each group's shared exponent is the one of E-1, E, E+1 with the least
-    GPTQ loss (:func:`choose_exponents`) instead of E; the stored format is the same."""
+    GPTQ loss (:func:`choose_exponents`) instead of E; the stored format is the same. ``refine_sweeps``: that many
+    sweeps of coordinate descent on the layer loss after Algorithm 1 (:func:`refine_by_coordinate_descent`)."""
     fmt = formats.parse_format(fmt)
     if fmt.kind == "none":
         raise InputError("GPTQ needs a quantized weight format, got 'none'")
@@ -519,8 +521,13 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | InverseHessianFactor, fmt
         if factor.diagonal is None:
             raise ValueError("exponent search needs the factor's diagonal (inverse_hessian_factor gives it)")
         loss_weight = np.square(factor.diagonal.astype(np.float64)).astype(np.float32)
-    q_perm, params_perm = _gptq(work, original, root, _rows(fmt, k), block, micro, loss_weight)
+    rows = _rows(fmt, k)
+    q_perm, params_perm = _gptq(work, original, root, rows, block, micro, loss_weight)
     del work
+    if refine_sweeps:
+        if factor.diagonal is None:
+            raise ValueError("refinement needs the factor's diagonal (inverse_hessian_factor gives it)")
+        refine_by_coordinate_descent(original(0, k), q_perm, params_perm, factor, rows, refine_sweeps)
     # permuted groups are whole groups (act-order moves units of one group), so encode in that order, then undo it
     codes_perm, scales_perm = _encode(q_perm, params_perm, fmt)
     del q_perm
@@ -529,6 +536,38 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | InverseHessianFactor, fmt
     scales = np.empty_like(scales_perm)
     scales[perm[::group] // group] = scales_perm
     return codes, scales
+
+
+def refine_by_coordinate_descent(w: np.ndarray, q: np.ndarray, params: np.ndarray, factor: InverseHessianFactor,
+                                 rows: "_MxRows | _IntRows", sweeps: int) -> np.ndarray:
+    """Lower GPTQ's layer loss ``sum_n (w_n - q_n)^T H (w_n - q_n)`` further by coordinate descent over the grid
+    (after QuantEase, arXiv 2309.01885), the shared exponents / scales kept: channel by channel,
+    ``q_j <- round(q_j + [H D]_j / H_jj)``, ``D = W - Q``, the exact minimiser of the loss along channel j over its
+    grid (a convex quadratic in ``q_j``), so no sweep raises the loss. ``H`` is the dampened Hessian in quantization
+    order, rebuilt from the factor as ``R^ diag(R)^2 R^^T``; ``w, q [K, N]`` in that order, ``params`` per group.
+    ``q`` is updated in place and returned."""
+    k, n = q.shape
+    upper = factor.upper.astype(np.float64)
+    h = (upper * np.square(factor.diagonal.astype(np.float64))) @ upper.T
+    h_diag = np.diagonal(h).copy()
+    h32 = h.astype(np.float32)
+    del h, upper
+    prepared = [rows.prepare(params[g]) for g in range(len(params))]
+    new, v = np.empty(n, np.float32), np.empty(n, np.float32)
+    for _ in range(sweeps):
+        residual = h32 @ (w - q)  # [H D], recomputed each sweep so float32 updates do not drift
+        changed = 0
+        for j in range(k):
+            rows.round(q[j] + residual[j] / np.float32(h_diag[j]), prepared[j // rows.group], new, v)
+            delta = q[j] - new  # D_j grows by q_j - q_j'
+            moved = np.flatnonzero(delta)
+            if len(moved):
+                changed += len(moved)
+                residual[:, moved] += np.outer(h32[:, j], delta[moved])
+                q[j] = new
+        if not changed:
+            break
+    return q
 
 
 _ENCODE_ELEMENTS = 1 << 20  # elements per chunk of _encode
@@ -661,13 +700,13 @@ class GptqWeightProvider:
 
     def __init__(self, hessians: Mapping[str, np.ndarray], fmt: "str | formats.MXFormat | Mapping[str, str | formats.MXFormat]",
                  block_size: int = 128, micro_block: int | None = None, damp: float = 0.01, act_order: bool = False,
-                 exponent_search: bool | None = False, release: bool = False):
+                 exponent_search: bool | None = False, refine_sweeps: int = 0, release: bool = False):
         """``exponent_search``: True/False for every linear, None: each linear by its own format
-        (:func:`searches_exponents_by_default`)."""
+        (:func:`searches_exponents_by_default`); ``refine_sweeps``: :func:`refine_by_coordinate_descent`."""
         self.hessians, self.release = hessians, release
         self.fmt = fmt if isinstance(fmt, Mapping) else formats.parse_format(fmt)
         self.block_size, self.micro_block, self.damp, self.act_order = block_size, micro_block, damp, act_order
-        self.exponent_search = exponent_search
+        self.exponent_search, self.refine_sweeps = exponent_search, refine_sweeps
         self.raised_damp: dict[str, float] = {}
         self._factors: dict[tuple[str, int | None], InverseHessianFactor] = {}
         self._released: set[str] = set()
@@ -720,4 +759,5 @@ class GptqWeightProvider:
         fmt = self.format_of(name)
         search = searches_exponents_by_default(fmt) if self.exponent_search is None else self.exponent_search
         return gptq_quantize(w, self.factor(name), fmt, block_size=self.block_size,
-                             micro_block=self.micro_block, exponent_search=search, name=name)
+                             micro_block=self.micro_block, exponent_search=search,
+                             refine_sweeps=self.refine_sweeps, name=name)

@@ -149,6 +149,8 @@ def check_config(config: QuantizeConfig) -> None:
     if config.true_sequential and not (config.uses_gptq and config.sequential):
         raise InputError("--true-sequential orders GPTQ's groups inside a block: use a GPTQ method without "
                          "--no-sequential")
+    if config.gptq_refine and not config.uses_gptq:
+        raise InputError("--gptq-refine refines GPTQ's weights: use a GPTQ method (gptq, sq+gptq, awq+gptq)")
     if config.awq_search == "gptq" and not (config.uses_awq and config.uses_gptq):
         raise InputError("--awq-search gptq scores AWQ's alphas by GPTQ's error: use --method awq+gptq")
     if config.sensitivity == "context" and config.target_bits is None:
@@ -440,7 +442,7 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
             provider = GptqWeightProvider(hessians, stage_weights, block_size=config.gptq_block,
                                           micro_block=config.gptq_micro_block, damp=config.damp,
                                           act_order=config.act_order, exponent_search=config.searches_exponents,
-                                          release=True)
+                                          refine_sweeps=config.gptq_refine, release=True)
             if targets is not None:
                 provider = TargetWeights(provider, targets)
             del hessians, lookup  # the provider drops each one once factored
