@@ -516,17 +516,16 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | InverseHessianFactor, fmt
 
     work = original(0, k)  # quantization order; a copy, updated in place
     root = np.ascontiguousarray(factor.upper, np.float32)
+    search = exponent_search and fmt.kind == "mx"
+    if (search or refine_sweeps) and factor.diagonal is None:
+        raise ValueError("exponent search and refinement need the factor's diagonal (inverse_hessian_factor gives it)")
     loss_weight = None
-    if exponent_search and fmt.kind == "mx":
-        if factor.diagonal is None:
-            raise ValueError("exponent search needs the factor's diagonal (inverse_hessian_factor gives it)")
+    if search:
         loss_weight = np.square(factor.diagonal.astype(np.float64)).astype(np.float32)
     rows = _rows(fmt, k)
     q_perm, params_perm = _gptq(work, original, root, rows, block, micro, loss_weight)
     del work
     if refine_sweeps:
-        if factor.diagonal is None:
-            raise ValueError("refinement needs the factor's diagonal (inverse_hessian_factor gives it)")
         refine_by_coordinate_descent(original(0, k), q_perm, params_perm, factor, rows, refine_sweeps)
     # permuted groups are whole groups (act-order moves units of one group), so encode in that order, then undo it
     codes_perm, scales_perm = _encode(q_perm, params_perm, fmt)
