@@ -94,11 +94,12 @@ def config_windows(tokenizer_folder: str | os.PathLike | None, config: QuantizeC
 
 def block_statistics(runner: BlockwiseRunner, block: DecoderBlock, hessians: bool = False,
                      rows: list[np.ndarray] | None = None, advance: bool = False,
-                     squares: bool = False) -> dict[str, ActivationStats]:
+                     squares: bool = False, states: list[np.ndarray] | None = None) -> dict[str, ActivationStats]:
     """``{group_key: ActivationStats}`` of the four linear inputs of ``block`` over every window of ``runner``
-    (the block's inputs as the runner holds them); ``hessians`` adds ``xtx``; ``rows`` (:func:`sample_rows`) keeps
-    those tokens of each window as the sample; ``advance`` also moves the runner past the block; ``squares`` adds
-    ``mean_sq``."""
+    (the block's inputs as the runner holds them, or ``states``: a stream the caller holds, one array per window,
+    e.g. the float model's); ``hessians`` adds ``xtx``; ``rows`` (:func:`sample_rows`) keeps those tokens of each
+    window as the sample; ``advance`` also moves the runner (or ``states``, in place) past the block; ``squares``
+    adds ``mean_sq``."""
     accumulators = {group: StatsAccumulator(linears[0].shape[0], hessians, rows is not None, squares)
                     for group, linears in block.groups().items()}
     window = dict.fromkeys(accumulators, 0)
@@ -107,7 +108,16 @@ def block_statistics(runner: BlockwiseRunner, block: DecoderBlock, hessians: boo
         accumulators[group].add(x, rows[window[group]] if rows is not None else None)
         window[group] += 1
 
-    runner.capture(block.index, add, advance=advance)
+    if states is None:
+        runner.capture(block.index, add, advance=advance)
+    else:
+        names, session = runner.open_capture(block.index)
+        for w, state in enumerate(states):
+            arrays = session.run(w, state)
+            for group, x in zip(names, arrays):
+                add(group, x.reshape(-1, x.shape[-1]))
+            if advance:
+                states[w] = arrays[-1]
     return {group_key(block, group): acc.result() for group, acc in accumulators.items()}
 
 

@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in plain column order (default: MX blocks by decreasing Hessian diagonal)")
     p.add_argument("--no-sequential", action="store_true", help="GPTQ on the float model's inputs instead of the quantized prefix's")
+    p.add_argument("--float-statistics", action="store_true",
+                   help="SmoothQuant/AWQ statistics (and static int8 ranges) on the float model's inputs while GPTQ "
+                        "stays on the quantized prefix's (default: both on the prefix's; measured better for sq+gptq, "
+                        "worse for awq+gptq: README); keeps a second stream of calibration hidden states")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ one linear group at a time inside each block (qkv, o, gate/up, down), each group's "
                         "Hessians with the groups before it quantized")
@@ -264,7 +268,7 @@ def _run(args: argparse.Namespace) -> None:
             weights=args.weights, acts=args.acts, method=args.method, kv=args.kv, alpha=args.alpha, awq_search=args.awq_search, calib_path=args.calib,
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
             gptq_block=args.gptq_block, gptq_micro_block=args.gptq_micro_block, damp=args.damp,
-            act_order=not args.no_act_order, sequential=not args.no_sequential,
+            act_order=not args.no_act_order, sequential=not args.no_sequential, float_statistics=args.float_statistics,
             true_sequential=args.true_sequential, gptq_float_target=args.gptq_float_target, gptq_refine=args.gptq_refine,
             float_target_damp=args.float_target_damp,
             exponent_search=args.exponent_search,

@@ -28,11 +28,13 @@ Formats are per linear (:class:`BlockPlan`): ``--weights``/``--acts`` for all, t
 before step 1 of block 0 from one pass over the float model's blocks (stored in the work folder, so a resumed
 run keeps it). Every step takes each linear's own formats.
 
+``--float-statistics`` takes step 1 on the float model's inputs (a second stream of hidden states, moved through
+each block before it changes) while GPTQ's Hessians stay on the quantized prefix's.
 ``--no-sequential`` takes every block's statistics and Hessians on the float model's inputs instead (the runner
 advances through block ``i`` before it is rewritten). Round to nearest with MX or no activations needs no
 calibration. lm_head, when quantized (``--lm-head``), is rounded to nearest at the end. Memory holds one block's
 float weights, statistics and Hessians, one set of hidden states (``calib_samples x calib_seqlen x hidden``
-float32; two with ``--gptq-float-target``) and the model's graph, whatever the depth. OUT is written whole or not
+float32; two with ``--gptq-float-target`` or ``--float-statistics``) and the model's graph, whatever the depth. OUT is written whole or not
 at all; a killed run continues with ``--resume`` from its last finished block and gives the same bytes; the input
 is only read.
 """
@@ -149,6 +151,13 @@ def check_config(config: QuantizeConfig) -> None:
     if config.true_sequential and not (config.uses_gptq and config.sequential):
         raise InputError("--true-sequential orders GPTQ's groups inside a block: use a GPTQ method without "
                          "--no-sequential")
+    if config.float_statistics:
+        if not (config.uses_smoothquant or config.uses_awq):
+            raise InputError("--float-statistics takes SmoothQuant/AWQ's statistics on the float model: use sq, awq, "
+                             "sq+gptq or awq+gptq")
+        if not config.sequential:
+            raise InputError("--float-statistics and --no-sequential: --no-sequential already takes every statistic "
+                             "on the float model")
     if config.gptq_refine and not config.uses_gptq:
         raise InputError("--gptq-refine refines GPTQ's weights: use a GPTQ method (gptq, sq+gptq, awq+gptq)")
     if config.awq_search == "gptq" and not (config.uses_awq and config.uses_gptq):
@@ -404,7 +413,10 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
     config = plan.config
     advance_float = not config.sequential and not last  # non-sequential: the next inputs come from this block in float
     stats = None
-    if plan.needs_statistics:
+    if plan.needs_statistics and config.float_statistics:  # on the float model's stream, moved past the block
+        stats = block_statistics(runner, block, rows=rows, squares=config.rounds_with_exponent_choice,
+                                 states=float_states, advance=not config.gptq_float_target)  # (or by the cross-grams)
+    elif plan.needs_statistics:
         stats = block_statistics(runner, block, rows=rows, advance=advance_float and not config.uses_gptq,
                                  squares=config.rounds_with_exponent_choice)
     search_hessians = None
@@ -428,7 +440,7 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
         chosen["weights"] = {}
         for number, linears in enumerate(stages):
             final = number == len(stages) - 1
-            crosses = block_cross_grams(runner, block, acts, float_states) if float_states is not None else None
+            crosses = block_cross_grams(runner, block, acts, float_states) if config.gptq_float_target else None
             hessians = block_hessians(runner, block, acts, advance=advance_float and final, act_scales=act_scales)
             key = _hessian_key(block, hessians)
             hessians = {key(linear): hessians[key(linear)] for linear in linears}  # this stage's only
@@ -449,7 +461,7 @@ def quantize_block(model: ir.Model, block: DecoderBlock, runner: BlockwiseRunner
             MxMatMulPass(linears, stage_weights, {l.name: acts[l.name] for l in linears}, provider, act_scales)(model)
             del provider
     else:
-        if float_states is not None:
+        if float_states is not None and config.gptq_float_target:  # (--float-statistics moved it with its statistics)
             runner.advance_states(block.index, float_states)
         if advance_float and config.uses_gptq:  # GPTQ had no weight here: the Hessian run would have advanced
             runner.advance(block.index)
@@ -647,8 +659,10 @@ def quantize_model(model: Path, out: Path, config: QuantizeConfig, resume: bool 
             rows = sample_rows(*windows.shape, SAMPLE_TOKENS, config.seed) if plan.samples_rows else None
             runner = BlockwiseRunner(onnx_model, blocks, windows, progress=config.progress)
         results = [replay_block(onnx_model, block, plan, work, persisted) for block in blocks[:resumed]]
-        # --gptq-float-target: the float model's stream beside the quantized prefix's, persisted after it
-        float_states = list(runner.hidden_states) if runner is not None and config.gptq_float_target else None
+        # --gptq-float-target, --float-statistics: the float model's stream beside the quantized prefix's, persisted
+        # after it
+        float_states = (list(runner.hidden_states) if runner is not None
+                        and (config.gptq_float_target or config.float_statistics) else None)
         if runner is not None and resumed:
             hidden = work.hidden_states()
             if hidden is None:
