@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sequential", action="store_true", help="GPTQ on the float model's inputs instead of the quantized prefix's")
     p.add_argument("--float-statistics", action="store_true",
                    help="SmoothQuant/AWQ statistics (and static int8 ranges) on the float model's inputs while GPTQ "
-                        "stays on the quantized prefix's (default: both on the prefix's; measured better for sq+gptq, "
-                        "worse for awq+gptq: README); keeps a second stream of calibration hidden states")
+                        "stays on the quantized prefix's (default: both on the prefix's; measured better with the OCP "
+                        "exponents for sq+gptq W4A8 and awq+gptq W4: README); keeps a second stream of calibration "
+                        "hidden states")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ one linear group at a time inside each block (qkv, o, gate/up, down), each group's "
                         "Hessians with the groups before it quantized")

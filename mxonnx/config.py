@@ -56,8 +56,8 @@ class QuantizeConfig:
     act_order: bool = True  # GPTQ columns in order of decreasing Hessian diagonal, whole MX blocks kept together
     sequential: bool = True
     # step 1's statistics (SmoothQuant/AWQ scales, static int8 ranges) on the float model's inputs, GPTQ still on the
-    # quantized prefix's (the pipeline before the block-by-block driver; measured better for sq+gptq): a second
-    # stream of hidden states
+    # quantized prefix's (the pipeline before the block-by-block driver; measured better for sq+gptq W4A8 and
+    # awq+gptq W4 with the OCP exponents): a second stream of hidden states
     float_statistics: bool = False
     # GPTQ one linear group at a time inside a block (qkv, o, gate/up, down), each group's Hessians taken with the
     # groups before it quantized (the GPTQ reference's true-sequential): one more run of the block per group

@@ -34,9 +34,9 @@ each block before it changes) while GPTQ's Hessians stay on the quantized prefix
 advances through block ``i`` before it is rewritten). Round to nearest with MX or no activations needs no
 calibration. lm_head, when quantized (``--lm-head``), is rounded to nearest at the end. Memory holds one block's
 float weights, statistics and Hessians, one set of hidden states (``calib_samples x calib_seqlen x hidden``
-float32; two with ``--gptq-float-target`` or ``--float-statistics``) and the model's graph, whatever the depth. OUT is written whole or not
-at all; a killed run continues with ``--resume`` from its last finished block and gives the same bytes; the input
-is only read.
+float32; two with ``--gptq-float-target`` or ``--float-statistics``) and the model's graph, whatever the depth.
+OUT is written whole or not at all; a killed run continues with ``--resume`` from its last finished block and gives
+the same bytes; the input is only read.
 """
 
 from __future__ import annotations
