@@ -1,6 +1,6 @@
 """``--float-statistics``: SmoothQuant/AWQ take their statistics on the float model's inputs (as ``--no-sequential``
 does) while GPTQ stays on the quantized prefix's, so the folded scales are ``--no-sequential``'s and the GPTQ weights
-the sequential run's own; a killed run resumes to the same bytes; combinations it cannot mean are refused."""
+the sequential run's own; combinations it cannot mean are refused (resume: ``tests/test_resume.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import onnx_ir as ir
 import pytest
 from conftest import visible_lines
 from test_gptq_pipeline import run_quantize, stored_weights
-from test_resume import folder_bytes, kill_and_resume, quantize_args
 
 from mxonnx.cli import main
 from mxonnx.passes.llama_structure import find_decoder_blocks
@@ -44,14 +43,6 @@ def test_smoothing_from_the_float_model_gptq_on_the_prefix(method, tiny_onnx, ti
                (("float", floats), ("independent", independent))}
     later = [n for n in weights["float"] if n.startswith("layers.1.")]
     assert later and any(not np.array_equal(weights["float"][n][0], weights["independent"][n][0]) for n in later)
-
-
-def test_resume_after_sigkill_gives_the_same_bytes(tiny_onnx, tiny_text, tmp_path, capsys):
-    flags = ("--method", "sq+gptq", "--weights", "mxint4-32", "--acts", "mxint8-32", "--float-statistics")
-    reference = tmp_path / "reference"
-    assert main(quantize_args(tiny_onnx, reference, tiny_text, *flags, "--json")) == 0
-    out = kill_and_resume(tiny_onnx, tiny_text, tmp_path, flags, "committed", capsys)
-    assert folder_bytes(out) == folder_bytes(reference)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -90,7 +90,9 @@ def kill_and_resume(src: Path, text: Path, tmp_path: Path, flags: tuple[str, ...
       "--acts-prescale", "search", "--prescale-candidates", "0.6,0.75,1"), ("committed",)),
     (("--method", "gptq", "--weights", "mxint4-32", "--acts", "mxint8-32", "--gptq-float-target"), ("committed",)),
     (("--method", "gptq", "--weights", "mxint4-32", "--acts", "mxint8-32", "--true-sequential"), ("committed",)),
-], ids=["awq+gptq", "sq-int8", "gptq-kv", "target-bits", "prescale-search", "float-target", "true-sequential"])
+    (("--method", "sq+gptq", "--weights", "mxint4-32", "--acts", "mxint8-32", "--float-statistics"), ("committed",)),
+], ids=["awq+gptq", "sq-int8", "gptq-kv", "target-bits", "prescale-search", "float-target", "true-sequential",
+        "float-statistics"])
 def test_resume_after_sigkill_gives_the_same_bytes(flags, modes, tiny_onnx, tiny_text, tmp_path, capsys):
     reference = tmp_path / "reference"
     assert main(quantize_args(tiny_onnx, reference, tiny_text, *flags, "--json")) == 0
